@@ -1,0 +1,12 @@
+#pragma once
+/// The entry most users include: the front ends (flat ClimaX, D-CHAG on one process) and their
+/// building blocks (tokenizer, cross-attention, partial aggregation, positional embedding).
+#include <dchag/config.hpp>
+#include <dchag/cross_attention.hpp>
+#include <dchag/error.hpp>
+#include <dchag/front_end.hpp>
+#include <dchag/linear_aggregation.hpp>
+#include <dchag/partial_aggregator.hpp>
+#include <dchag/positional_embedding.hpp>
+#include <dchag/tensor.hpp>
+#include <dchag/tokenizer.hpp>

@@ -1,0 +1,30 @@
+#pragma once
+/// Configuration vocabulary shared by every dchag module.
+#include <string_view>
+
+namespace dchag {
+
+/// Which weights a cross-attention carries.
+/// - climax: nn.MultiheadAttention (fused in_proj [3D, D] with biases, out_proj with bias).
+/// - artifact: the D-CHAG code (q and kv linears without bias, proj with bias).
+enum class Convention { climax, artifact };
+
+/// How a single-query cross-attention is evaluated (DESIGN 3.2). Both give the same result.
+/// - pooled: never forms K or V; scores against Wk^T q, pools tokens, projects once (default).
+/// - materialized: forms K and V like PyTorch; the reference.
+enum class Strategy { pooled, materialized };
+
+/// What folds a rank's channels into one partial token (DESIGN 3.3).
+enum class PartialKind { linear, cross_attention };
+
+constexpr std::string_view to_string(Convention c) {
+  return c == Convention::climax ? "climax" : "artifact";
+}
+constexpr std::string_view to_string(Strategy s) {
+  return s == Strategy::pooled ? "pooled" : "materialized";
+}
+constexpr std::string_view to_string(PartialKind k) {
+  return k == PartialKind::linear ? "linear" : "cross_attention";
+}
+
+}  // namespace dchag

@@ -1,0 +1,682 @@
+#pragma once
+/// Single-query cross-attention ("attention pooling", DESIGN 3.2): folds the N tokens of every
+/// patch position into one token with a learned query. Two strategies give the same result:
+/// `materialized` forms K and V like PyTorch; `pooled` (the default) scores tokens against
+/// u_h = Wk_h^T q_h / sqrt(hd), pools them per head and projects once.
+///
+/// Tokens x are [B, N, L, D] (LayoutRight). The N inputs may be split into k contiguous
+/// `Segments`, each folded on its own: the output is then [B, k, L, D] (k = 1: [B, L, D]).
+/// Forward saves what backward needs in a `Saved` object owned by the caller, so one module can be
+/// applied several times (the local tree of DESIGN 3.3 shares one module across levels).
+#include <dchag/config.hpp>
+#include <dchag/error.hpp>
+#include <dchag/init.hpp>
+#include <dchag/tensor.hpp>
+#include <dchag/detail/kokkos_compat.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dchag {
+
+/// k contiguous groups of N inputs: group j is [offsets[j], offsets[j+1]).
+struct Segments {
+  std::vector<int> offsets;
+
+  static Segments whole(int n) { return {{0, n}}; }
+  /// numpy.array_split: the first n % k groups get one extra input.
+  static Segments split(int n, int k) {
+    DCHAG_EXPECT(k >= 1 && k <= n, "dchag::Segments::split", "k is ", k,
+                 ", expected 1 <= k <= n = ", n);
+    Segments s{{0}};
+    for (int j = 0; j < k; ++j) s.offsets.push_back(s.offsets.back() + n / k + (j < n % k ? 1 : 0));
+    return s;
+  }
+  int count() const { return static_cast<int>(offsets.size()) - 1; }
+  int size(int j) const { return offsets[j + 1] - offsets[j]; }
+  int total() const { return offsets.back(); }
+};
+
+struct AttentionConfig {
+  int dim = 0;
+  int heads = 1;
+  Convention convention = Convention::climax;
+  Strategy strategy = Strategy::pooled;
+};
+
+template <class ExecSpace, class Scalar = float>
+class CrossAttention {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+  using scalar_type = Scalar;
+  using X4 = View4<const Scalar, memory_space>;
+
+  /// What one forward keeps for its backward.
+  struct Saved {
+    int B = 0, N = 0, L = 0, k = 0;
+    View1<int, memory_space> offsets;    // [k+1]
+    View1<int, memory_space> segment;    // [N]: segment of each input
+    View2<Scalar, memory_space> a;       // [B*N*L, heads] softmax weights
+    View3<Scalar, memory_space> z;       // pooled: [heads, P, D] attention-pooled tokens
+    View2<Scalar, memory_space> kmat;    // materialized: [B*N*L, D]
+    View2<Scalar, memory_space> vmat;    // materialized: [B*N*L, D]
+    View2<Scalar, memory_space> ocat;    // [P, D] heads' outputs before out-projection
+    std::vector<int> host_offsets;
+  };
+
+  /// Allocates and initialises (ClimaX: zero query, xavier-uniform in_proj for the climax
+  /// convention, trunc-normal 0.02 otherwise, zero biases) a module named `name` (the seed
+  /// stream of its parameters).
+  CrossAttention(const ExecSpace& exec, AttentionConfig cfg, std::uint64_t seed = 0,
+                 std::string name = "var_agg")
+      : cfg_(cfg), name_(std::move(name)) {
+    constexpr const char* where = "dchag::CrossAttention";
+    DCHAG_EXPECT(cfg.dim >= 1, where, "dim is ", cfg.dim, ", expected >= 1");
+    DCHAG_EXPECT(cfg.heads >= 1 && cfg.dim % cfg.heads == 0, where, "heads is ", cfg.heads,
+                 ", expected a divisor of dim = ", cfg.dim);
+    const int D = cfg.dim, nh = cfg.heads;
+    query_ = View1<Scalar, memory_space>("dchag::attention::query", D);
+    w_in_ = View3<Scalar, memory_space>("dchag::attention::w_in", 3, D, D);
+    b_in_ = View2<Scalar, memory_space>("dchag::attention::b_in", 3, D);
+    w_out_ = View2<Scalar, memory_space>("dchag::attention::w_out", D, D);
+    b_out_ = View1<Scalar, memory_space>("dchag::attention::b_out", D);
+    d_query_ = View1<Scalar, memory_space>("dchag::attention::d_query", D);
+    d_w_in_ = View3<Scalar, memory_space>("dchag::attention::d_w_in", 3, D, D);
+    d_b_in_ = View2<Scalar, memory_space>("dchag::attention::d_b_in", 3, D);
+    d_w_out_ = View2<Scalar, memory_space>("dchag::attention::d_w_out", D, D);
+    d_b_out_ = View1<Scalar, memory_space>("dchag::attention::d_b_out", D);
+    q_ = View1<Scalar, memory_space>("dchag::attention::q", D);
+    u_ = View2<Scalar, memory_space>("dchag::attention::u", nh, D);
+    dq_ = View1<Scalar, memory_space>("dchag::attention::dq", D);
+    du_ = View2<Scalar, memory_space>("dchag::attention::du", nh, D);
+    if (cfg.convention == Convention::climax) {
+      init_uniform(w_in_, std::sqrt(6.0 / (4.0 * D)), seed, name_ + ".in_proj_weight");
+    } else {
+      init_trunc_normal(w_in_, 0.02, seed, name_ + ".in_proj_weight");
+    }
+    init_trunc_normal(w_out_, 0.02, seed, name_ + ".out_proj.weight");
+    exec.fence();
+  }
+
+  const AttentionConfig& config() const { return cfg_; }
+  int dim() const { return cfg_.dim; }
+  int heads() const { return cfg_.heads; }
+  void set_strategy(Strategy s) { cfg_.strategy = s; }
+
+  /// out [B, k, L, D] = the k segments of x [B, N, L, D] folded; saves for backward into `saved`.
+  void forward(const ExecSpace& exec, const X4& x, const Segments& seg,
+               const View4<Scalar, memory_space>& out, Saved& saved) {
+    detail::ScopedRegion region("dchag::CrossAttention::forward");
+    check_shapes("dchag::CrossAttention::forward", x, seg, out.extent(0), out.extent(1),
+                 out.extent(2), out.extent(3), "out");
+    prepare(exec, x, seg, saved);
+    compute_query(exec);
+    if (cfg_.strategy == Strategy::pooled) {
+      forward_pooled(exec, x, saved);
+    } else {
+      forward_materialized(exec, x, saved);
+    }
+    project_out(exec, saved, out);
+  }
+
+  /// Accumulates parameter gradients and writes dx [B, N, L, D] (overwritten), given the x and
+  /// `saved` of the matching forward and d_out [B, k, L, D].
+  void backward(const ExecSpace& exec, const X4& x, const Saved& saved,
+                const View4<const Scalar, memory_space>& d_out,
+                const View4<Scalar, memory_space>& dx) {
+    detail::ScopedRegion region("dchag::CrossAttention::backward");
+    constexpr const char* where = "dchag::CrossAttention::backward";
+    DCHAG_EXPECT(saved.k > 0, where, "saved state is empty, expected the state of a forward");
+    const Segments seg{saved.host_offsets};
+    check_shapes(where, x, seg, d_out.extent(0), d_out.extent(1), d_out.extent(2),
+                 d_out.extent(3), "d_out");
+    DCHAG_EXPECT(x.extent(0) == std::size_t(saved.B) && x.extent(1) == std::size_t(saved.N) &&
+                     x.extent(2) == std::size_t(saved.L),
+                 where, "x is not the input of the saved forward");
+    DCHAG_EXPECT(dx.extent(0) == x.extent(0) && dx.extent(1) == x.extent(1) &&
+                     dx.extent(2) == x.extent(2) && dx.extent(3) == x.extent(3),
+                 where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
+                 dx.extent(3), "], expected the shape of x");
+    back_project_out(exec, saved, d_out);
+    if (cfg_.strategy == Strategy::pooled) {
+      backward_pooled(exec, x, saved, dx);
+    } else {
+      backward_materialized(exec, x, saved, dx);
+    }
+    back_query(exec);
+  }
+
+  /// Convenience for one application over all N inputs: out [B, L, D].
+  void forward(const ExecSpace& exec, const X4& x, const View3<Scalar, memory_space>& out) {
+    forward(exec, x, Segments::whole(static_cast<int>(x.extent(1))), as4(out), own_saved_);
+  }
+  void backward(const ExecSpace& exec, const X4& x,
+                const View3<const Scalar, memory_space>& d_out,
+                const View4<Scalar, memory_space>& dx) {
+    backward(exec, x, own_saved_, as4(d_out), dx);
+  }
+
+  void zero_gradients(const ExecSpace& exec) {
+    Kokkos::deep_copy(exec, d_query_, Scalar(0));
+    Kokkos::deep_copy(exec, d_w_in_, Scalar(0));
+    Kokkos::deep_copy(exec, d_b_in_, Scalar(0));
+    Kokkos::deep_copy(exec, d_w_out_, Scalar(0));
+    Kokkos::deep_copy(exec, d_b_out_, Scalar(0));
+  }
+
+  /// Names and shapes of the convention: climax `{prefix}var_query` [1,1,D],
+  /// `{prefix}var_agg.in_proj_weight` [3D,D], `.in_proj_bias` [3D], `.out_proj.weight`,
+  /// `.out_proj.bias`; artifact `{prefix}query` [D], `q.weight` [D,D], `kv.weight` [2D,D],
+  /// `proj.weight`, `proj.bias`.
+  TensorList<Scalar, memory_space> parameters(const std::string& prefix = "") const {
+    return named(prefix, query_, w_in_, b_in_, w_out_, b_out_);
+  }
+  TensorList<Scalar, memory_space> gradients(const std::string& prefix = "") const {
+    return named(prefix, d_query_, d_w_in_, d_b_in_, d_w_out_, d_b_out_);
+  }
+
+  /// Bytes of parameters and gradients.
+  std::size_t parameter_bytes() const {
+    const std::size_t D = cfg_.dim;
+    return 2 * sizeof(Scalar) * (4 * D * D + 5 * D);
+  }
+  /// Bytes one forward keeps in `Saved` for B x N x L inputs folded into k segments.
+  std::size_t saved_bytes(int B, int N, int L, int k) const {
+    const std::size_t M = std::size_t(B) * N * L, P = std::size_t(B) * k * L;
+    const std::size_t D = cfg_.dim, nh = cfg_.heads;
+    std::size_t n = M * nh + P * D;
+    n += cfg_.strategy == Strategy::pooled ? nh * P * D : 2 * M * D;
+    return sizeof(Scalar) * n + sizeof(int) * (k + 1 + N);
+  }
+
+ private:
+  using V1 = View1<Scalar, memory_space>;
+  using V2 = View2<Scalar, memory_space>;
+  using V3 = View3<Scalar, memory_space>;
+  using Policy = Kokkos::RangePolicy<ExecSpace>;
+  using Team = Kokkos::TeamPolicy<ExecSpace>;
+  using Member = typename Team::member_type;
+
+  template <class V>
+  static auto as4(const V& v) {
+    using T = typename V::value_type;
+    return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
+  }
+  template <class T>
+  static Unmanaged2<T, memory_space> as2(T* p, std::size_t rows, std::size_t cols) {
+    return Unmanaged2<T, memory_space>(p, rows, cols);
+  }
+
+  void check_shapes(const char* where, const X4& x, const Segments& seg, std::size_t o0,
+                    std::size_t o1, std::size_t o2, std::size_t o3, const char* out_name) const {
+    DCHAG_EXPECT(x.extent(3) == std::size_t(cfg_.dim), where, "x.extent(3) is ", x.extent(3),
+                 ", expected D = ", cfg_.dim);
+    DCHAG_EXPECT(x.extent(0) >= 1 && x.extent(1) >= 1 && x.extent(2) >= 1, where, "x is [",
+                 x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ", x.extent(3),
+                 "], expected every extent >= 1");
+    DCHAG_EXPECT(seg.count() >= 1 && seg.offsets.front() == 0 &&
+                     seg.total() == static_cast<int>(x.extent(1)),
+                 where, "segments cover ", seg.total(), " inputs, expected x.extent(1) = ",
+                 x.extent(1));
+    for (int j = 0; j < seg.count(); ++j) {
+      DCHAG_EXPECT(seg.size(j) >= 1, where, "segment ", j, " is empty, expected >= 1 input");
+    }
+    DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) && o2 == x.extent(2) &&
+                     o3 == x.extent(3),
+                 where, out_name, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
+                 "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ",
+                 x.extent(2), ", ", x.extent(3), "]");
+  }
+
+  void prepare(const ExecSpace& exec, const X4& x, const Segments& seg, Saved& s) const {
+    const int B = x.extent(0), N = x.extent(1), L = x.extent(2), k = seg.count();
+    const int D = cfg_.dim, nh = cfg_.heads;
+    const std::size_t M = std::size_t(B) * N * L, P = std::size_t(B) * k * L;
+    if (s.host_offsets != seg.offsets || s.B != B || s.N != N || s.L != L) {
+      s.offsets = View1<int, memory_space>("dchag::attention::offsets", k + 1);
+      s.segment = View1<int, memory_space>("dchag::attention::segment", N);
+      auto ho = Kokkos::create_mirror_view(s.offsets);
+      auto hs = Kokkos::create_mirror_view(s.segment);
+      for (int j = 0; j <= k; ++j) ho(j) = seg.offsets[j];
+      for (int j = 0; j < k; ++j)
+        for (int n = seg.offsets[j]; n < seg.offsets[j + 1]; ++n) hs(n) = j;
+      Kokkos::deep_copy(exec, s.offsets, ho);
+      Kokkos::deep_copy(exec, s.segment, hs);
+      s.host_offsets = seg.offsets;
+    }
+    ensure(s.a, "dchag::attention::a", M, std::size_t(nh));
+    ensure(s.ocat, "dchag::attention::ocat", P, std::size_t(D));
+    if (cfg_.strategy == Strategy::pooled) {
+      ensure(s.z, "dchag::attention::z", std::size_t(nh), P, std::size_t(D));
+      s.kmat = V2();
+      s.vmat = V2();
+    } else {
+      ensure(s.kmat, "dchag::attention::k", M, std::size_t(D));
+      ensure(s.vmat, "dchag::attention::v", M, std::size_t(D));
+      s.z = V3();
+    }
+    s.B = B;
+    s.N = N;
+    s.L = L;
+    s.k = k;
+  }
+
+  // q = Wq qv + bq; u_h = Wk_h^T q_h / sqrt(hd).
+  void compute_query(const ExecSpace& exec) {
+    const int D = cfg_.dim, hd = D / cfg_.heads, nh = cfg_.heads;
+    const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
+    auto w = w_in_;
+    auto b = b_in_;
+    auto qv = query_;
+    auto q = q_;
+    auto u = u_;
+    Kokkos::parallel_for(
+        "dchag::attention::query", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+          Scalar acc = b(0, r);
+          for (int d = 0; d < D; ++d) acc += w(0, r, d) * qv(d);
+          q(r) = acc;
+        });
+    Kokkos::parallel_for(
+        "dchag::attention::u", Policy(exec, 0, nh * D), KOKKOS_LAMBDA(const int i) {
+          const int h = i / D, d = i % D;
+          Scalar acc = 0;
+          for (int r = h * hd; r < (h + 1) * hd; ++r) acc += w(1, r, d) * q(r);
+          u(h, d) = acc * scale;
+        });
+  }
+
+  // Softmax over each segment, in place on s.a (which holds scores on entry).
+  void softmax(const ExecSpace& exec, const Saved& s) const {
+    const int N = s.N, L = s.L, k = s.k, nh = cfg_.heads;
+    auto a = s.a;
+    auto off = s.offsets;
+    Kokkos::parallel_for(
+        "dchag::attention::softmax", Policy(exec, 0, std::int64_t(s.B) * k * L * nh),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int h = static_cast<int>(i % nh);
+          const std::int64_t pos = i / nh;
+          const int l = static_cast<int>(pos % L);
+          const std::int64_t bj = pos / L;
+          const int j = static_cast<int>(bj % k);
+          const int b = static_cast<int>(bj / k);
+          const std::int64_t row0 = std::int64_t(b) * N * L + l;
+          Scalar m = a(row0 + std::int64_t(off(j)) * L, h);
+          for (int n = off(j) + 1; n < off(j + 1); ++n) m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
+          Scalar sum = 0;
+          for (int n = off(j); n < off(j + 1); ++n) {
+            const Scalar e = detail::exp(a(row0 + std::int64_t(n) * L, h) - m);
+            a(row0 + std::int64_t(n) * L, h) = e;
+            sum += e;
+          }
+          const Scalar inv = Scalar(1) / sum;
+          for (int n = off(j); n < off(j + 1); ++n) a(row0 + std::int64_t(n) * L, h) *= inv;
+        });
+  }
+
+  void forward_pooled(const ExecSpace& exec, const X4& x, const Saved& s) {
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
+    auto x2 = as2(x.data(), M, D);
+    // Scores s[row, h] = x[row] . u_h: one GEMM over all tokens.
+    detail::gemm(exec, "N", "T", Scalar(1), x2, u_, Scalar(0), s.a);
+    softmax(exec, s);
+    // z[h, pos] = sum_n a[row(n), h] x[row(n)]: each team owns one output position.
+    auto a = s.a;
+    auto z = s.z;
+    auto off = s.offsets;
+    Kokkos::parallel_for(
+        "dchag::attention::pool", Team(exec, static_cast<int>(P), Kokkos::AUTO),
+        KOKKOS_LAMBDA(const Member& team) {
+          const int pos = team.league_rank();
+          const int l = pos % L, j = (pos / L) % k, b = pos / (L * k);
+          for (int h = 0; h < nh; ++h) {
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { z(h, pos, d) = 0; });
+          }
+          for (int n = off(j); n < off(j + 1); ++n) {
+            const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
+            for (int h = 0; h < nh; ++h) {
+              const Scalar c = a(row, h);
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                                   [&](const int d) { z(h, pos, d) += c * x2(row, d); });
+            }
+          }
+        });
+    // o_h = Wv_h z_h (+ bv_h, added with the scatter into ocat).
+    V3 oh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
+    for (int h = 0; h < nh; ++h) {
+      auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
+      auto wv = Kokkos::subview(w_in_, 2, Kokkos::make_pair(h * hd, (h + 1) * hd), Kokkos::ALL);
+      auto o = Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL);
+      detail::gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0), o);
+    }
+    auto ocat = s.ocat;
+    auto b_in = b_in_;
+    Kokkos::parallel_for(
+        "dchag::attention::concat", Policy(exec, 0, std::int64_t(P) * D),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int r = static_cast<int>(i % D);
+          const std::int64_t pos = i / D;
+          ocat(pos, r) = oh(r / hd, pos, r % hd) + b_in(2, r);
+        });
+  }
+
+  void forward_materialized(const ExecSpace& exec, const X4& x, const Saved& s) {
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
+    const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
+    auto x2 = as2(x.data(), M, D);
+    auto K = s.kmat;
+    auto V = s.vmat;
+    auto b_in = b_in_;
+    Kokkos::parallel_for(
+        "dchag::attention::kv_bias", Policy(exec, 0, std::int64_t(M) * D),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int r = static_cast<int>(i % D);
+          const std::int64_t row = i / D;
+          K(row, r) = b_in(1, r);
+          V(row, r) = b_in(2, r);
+        });
+    detail::gemm(exec, "N", "T", Scalar(1), x2,
+                 Kokkos::subview(w_in_, 1, Kokkos::ALL, Kokkos::ALL), Scalar(1), K);
+    detail::gemm(exec, "N", "T", Scalar(1), x2,
+                 Kokkos::subview(w_in_, 2, Kokkos::ALL, Kokkos::ALL), Scalar(1), V);
+    auto a = s.a;
+    auto q = q_;
+    Kokkos::parallel_for(
+        "dchag::attention::scores", Policy(exec, 0, std::int64_t(M) * nh),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int h = static_cast<int>(i % nh);
+          const std::int64_t row = i / nh;
+          Scalar acc = 0;
+          for (int r = h * hd; r < (h + 1) * hd; ++r) acc += q(r) * K(row, r);
+          a(row, h) = acc * scale;
+        });
+    softmax(exec, s);
+    auto ocat = s.ocat;
+    auto off = s.offsets;
+    Kokkos::parallel_for(
+        "dchag::attention::weighted_values", Policy(exec, 0, std::int64_t(P) * D),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int r = static_cast<int>(i % D);
+          const std::int64_t pos = i / D;
+          const int l = static_cast<int>(pos % L);
+          const int j = static_cast<int>((pos / L) % k);
+          const int b = static_cast<int>(pos / (std::int64_t(L) * k));
+          Scalar acc = 0;
+          for (int n = off(j); n < off(j + 1); ++n) {
+            const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
+            acc += a(row, r / hd) * V(row, r);
+          }
+          ocat(pos, r) = acc;
+        });
+  }
+
+  // out = ocat Wo^T + bo.
+  void project_out(const ExecSpace& exec, const Saved& s,
+                   const View4<Scalar, memory_space>& out) const {
+    const int D = cfg_.dim;
+    const std::size_t P = s.ocat.extent(0);
+    auto out2 = as2(out.data(), P, D);
+    auto bo = b_out_;
+    Kokkos::parallel_for(
+        "dchag::attention::out_bias", Policy(exec, 0, std::int64_t(P) * D),
+        KOKKOS_LAMBDA(const std::int64_t i) { out2(i / D, i % D) = bo(i % D); });
+    detail::gemm(exec, "N", "T", Scalar(1), s.ocat, w_out_, Scalar(1), out2);
+  }
+
+  // dbo, dWo, and go = g Wo (into go_).
+  void back_project_out(const ExecSpace& exec, const Saved& s,
+                        const View4<const Scalar, memory_space>& d_out) {
+    const int D = cfg_.dim;
+    const std::size_t P = s.ocat.extent(0);
+    auto g2 = as2(d_out.data(), P, D);
+    column_sums(exec, g2, d_b_out_);
+    detail::gemm(exec, "T", "N", Scalar(1), g2, s.ocat, Scalar(1), d_w_out_);
+    V2 go = workspace2(go_, "dchag::attention::go", P, D);
+    detail::gemm(exec, "N", "N", Scalar(1), g2, w_out_, Scalar(0), go);
+  }
+
+  // dst(c) += sum over rows of m(row, c).
+  template <class M, class Dst>
+  static void column_sums(const ExecSpace& exec, const M& m, const Dst& dst) {
+    const std::int64_t rows = m.extent(0);
+    Kokkos::parallel_for(
+        "dchag::attention::column_sums", Policy(exec, 0, m.extent(1)), KOKKOS_LAMBDA(const int c) {
+          Scalar acc = 0;
+          for (std::int64_t r = 0; r < rows; ++r) acc += m(r, c);
+          dst(c) += acc;
+        });
+  }
+
+  void backward_pooled(const ExecSpace& exec, const X4& x, const Saved& s,
+                       const View4<Scalar, memory_space>& dx) {
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
+    auto go = go_;
+    column_sums(exec, go, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
+    // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
+    V3 goh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
+    Kokkos::parallel_for(
+        "dchag::attention::split_heads", Policy(exec, 0, std::int64_t(P) * D),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int r = static_cast<int>(i % D);
+          const std::int64_t pos = i / D;
+          goh(r / hd, pos, r % hd) = go(pos, r);
+        });
+    V3 gz = workspace3(gz_, "dchag::attention::gz", nh, P, D);
+    for (int h = 0; h < nh; ++h) {
+      auto gh = Kokkos::subview(goh, h, Kokkos::ALL, Kokkos::ALL);
+      auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
+      auto rows = Kokkos::make_pair(h * hd, (h + 1) * hd);
+      detail::gemm(exec, "T", "N", Scalar(1), gh, zh, Scalar(1),
+                   Kokkos::subview(d_w_in_, 2, rows, Kokkos::ALL));
+      detail::gemm(exec, "N", "N", Scalar(1), gh, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL),
+                   Scalar(0), Kokkos::subview(gz, h, Kokkos::ALL, Kokkos::ALL));
+    }
+    // c[pos, h] = gz_h . z_h
+    V2 c = workspace2(c_, "dchag::attention::c", P, nh);
+    auto z = s.z;
+    Kokkos::parallel_for(
+        "dchag::attention::gz_dot_z", Policy(exec, 0, std::int64_t(P) * nh),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int h = static_cast<int>(i % nh);
+          const std::int64_t pos = i / nh;
+          Scalar acc = 0;
+          for (int d = 0; d < D; ++d) acc += gz(h, pos, d) * z(h, pos, d);
+          c(pos, h) = acc;
+        });
+    // Per token: ds_h = a_h (gz_h . x - c_h); dx = sum_h a_h gz_h + ds_h u_h.
+    V2 ds = workspace2(ds_, "dchag::attention::ds", M, nh);
+    auto x2 = as2(x.data(), M, D);
+    auto dx2 = as2(dx.data(), M, D);
+    auto a = s.a;
+    auto u = u_;
+    auto seg = s.segment;
+    Kokkos::parallel_for(
+        "dchag::attention::pooled_token_grad", Team(exec, static_cast<int>(M), Kokkos::AUTO),
+        KOKKOS_LAMBDA(const Member& team) {
+          const std::int64_t row = team.league_rank();
+          const int l = static_cast<int>(row % L);
+          const int n = static_cast<int>((row / L) % N);
+          const int b = static_cast<int>(row / (std::int64_t(L) * N));
+          const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
+          for (int h = 0; h < nh; ++h) {
+            Scalar t = 0;
+            Kokkos::parallel_reduce(
+                Kokkos::TeamVectorRange(team, D),
+                [&](const int d, Scalar& acc) { acc += gz(h, pos, d) * x2(row, d); }, t);
+            Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(row, h) = a(row, h) * (t - c(pos, h)); });
+          }
+          team.team_barrier();
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
+            Scalar acc = 0;
+            for (int h = 0; h < nh; ++h) acc += a(row, h) * gz(h, pos, d) + ds(row, h) * u(h, d);
+            dx2(row, d) = acc;
+          });
+        });
+    // du = ds^T x, then dWk_h = q_h (x) du_h / sqrt(hd) and dq_h = Wk_h du_h / sqrt(hd).
+    detail::gemm(exec, "T", "N", Scalar(1), ds, x2, Scalar(0), du_);
+    const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
+    auto du = du_;
+    auto q = q_;
+    auto dq = dq_;
+    auto w = w_in_;
+    auto dw = d_w_in_;
+    Kokkos::parallel_for(
+        "dchag::attention::key_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+          const int h = r / hd;
+          Scalar acc = 0;
+          for (int d = 0; d < D; ++d) {
+            acc += w(1, r, d) * du(h, d);
+            dw(1, r, d) += q(r) * du(h, d) * scale;
+          }
+          dq(r) = acc * scale;
+        });
+  }
+
+  void backward_materialized(const ExecSpace& exec, const X4& x, const Saved& s,
+                             const View4<Scalar, memory_space>& dx) {
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
+    const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
+    auto go = go_;
+    auto ocat = s.ocat;
+    // c[pos, h] = go_h . o_h  (o_h without the out-projection; bv is inside V).
+    V2 c = workspace2(c_, "dchag::attention::c", P, nh);
+    Kokkos::parallel_for(
+        "dchag::attention::go_dot_o", Policy(exec, 0, std::int64_t(P) * nh),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int h = static_cast<int>(i % nh);
+          const std::int64_t pos = i / nh;
+          Scalar acc = 0;
+          for (int r = h * hd; r < (h + 1) * hd; ++r) acc += go(pos, r) * ocat(pos, r);
+          c(pos, h) = acc;
+        });
+    V2 dK = workspace2(dk_, "dchag::attention::dk", M, D);
+    V2 dV = workspace2(dv_, "dchag::attention::dv", M, D);
+    auto K = s.kmat;
+    auto V = s.vmat;
+    auto a = s.a;
+    auto q = q_;
+    auto seg = s.segment;
+    V2 dsv = workspace2(ds_, "dchag::attention::ds", M, nh);
+    Kokkos::parallel_for(
+        "dchag::attention::materialized_token_grad", Policy(exec, 0, std::int64_t(M) * nh),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int h = static_cast<int>(i % nh);
+          const std::int64_t row = i / nh;
+          const int l = static_cast<int>(row % L);
+          const int n = static_cast<int>((row / L) % N);
+          const int b = static_cast<int>(row / (std::int64_t(L) * N));
+          const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
+          Scalar da = 0;
+          for (int r = h * hd; r < (h + 1) * hd; ++r) da += go(pos, r) * V(row, r);
+          const Scalar ds = a(row, h) * (da - c(pos, h));
+          dsv(row, h) = ds;
+          for (int r = h * hd; r < (h + 1) * hd; ++r) {
+            dV(row, r) = a(row, h) * go(pos, r);
+            dK(row, r) = ds * q(r) * scale;
+          }
+        });
+    // dq[r] = sum_rows ds[row, h] K[row, r] / sqrt(hd).
+    auto dq = dq_;
+    Kokkos::parallel_for(
+        "dchag::attention::query_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+          Scalar acc = 0;
+          for (std::int64_t row = 0; row < std::int64_t(M); ++row) acc += dsv(row, r / hd) * K(row, r);
+          dq(r) = acc * scale;
+        });
+    auto x2 = as2(x.data(), M, D);
+    auto dx2 = as2(dx.data(), M, D);
+    auto wk = Kokkos::subview(w_in_, 1, Kokkos::ALL, Kokkos::ALL);
+    auto wv = Kokkos::subview(w_in_, 2, Kokkos::ALL, Kokkos::ALL);
+    detail::gemm(exec, "N", "N", Scalar(1), dK, wk, Scalar(0), dx2);
+    detail::gemm(exec, "N", "N", Scalar(1), dV, wv, Scalar(1), dx2);
+    detail::gemm(exec, "T", "N", Scalar(1), dK, x2, Scalar(1),
+                 Kokkos::subview(d_w_in_, 1, Kokkos::ALL, Kokkos::ALL));
+    detail::gemm(exec, "T", "N", Scalar(1), dV, x2, Scalar(1),
+                 Kokkos::subview(d_w_in_, 2, Kokkos::ALL, Kokkos::ALL));
+    column_sums(exec, dK, Kokkos::subview(d_b_in_, 1, Kokkos::ALL));
+    column_sums(exec, dV, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
+  }
+
+  // From dq: dqv = Wq^T dq, dWq += dq (x) qv, dbq += dq.
+  void back_query(const ExecSpace& exec) {
+    const int D = cfg_.dim;
+    auto dq = dq_;
+    auto w = w_in_;
+    auto dw = d_w_in_;
+    auto db = d_b_in_;
+    auto qv = query_;
+    auto dqv = d_query_;
+    Kokkos::parallel_for(
+        "dchag::attention::query_vector_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int d) {
+          Scalar acc = 0;
+          for (int r = 0; r < D; ++r) acc += w(0, r, d) * dq(r);
+          dqv(d) += acc;
+        });
+    Kokkos::parallel_for(
+        "dchag::attention::query_weight_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+          for (int d = 0; d < D; ++d) dw(0, r, d) += dq(r) * qv(d);
+          db(0, r) += dq(r);
+        });
+  }
+
+  /// Reallocates `v` (uninitialised) unless it already has these extents.
+  template <class V, class... Ext>
+  static void ensure(V& v, const char* label, Ext... ext) {
+    const std::size_t want[] = {std::size_t(ext)...};
+    bool same = v.data() != nullptr;
+    for (std::size_t i = 0; i < sizeof...(Ext); ++i) same = same && v.extent(i) == want[i];
+    if (!same) v = V(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), ext...);
+  }
+
+  static V2 workspace2(V2& v, const char* label, std::size_t n0, std::size_t n1) {
+    ensure(v, label, n0, n1);
+    return v;
+  }
+  static V3 workspace3(V3& v, const char* label, std::size_t n0, std::size_t n1, std::size_t n2) {
+    ensure(v, label, n0, n1, n2);
+    return v;
+  }
+
+  TensorList<Scalar, memory_space> named(const std::string& prefix, const V1& qv, const V3& w_in,
+                                         const V2& b_in, const V2& w_out, const V1& b_out) const {
+    const std::int64_t D = cfg_.dim;
+    using detail::whole;
+    TensorList<Scalar, memory_space> list;
+    if (cfg_.convention == Convention::climax) {
+      list.push_back(whole<Scalar, memory_space>(prefix + "var_query", {1, 1, D}, qv));
+      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.in_proj_weight", {3 * D, D}, w_in));
+      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.in_proj_bias", {3 * D}, b_in));
+      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.out_proj.weight", {D, D}, w_out));
+      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.out_proj.bias", {D}, b_out));
+    } else {
+      auto kv = Unmanaged1<Scalar, memory_space>(w_in.data() + D * D, 2 * D * D);
+      list.push_back(whole<Scalar, memory_space>(prefix + "query", {D}, qv));
+      list.push_back(whole<Scalar, memory_space>(
+          prefix + "q.weight", {D, D}, Kokkos::subview(w_in, 0, Kokkos::ALL, Kokkos::ALL)));
+      list.push_back(whole<Scalar, memory_space>(prefix + "kv.weight", {2 * D, D}, kv));
+      list.push_back(whole<Scalar, memory_space>(prefix + "proj.weight", {D, D}, w_out));
+      list.push_back(whole<Scalar, memory_space>(prefix + "proj.bias", {D}, b_out));
+    }
+    return list;
+  }
+
+  AttentionConfig cfg_;
+  std::string name_;
+  V1 query_, b_out_, d_query_, d_b_out_;
+  V3 w_in_, d_w_in_;  // [3, D, D]: Wq, Wk, Wv (ClimaX in_proj_weight layout)
+  V2 b_in_, d_b_in_;  // [3, D]: bq, bk, bv (zero and not a parameter for the artifact)
+  V2 w_out_, d_w_out_;
+  // Per-call values and workspace, reused across calls of the same shape.
+  V1 q_, dq_;
+  V2 u_, du_;
+  V2 go_, c_, ds_, dk_, dv_;
+  V3 oh_, gz_;
+  Saved own_saved_;
+};
+
+}  // namespace dchag

@@ -1,0 +1,66 @@
+#pragma once
+/// The one place that absorbs Kokkos 3.4 <-> 4.x/5.x differences (math functions, fences,
+/// profiling regions, Kokkos Kernels GEMM). Only this header may spell Kokkos::Experimental.
+#include <Kokkos_Core.hpp>
+#include <KokkosBlas3_gemm.hpp>
+
+#include <cstddef>
+#include <string>
+
+namespace dchag::detail {
+
+#if KOKKOS_VERSION >= 30700
+namespace kmath = ::Kokkos;
+#else
+namespace kmath = ::Kokkos::Experimental;
+#endif
+
+template <class T>
+KOKKOS_INLINE_FUNCTION T exp(T x) {
+  return kmath::exp(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T sqrt(T x) {
+  return kmath::sqrt(x);
+}
+template <class T>
+KOKKOS_INLINE_FUNCTION T max(T a, T b) {
+  return a < b ? b : a;
+}
+
+/// Fence with a label where the Kokkos version takes one.
+template <class ExecSpace>
+void fence(const ExecSpace& exec, const char* label) {
+#if KOKKOS_VERSION >= 30600
+  exec.fence(label);
+#else
+  (void)label;
+  exec.fence();
+#endif
+}
+
+/// RAII profiling region (Kokkos::Profiling::ScopedRegion appeared in 4.1).
+class ScopedRegion {
+ public:
+  explicit ScopedRegion(const std::string& name) { Kokkos::Profiling::pushRegion(name); }
+  ~ScopedRegion() { Kokkos::Profiling::popRegion(); }
+  ScopedRegion(const ScopedRegion&) = delete;
+  ScopedRegion& operator=(const ScopedRegion&) = delete;
+};
+
+/// C = alpha * op(A) * op(B) + beta * C on `exec`. Kokkos Kernels takes an execution space
+/// instance from 4.1 on; before, it runs on the default instance, so fence around it.
+template <class ExecSpace, class AV, class BV, class CV>
+void gemm(const ExecSpace& exec, const char* trans_a, const char* trans_b,
+          typename CV::const_value_type alpha, const AV& a, const BV& b,
+          typename CV::const_value_type beta, const CV& c) {
+#if defined(KOKKOSKERNELS_VERSION) && KOKKOSKERNELS_VERSION >= 40100
+  KokkosBlas::gemm(exec, trans_a, trans_b, alpha, a, b, beta, c);
+#else
+  exec.fence();
+  KokkosBlas::gemm(trans_a, trans_b, alpha, a, b, beta, c);
+  typename CV::execution_space().fence();
+#endif
+}
+
+}  // namespace dchag::detail

@@ -1,0 +1,362 @@
+#pragma once
+/// Composed front ends on one process:
+/// - FlatFrontEnd: tokenize every channel, add channel embeddings, fold all C channels with one
+///   cross-attention, add the positional embedding (the ClimaX front end).
+/// - DchagEmulation: D-CHAG on one process; channels split into P groups as if on P ranks, each
+///   group tokenized and folded to a partial token, a final cross-attention over the P partial
+///   tokens, then the positional embedding. The reference for the distributed engine.
+#include <dchag/config.hpp>
+#include <dchag/cross_attention.hpp>
+#include <dchag/error.hpp>
+#include <dchag/partial_aggregator.hpp>
+#include <dchag/positional_embedding.hpp>
+#include <dchag/tokenizer.hpp>
+
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace dchag {
+
+/// The problem a front end is built for. Batch size is free per call.
+struct FrontEndConfig {
+  int channels = 0;  ///< C, channels of the model
+  int height = 0;    ///< H
+  int width = 0;     ///< W
+  int patch = 0;     ///< p; H and W must be multiples of it
+  int dim = 0;       ///< D
+  int heads = 1;     ///< cross-attention heads; must divide D
+  Strategy strategy = Strategy::pooled;
+  Convention convention = Convention::climax;
+  std::uint64_t seed = 0;  ///< initialisation seed
+
+  int grid_h() const { return height / patch; }
+  int grid_w() const { return width / patch; }
+  int patches() const { return grid_h() * grid_w(); }
+  AttentionConfig attention() const { return {dim, heads, convention, strategy}; }
+
+  void validate(const char* where) const {
+    DCHAG_EXPECT(channels >= 1, where, "config.channels is ", channels, ", expected >= 1");
+    DCHAG_EXPECT(patch >= 1, where, "config.patch is ", patch, ", expected >= 1");
+    DCHAG_EXPECT(height >= patch && height % patch == 0, where, "config.height is ", height,
+                 ", expected a positive multiple of patch = ", patch);
+    DCHAG_EXPECT(width >= patch && width % patch == 0, where, "config.width is ", width,
+                 ", expected a positive multiple of patch = ", patch);
+    DCHAG_EXPECT(dim >= 1, where, "config.dim is ", dim, ", expected >= 1");
+    DCHAG_EXPECT(heads >= 1 && dim % heads == 0, where, "config.heads is ", heads,
+                 ", expected a divisor of dim = ", dim);
+  }
+};
+
+namespace detail {
+
+template <class T>
+void append(std::vector<T>& to, std::vector<T> from) {
+  to.insert(to.end(), std::make_move_iterator(from.begin()), std::make_move_iterator(from.end()));
+}
+
+inline std::vector<int> iota_ids(int n) {
+  std::vector<int> v(n);
+  std::iota(v.begin(), v.end(), 0);
+  return v;
+}
+
+/// dst(b, slot, l, d) = src(b, 0, l, d) (to = true) or the reverse (to = false).
+template <class ExecSpace, class A, class Bv>
+void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, bool to_slot) {
+  const int L = src.extent(2), D = src.extent(3);
+  Kokkos::parallel_for(
+      "dchag::copy_slot", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(src.span())),
+      KOKKOS_LAMBDA(const std::int64_t i) {
+        const int d = static_cast<int>(i % D);
+        const int l = static_cast<int>((i / D) % L);
+        const int b = static_cast<int>(i / (std::int64_t(D) * L));
+        if (to_slot) {
+          dst(b, slot, l, d) = src(b, 0, l, d);
+        } else {
+          src(b, 0, l, d) = dst(b, slot, l, d);
+        }
+      });
+}
+
+/// One D-CHAG rank's local work: tokenize its channels, fold them to one partial token.
+template <class ExecSpace, class Scalar>
+class ChannelStage {
+ public:
+  using memory_space = typename ExecSpace::memory_space;
+  using V4 = View4<Scalar, memory_space>;
+
+  ChannelStage(const ExecSpace& exec, const FrontEndConfig& cfg, std::vector<int> channels,
+               PartialKind kind, int tree, const std::string& name)
+      : tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, channels, cfg.seed),
+        partial_(exec, kind, static_cast<int>(channels.size()), tree, cfg.attention(), cfg.seed, name),
+        channels_(std::move(channels)) {}
+
+  const std::vector<int>& channels() const { return channels_; }
+
+  /// partial [B, 1, L, D] from images holding the channels `sel` names.
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const ChannelSelection& sel, const V4& partial) {
+    const std::size_t B = images.extent(0), L = partial.extent(2), D = partial.extent(3);
+    if (tokens_.extent(0) != B || tokens_.extent(2) != L) {
+      tokens_ = V4(Kokkos::view_alloc(std::string("dchag::stage::tokens"), Kokkos::WithoutInitializing),
+                   B, channels_.size(), L, D);
+      d_tokens_ = V4(Kokkos::view_alloc(std::string("dchag::stage::d_tokens"), Kokkos::WithoutInitializing),
+                     B, channels_.size(), L, D);
+    }
+    tokenizer_.forward(exec, images, sel, tokens_);
+    partial_.forward(exec, tokens_, partial);
+  }
+
+  void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_partial) {
+    partial_.backward(exec, tokens_, d_partial, d_tokens_);
+    tokenizer_.backward(exec, d_tokens_);
+  }
+
+  void set_strategy(Strategy s) { partial_.set_strategy(s); }
+  void zero_gradients(const ExecSpace& exec) {
+    tokenizer_.zero_gradients(exec);
+    partial_.zero_gradients(exec);
+  }
+  TensorList<Scalar, memory_space> parameters() const {
+    auto list = tokenizer_.parameters();
+    append(list, partial_.parameters());
+    return list;
+  }
+  TensorList<Scalar, memory_space> gradients() const {
+    auto list = tokenizer_.gradients();
+    append(list, partial_.gradients());
+    return list;
+  }
+  std::size_t parameter_bytes() const { return tokenizer_.parameter_bytes() + partial_.parameter_bytes(); }
+
+ private:
+  Tokenizer<ExecSpace, Scalar> tokenizer_;
+  PartialAggregator<ExecSpace, Scalar> partial_;
+  std::vector<int> channels_;
+  V4 tokens_, d_tokens_;
+};
+
+}  // namespace detail
+
+/// The ClimaX front end on one process.
+template <class ExecSpace, class Scalar = float>
+class FlatFrontEnd {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+  using scalar_type = Scalar;
+
+  FlatFrontEnd(const ExecSpace& exec, const FrontEndConfig& cfg)
+      : cfg_(validated(cfg)),
+        tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, detail::iota_ids(cfg.channels), cfg.seed),
+        attention_(exec, cfg.attention(), cfg.seed, "var_agg"),
+        pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {}
+
+  const FrontEndConfig& config() const { return cfg_; }
+
+  /// out [B, L, D] from images [B, J, H, W] whose channels are those `sel` names (any subset or
+  /// permutation of the model's channels).
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
+    detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
+    check_out("dchag::FlatFrontEnd::forward", images.extent(0), out);
+    const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
+    if (tokens_.extent(0) != B || tokens_.extent(1) != J) {
+      tokens_ = View4<Scalar, memory_space>(
+          Kokkos::view_alloc(std::string("dchag::flat::tokens"), Kokkos::WithoutInitializing), B, J, L, D);
+      d_tokens_ = View4<Scalar, memory_space>(
+          Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing), B, J, L, D);
+    }
+    tokenizer_.forward(exec, images, sel, tokens_);
+    attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
+    pos_.forward(exec, out);
+  }
+  /// All C channels, in model order.
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const View3<Scalar, memory_space>& out) {
+    forward(exec, images, ChannelSelection::own(detail::iota_ids(static_cast<int>(images.extent(1)))), out);
+  }
+
+  /// Accumulates every parameter gradient from d_out [B, L, D] of the last forward.
+  void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
+    detail::ScopedRegion region("dchag::FlatFrontEnd::backward");
+    DCHAG_EXPECT(saved_.k == 1, "dchag::FlatFrontEnd::backward", "called before forward");
+    check_out("dchag::FlatFrontEnd::backward", tokens_.extent(0), d_out);
+    pos_.backward(exec, d_out);
+    attention_.backward(exec, tokens_, saved_, as4(d_out), d_tokens_);
+    tokenizer_.backward(exec, d_tokens_);
+  }
+
+  void set_strategy(Strategy s) {
+    cfg_.strategy = s;
+    attention_.set_strategy(s);
+  }
+  void zero_gradients(const ExecSpace& exec) {
+    tokenizer_.zero_gradients(exec);
+    attention_.zero_gradients(exec);
+    pos_.zero_gradients(exec);
+  }
+  /// ClimaX state-dict names: token_embeds.{c}.proj.*, var_embed, var_query, var_agg.*, pos_embed.
+  TensorList<Scalar, memory_space> parameters() const {
+    auto list = tokenizer_.parameters();
+    detail::append(list, attention_.parameters());
+    detail::append(list, pos_.parameters());
+    return list;
+  }
+  TensorList<Scalar, memory_space> gradients() const {
+    auto list = tokenizer_.gradients();
+    detail::append(list, attention_.gradients());
+    detail::append(list, pos_.gradients());
+    return list;
+  }
+
+ private:
+  static const FrontEndConfig& validated(const FrontEndConfig& cfg) {
+    cfg.validate("dchag::FlatFrontEnd");
+    return cfg;
+  }
+  template <class V>
+  void check_out(const char* where, std::size_t B, const V& out) const {
+    DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg_.patches()) &&
+                     out.extent(2) == std::size_t(cfg_.dim),
+                 where, "output is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
+                 "], expected [B, L, D] = [", B, ", ", cfg_.patches(), ", ", cfg_.dim, "]");
+  }
+  template <class V>
+  static auto as4(const V& v) {
+    using T = typename V::value_type;
+    return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
+  }
+
+  FrontEndConfig cfg_;
+  Tokenizer<ExecSpace, Scalar> tokenizer_;
+  CrossAttention<ExecSpace, Scalar> attention_;
+  PositionalEmbedding<ExecSpace, Scalar> pos_;
+  typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
+  View4<Scalar, memory_space> tokens_, d_tokens_;
+};
+
+/// How D-CHAG folds each rank's channels.
+struct DchagOptions {
+  PartialKind partial = PartialKind::linear;  ///< D-CHAG-L or D-CHAG-C
+  int tree = 1;                               ///< k groups of the local tree (1: none)
+};
+
+/// D-CHAG on one process: `groups[r]` lists the global channels of emulated rank r.
+template <class ExecSpace, class Scalar = float>
+class DchagEmulation {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+  using scalar_type = Scalar;
+  using V4 = View4<Scalar, memory_space>;
+
+  DchagEmulation(const ExecSpace& exec, const FrontEndConfig& cfg, DchagOptions options,
+                 const std::vector<std::vector<int>>& groups)
+      : cfg_(validated(cfg, groups)),
+        options_(options),
+        final_(exec, cfg.attention(), cfg.seed, "final."),
+        pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {
+    for (std::size_t r = 0; r < groups.size(); ++r) {
+      stages_.push_back(std::make_unique<detail::ChannelStage<ExecSpace, Scalar>>(
+          exec, cfg, groups[r], options.partial, options.tree, "partial." + std::to_string(r) + "."));
+    }
+  }
+
+  int groups() const { return static_cast<int>(stages_.size()); }
+
+  /// out [B, L, D] from images [B, C, H, W] holding every model channel.
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const View3<Scalar, memory_space>& out) {
+    detail::ScopedRegion region("dchag::DchagEmulation::forward");
+    constexpr const char* where = "dchag::DchagEmulation::forward";
+    DCHAG_EXPECT(images.extent(1) == std::size_t(cfg_.channels), where, "images.extent(1) is ",
+                 images.extent(1), ", expected C = ", cfg_.channels);
+    const std::size_t B = images.extent(0), P = stages_.size(), L = cfg_.patches(), D = cfg_.dim;
+    DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == L && out.extent(2) == D, where, "out is [",
+                 out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
+                 "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
+    if (gathered_.extent(0) != B) {
+      auto make = [&](const char* label, std::size_t n1) {
+        return V4(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), B, n1, L, D);
+      };
+      gathered_ = make("dchag::emulation::gathered", P);
+      d_gathered_ = make("dchag::emulation::d_gathered", P);
+      partial_ = make("dchag::emulation::partial", 1);
+    }
+    for (std::size_t r = 0; r < P; ++r) {
+      stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()), partial_);
+      detail::copy_slot(exec, partial_, gathered_, static_cast<int>(r), true);
+    }
+    final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_);
+    pos_.forward(exec, out);
+  }
+
+  void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
+    detail::ScopedRegion region("dchag::DchagEmulation::backward");
+    DCHAG_EXPECT(saved_.k == 1, "dchag::DchagEmulation::backward", "called before forward");
+    const std::size_t B = gathered_.extent(0), L = cfg_.patches(), D = cfg_.dim;
+    pos_.backward(exec, d_out);
+    final_.backward(exec, gathered_, saved_, View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D),
+                    d_gathered_);
+    for (std::size_t r = 0; r < stages_.size(); ++r) {
+      // partial_ is free again after forward: reuse it for this group's gradient slice.
+      detail::copy_slot(exec, partial_, d_gathered_, static_cast<int>(r), false);
+      stages_[r]->backward(exec, partial_);
+    }
+  }
+
+  void set_strategy(Strategy s) {
+    cfg_.strategy = s;
+    final_.set_strategy(s);
+    for (auto& st : stages_) st->set_strategy(s);
+  }
+  void zero_gradients(const ExecSpace& exec) {
+    for (auto& st : stages_) st->zero_gradients(exec);
+    final_.zero_gradients(exec);
+    pos_.zero_gradients(exec);
+  }
+  TensorList<Scalar, memory_space> parameters() const { return named(false); }
+  TensorList<Scalar, memory_space> gradients() const { return named(true); }
+
+ private:
+  static const FrontEndConfig& validated(const FrontEndConfig& cfg,
+                                         const std::vector<std::vector<int>>& groups) {
+    constexpr const char* where = "dchag::DchagEmulation";
+    cfg.validate(where);
+    DCHAG_EXPECT(!groups.empty(), where, "groups is empty, expected at least one group");
+    std::vector<int> seen(cfg.channels, 0);
+    for (std::size_t r = 0; r < groups.size(); ++r) {
+      DCHAG_EXPECT(!groups[r].empty(), where, "group ", r, " holds no channel, expected >= 1");
+      for (int c : groups[r]) {
+        DCHAG_EXPECT(c >= 0 && c < cfg.channels, where, "group ", r, " lists channel ", c,
+                     ", expected 0 <= channel < C = ", cfg.channels);
+        DCHAG_EXPECT(seen[c]++ == 0, where, "channel ", c, " is in two groups, expected exactly one");
+      }
+    }
+    for (int c = 0; c < cfg.channels; ++c) {
+      DCHAG_EXPECT(seen[c] == 1, where, "channel ", c, " is in no group, expected exactly one");
+    }
+    return cfg;
+  }
+
+  TensorList<Scalar, memory_space> named(bool grads) const {
+    TensorList<Scalar, memory_space> list;
+    for (const auto& st : stages_) detail::merge_into(list, grads ? st->gradients() : st->parameters());
+    detail::append(list, grads ? final_.gradients("final.") : final_.parameters("final."));
+    detail::append(list, grads ? pos_.gradients() : pos_.parameters());
+    return list;
+  }
+
+  FrontEndConfig cfg_;
+  DchagOptions options_;
+  std::vector<std::unique_ptr<detail::ChannelStage<ExecSpace, Scalar>>> stages_;
+  CrossAttention<ExecSpace, Scalar> final_;
+  PositionalEmbedding<ExecSpace, Scalar> pos_;
+  typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
+  V4 gathered_, d_gathered_, partial_;
+};
+
+}  // namespace dchag

@@ -1,0 +1,141 @@
+#pragma once
+/// Per-rank partial aggregation (DESIGN 3.3): folds a rank's C_r channel tokens [B, C_r, L, D]
+/// into one partial token [B, 1, L, D], either by a learned linear sum (D-CHAG-L) or by a
+/// single-query cross-attention (D-CHAG-C), optionally as a local tree of k contiguous groups.
+/// The tree shares one cross-attention across groups and levels; the linear tree has one group
+/// weight vector shared by the groups plus a k-vector on top (names `top_weight`, `top_bias`).
+#include <dchag/config.hpp>
+#include <dchag/cross_attention.hpp>
+#include <dchag/linear_aggregation.hpp>
+
+#include <optional>
+#include <string>
+
+namespace dchag {
+
+template <class ExecSpace, class Scalar = float>
+class PartialAggregator {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+  using V4 = View4<Scalar, memory_space>;
+  using C4 = View4<const Scalar, memory_space>;
+
+  /// `inputs` channels folded by `kind` with a k = `tree` group local tree (1: no tree).
+  /// `name` is the prefix of the parameter names and keys their seed streams.
+  PartialAggregator(const ExecSpace& exec, PartialKind kind, int inputs, int tree,
+                    AttentionConfig attention, std::uint64_t seed = 0, std::string name = "partial.")
+      : kind_(kind), inputs_(inputs), tree_(tree), name_(std::move(name)) {
+    constexpr const char* where = "dchag::PartialAggregator";
+    DCHAG_EXPECT(inputs >= 1, where, "inputs is ", inputs, ", expected >= 1");
+    DCHAG_EXPECT(tree >= 1 && tree <= inputs, where, "tree is ", tree,
+                 ", expected 1 <= tree <= inputs = ", inputs);
+    if (kind == PartialKind::linear) {
+      DCHAG_EXPECT(inputs % tree == 0, where, "linear tree over ", inputs, " channels with tree = ",
+                   tree, ", expected tree to divide the channel count (groups share one weight vector)");
+      group_.emplace(exec, inputs / tree, seed, name_ + "weight");
+      if (tree > 1) top_.emplace(exec, tree, seed, name_ + "top_weight");
+    } else {
+      attention_.emplace(exec, attention, seed, name_);
+    }
+  }
+
+  PartialKind kind() const { return kind_; }
+  int inputs() const { return inputs_; }
+  int tree() const { return tree_; }
+
+  /// out [B, 1, L, D] from tokens [B, C_r, L, D]; keeps what backward needs.
+  void forward(const ExecSpace& exec, const C4& tokens, const V4& out) {
+    detail::ScopedRegion region("dchag::PartialAggregator::forward");
+    DCHAG_EXPECT(tokens.extent(1) == std::size_t(inputs_), "dchag::PartialAggregator::forward",
+                 "tokens.extent(1) is ", tokens.extent(1), ", expected C_r = ", inputs_);
+    const Segments groups = group_segments();
+    if (tree_ == 1) {
+      apply_forward(exec, tokens, groups, out, saved_[0], true);
+      return;
+    }
+    ensure_mid(tokens);
+    apply_forward(exec, tokens, groups, mid_, saved_[0], true);
+    apply_forward(exec, mid_, Segments::whole(tree_), out, saved_[1], false);
+  }
+
+  /// Accumulates parameter gradients and writes d_tokens from the forward's tokens and d_out.
+  void backward(const ExecSpace& exec, const C4& tokens, const C4& d_out, const V4& d_tokens) {
+    detail::ScopedRegion region("dchag::PartialAggregator::backward");
+    const Segments groups = group_segments();
+    if (tree_ == 1) {
+      apply_backward(exec, tokens, groups, d_out, d_tokens, saved_[0], true);
+      return;
+    }
+    apply_backward(exec, mid_, Segments::whole(tree_), d_out, d_mid_, saved_[1], false);
+    apply_backward(exec, tokens, groups, d_mid_, d_tokens, saved_[0], true);
+  }
+
+  void set_strategy(Strategy s) {
+    if (attention_) attention_->set_strategy(s);
+  }
+
+  void zero_gradients(const ExecSpace& exec) {
+    if (group_) group_->zero_gradients(exec);
+    if (top_) top_->zero_gradients(exec);
+    if (attention_) attention_->zero_gradients(exec);
+  }
+
+  TensorList<Scalar, memory_space> parameters() const { return named(false); }
+  TensorList<Scalar, memory_space> gradients() const { return named(true); }
+
+  std::size_t parameter_bytes() const {
+    return (group_ ? group_->parameter_bytes() : 0) + (top_ ? top_->parameter_bytes() : 0) +
+           (attention_ ? attention_->parameter_bytes() : 0);
+  }
+
+ private:
+  Segments group_segments() const { return Segments::split(inputs_, tree_); }
+
+  void ensure_mid(const C4& tokens) {
+    const std::size_t B = tokens.extent(0), L = tokens.extent(2), D = tokens.extent(3);
+    if (mid_.extent(0) != B || mid_.extent(2) != L || mid_.extent(3) != D) {
+      mid_ = V4("dchag::partial::mid", B, tree_, L, D);
+      d_mid_ = V4("dchag::partial::d_mid", B, tree_, L, D);
+    }
+  }
+
+  void apply_forward(const ExecSpace& exec, const C4& x, const Segments& seg, const V4& out,
+                     typename CrossAttention<ExecSpace, Scalar>::Saved& saved, bool level0) {
+    if (attention_) {
+      attention_->forward(exec, x, seg, out, saved);
+    } else {
+      (level0 ? *group_ : *top_).forward(exec, x, seg, out);
+    }
+  }
+  void apply_backward(const ExecSpace& exec, const C4& x, const Segments& seg, const C4& dy,
+                      const V4& dx, const typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
+                      bool level0) {
+    if (attention_) {
+      attention_->backward(exec, x, saved, dy, dx);
+    } else {
+      (level0 ? *group_ : *top_).backward(exec, x, seg, dy, dx);
+    }
+  }
+
+  TensorList<Scalar, memory_space> named(bool grads) const {
+    if (attention_) return grads ? attention_->gradients(name_) : attention_->parameters(name_);
+    auto list = grads ? group_->gradients(name_) : group_->parameters(name_);
+    if (top_) {
+      auto more = grads ? top_->gradients(name_, "top_weight", "top_bias")
+                        : top_->parameters(name_, "top_weight", "top_bias");
+      list.insert(list.end(), more.begin(), more.end());
+    }
+    return list;
+  }
+
+  PartialKind kind_;
+  int inputs_, tree_;
+  std::string name_;
+  std::optional<LinearAggregation<ExecSpace, Scalar>> group_, top_;
+  std::optional<CrossAttention<ExecSpace, Scalar>> attention_;
+  typename CrossAttention<ExecSpace, Scalar>::Saved saved_[2];
+  V4 mid_, d_mid_;
+};
+
+}  // namespace dchag

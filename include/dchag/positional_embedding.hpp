@@ -1,0 +1,74 @@
+#pragma once
+/// Learned positional embedding added to the aggregated tokens (DESIGN 3.5): out[b, l, :] +=
+/// pos[l, :], initialised with the 2-D sin-cos embedding of the patch grid. Name: `pos_embed`
+/// [1, L, D].
+#include <dchag/error.hpp>
+#include <dchag/init.hpp>
+#include <dchag/tensor.hpp>
+#include <dchag/detail/kokkos_compat.hpp>
+
+namespace dchag {
+
+template <class ExecSpace, class Scalar = float>
+class PositionalEmbedding {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+
+  PositionalEmbedding(const ExecSpace& exec, int grid_h, int grid_w, int dim)
+      : pos_("dchag::pos_embed", std::size_t(grid_h) * grid_w, dim),
+        d_pos_("dchag::d_pos_embed", std::size_t(grid_h) * grid_w, dim) {
+    init_sincos_2d(pos_, grid_h, grid_w);
+    exec.fence();
+  }
+
+  /// out [B, L, D] += pos.
+  void forward(const ExecSpace& exec, const View3<Scalar, memory_space>& out) const {
+    check("dchag::PositionalEmbedding::forward", out.extent(1), out.extent(2));
+    const int L = pos_.extent(0), D = pos_.extent(1);
+    auto pos = pos_;
+    Kokkos::parallel_for(
+        "dchag::pos_embed::forward", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(out.span())),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int d = static_cast<int>(i % D);
+          const int l = static_cast<int>((i / D) % L);
+          const int b = static_cast<int>(i / (std::int64_t(D) * L));
+          out(b, l, d) += pos(l, d);
+        });
+  }
+
+  /// d_pos += sum over the batch of d_out [B, L, D] (the gradient passes through unchanged).
+  void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
+    check("dchag::PositionalEmbedding::backward", d_out.extent(1), d_out.extent(2));
+    const int B = d_out.extent(0), D = pos_.extent(1);
+    auto d_pos = d_pos_;
+    Kokkos::parallel_for(
+        "dchag::pos_embed::backward", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(d_pos.span())),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int d = static_cast<int>(i % D);
+          const int l = static_cast<int>(i / D);
+          Scalar acc = 0;
+          for (int b = 0; b < B; ++b) acc += d_out(b, l, d);
+          d_pos(l, d) += acc;
+        });
+  }
+
+  void zero_gradients(const ExecSpace& exec) { Kokkos::deep_copy(exec, d_pos_, Scalar(0)); }
+  TensorList<Scalar, memory_space> parameters() const { return named(pos_); }
+  TensorList<Scalar, memory_space> gradients() const { return named(d_pos_); }
+  std::size_t parameter_bytes() const { return 2 * sizeof(Scalar) * pos_.span(); }
+
+ private:
+  void check(const char* where, std::size_t l, std::size_t d) const {
+    DCHAG_EXPECT(l == pos_.extent(0) && d == pos_.extent(1), where, "tensor is [B, ", l, ", ", d,
+                 "], expected [B, L, D] = [B, ", pos_.extent(0), ", ", pos_.extent(1), "]");
+  }
+  TensorList<Scalar, memory_space> named(const View2<Scalar, memory_space>& v) const {
+    return {detail::whole<Scalar, memory_space>(
+        "pos_embed", {1, std::int64_t(v.extent(0)), std::int64_t(v.extent(1))}, v)};
+  }
+
+  View2<Scalar, memory_space> pos_, d_pos_;
+};
+
+}  // namespace dchag

@@ -1,0 +1,288 @@
+#pragma once
+/// Per-channel patch tokenizer with channel embedding (DESIGN 3.1):
+///   token[b, j, l, :] = Wt_c . patch(b, j, l) + bt_c + E_c,   c = the global id of input channel j.
+/// Equivalent to ClimaX's `Conv2d(1, D, p, stride=p)` per channel followed by
+/// `flatten(2).transpose(1, 2)` and `+ var_embed[c]`. A tokenizer holds the weights of the channels
+/// it owns only (all of them on one rank, its own under D-CHAG).
+#include <dchag/error.hpp>
+#include <dchag/init.hpp>
+#include <dchag/tensor.hpp>
+#include <dchag/detail/kokkos_compat.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace dchag {
+
+/// Which image channels become which model channels. Token j reads channel image_index[j] of the
+/// images and is tokenized with the weights of global channel channel_id[j].
+struct ChannelSelection {
+  std::vector<int> image_index;
+  std::vector<int> channel_id;
+
+  /// The images hold exactly these channels, in this order.
+  static ChannelSelection own(std::vector<int> ids) {
+    std::vector<int> idx(ids.size());
+    for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<int>(j);
+    return {std::move(idx), std::move(ids)};
+  }
+  /// The images hold every model channel; read these ones.
+  static ChannelSelection from_full_image(std::vector<int> ids) { return {ids, ids}; }
+  int size() const { return static_cast<int>(channel_id.size()); }
+};
+
+template <class ExecSpace, class Scalar = float>
+class Tokenizer {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+  using scalar_type = Scalar;
+
+  /// Allocates and initialises (ClimaX: trunc-normal 0.02 weights, zero biases, sin-cos channel
+  /// embedding) the weights of `owned` channels among `model_channels`.
+  Tokenizer(const ExecSpace& exec, int model_channels, int patch, int dim, std::vector<int> owned,
+            std::uint64_t seed = 0)
+      : channels_(model_channels), patch_(patch), dim_(dim), owned_(std::move(owned)) {
+    constexpr const char* where = "dchag::Tokenizer";
+    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels, ", expected >= 1");
+    DCHAG_EXPECT(patch >= 1, where, "patch is ", patch, ", expected >= 1");
+    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
+    DCHAG_EXPECT(!owned_.empty(), where, "owned channel list is empty, expected at least one channel");
+    slot_of_.assign(model_channels, -1);
+    for (std::size_t s = 0; s < owned_.size(); ++s) {
+      const int c = owned_[s];
+      DCHAG_EXPECT(c >= 0 && c < model_channels, where, "owned channel ", c,
+                   " is out of range, expected 0 <= channel < ", model_channels);
+      DCHAG_EXPECT(slot_of_[c] < 0, where, "owned channel ", c, " is listed twice");
+      slot_of_[c] = static_cast<int>(s);
+    }
+    const int n = static_cast<int>(owned_.size());
+    const int pp = patch * patch;
+    weight_ = View3<Scalar, memory_space>("dchag::tokenizer::weight", n, dim, pp);
+    bias_ = View2<Scalar, memory_space>("dchag::tokenizer::bias", n, dim);
+    embed_ = View2<Scalar, memory_space>("dchag::tokenizer::channel_embed", n, dim);
+    d_weight_ = View3<Scalar, memory_space>("dchag::tokenizer::d_weight", n, dim, pp);
+    d_bias_ = View2<Scalar, memory_space>("dchag::tokenizer::d_bias", n, dim);
+    d_embed_ = View2<Scalar, memory_space>("dchag::tokenizer::d_channel_embed", n, dim);
+    for (int s = 0; s < n; ++s) {
+      init_trunc_normal(Kokkos::subview(weight_, s, Kokkos::ALL, Kokkos::ALL), 0.02, seed,
+                        weight_name(owned_[s]));
+    }
+    init_sincos_rows(embed_, owned_);
+    exec.fence();
+  }
+
+  int model_channels() const { return channels_; }
+  int patch() const { return patch_; }
+  int dim() const { return dim_; }
+  const std::vector<int>& owned_channels() const { return owned_; }
+
+  /// tokens [B, J, L, D] from images [B, Cimg, H, W] and a selection of J channels. Saves the
+  /// patches for backward. H and W must be multiples of the patch size.
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
+    detail::ScopedRegion region("dchag::Tokenizer::forward");
+    check_forward(images, sel, tokens);
+    const int B = static_cast<int>(images.extent(0));
+    const int J = sel.size();
+    const int H = static_cast<int>(images.extent(2));
+    const int W = static_cast<int>(images.extent(3));
+    const int p = patch_, pp = p * p, D = dim_;
+    const int wp = W / p, L = (H / p) * wp;
+    ensure_workspace(B, J, L);
+
+    // Host-side slot of every selected channel, and its device copy for the kernels.
+    auto h_slot = Kokkos::create_mirror_view(slot_);
+    auto h_img = Kokkos::create_mirror_view(image_index_);
+    for (int j = 0; j < J; ++j) {
+      h_slot(j) = slot_of_[sel.channel_id[j]];
+      h_img(j) = sel.image_index[j];
+    }
+    Kokkos::deep_copy(exec, slot_, h_slot);
+    Kokkos::deep_copy(exec, image_index_, h_img);
+    slot_host_.assign(h_slot.data(), h_slot.data() + J);
+
+    // im2col: patches(j, b, l, k) = images(b, image_index[j], row, col).
+    auto patches = patches_;
+    auto img_idx = image_index_;
+    const std::int64_t n_patch = std::int64_t(J) * B * L * pp;
+    Kokkos::parallel_for(
+        "dchag::tokenize::im2col", Kokkos::RangePolicy<ExecSpace>(exec, 0, n_patch),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int k = static_cast<int>(i % pp);
+          const std::int64_t r = i / pp;
+          const int l = static_cast<int>(r % L);
+          const std::int64_t r2 = r / L;
+          const int b = static_cast<int>(r2 % B);
+          const int j = static_cast<int>(r2 / B);
+          const int row = (l / wp) * p + k / p;
+          const int col = (l % wp) * p + k % p;
+          patches(j, b, l, k) = images(b, img_idx(j), row, col);
+        });
+
+    // Start every token at bias + channel embedding, then add the patch projection.
+    auto slot = slot_;
+    auto bias = bias_;
+    auto embed = embed_;
+    const std::int64_t n_tok = std::int64_t(B) * J * L * D;
+    Kokkos::parallel_for(
+        "dchag::tokenize::bias", Kokkos::RangePolicy<ExecSpace>(exec, 0, n_tok),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int d = static_cast<int>(i % D);
+          const std::int64_t r = i / D;
+          const int l = static_cast<int>(r % L);
+          const std::int64_t r2 = r / L;
+          const int j = static_cast<int>(r2 % J);
+          const int b = static_cast<int>(r2 / J);
+          const int s = slot(j);
+          tokens(b, j, l, d) = bias(s, d) + embed(s, d);
+        });
+    for (int j = 0; j < J; ++j) {
+      auto w = Kokkos::subview(weight_, slot_host_[j], Kokkos::ALL, Kokkos::ALL);
+      for (int b = 0; b < B; ++b) {
+        auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
+        auto t = Kokkos::subview(tokens, b, j, Kokkos::ALL, Kokkos::ALL);
+        detail::gemm(exec, "N", "T", Scalar(1), pa, w, Scalar(1), t);
+      }
+    }
+  }
+
+  /// Accumulates the gradients of the weights, biases and channel embeddings of the channels seen
+  /// by the last forward, given d_tokens [B, J, L, D].
+  void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_tokens) {
+    detail::ScopedRegion region("dchag::Tokenizer::backward");
+    const int B = B_, J = J_, L = L_, D = dim_;
+    DCHAG_EXPECT(J > 0, "dchag::Tokenizer::backward", "called before forward");
+    DCHAG_EXPECT(d_tokens.extent(0) == std::size_t(B) && d_tokens.extent(1) == std::size_t(J) &&
+                     d_tokens.extent(2) == std::size_t(L) && d_tokens.extent(3) == std::size_t(D),
+                 "dchag::Tokenizer::backward", "d_tokens is [", d_tokens.extent(0), ", ",
+                 d_tokens.extent(1), ", ", d_tokens.extent(2), ", ", d_tokens.extent(3),
+                 "], expected [B, J, L, D] = [", B, ", ", J, ", ", L, ", ", D, "]");
+    auto slot = slot_;
+    auto d_bias = d_bias_;
+    auto d_embed = d_embed_;
+    // Each (j, d) sums over (b, l) on its own; channel ids are unique, so slots do not collide.
+    Kokkos::parallel_for(
+        "dchag::tokenize::d_bias", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(J) * D),
+        KOKKOS_LAMBDA(const std::int64_t i) {
+          const int d = static_cast<int>(i % D);
+          const int j = static_cast<int>(i / D);
+          Scalar acc = 0;
+          for (int b = 0; b < B; ++b)
+            for (int l = 0; l < L; ++l) acc += d_tokens(b, j, l, d);
+          d_bias(slot(j), d) += acc;
+          d_embed(slot(j), d) += acc;
+        });
+    for (int j = 0; j < J; ++j) {
+      auto dw = Kokkos::subview(d_weight_, slot_host_[j], Kokkos::ALL, Kokkos::ALL);
+      for (int b = 0; b < B; ++b) {
+        auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
+        auto dt = Kokkos::subview(d_tokens, b, j, Kokkos::ALL, Kokkos::ALL);
+        detail::gemm(exec, "T", "N", Scalar(1), dt, pa, Scalar(1), dw);
+      }
+    }
+  }
+
+  void zero_gradients(const ExecSpace& exec) {
+    Kokkos::deep_copy(exec, d_weight_, Scalar(0));
+    Kokkos::deep_copy(exec, d_bias_, Scalar(0));
+    Kokkos::deep_copy(exec, d_embed_, Scalar(0));
+  }
+
+  /// ClimaX names: token_embeds.{c}.proj.weight [D,1,p,p], token_embeds.{c}.proj.bias [D], and
+  /// this tokenizer's rows of var_embed [1, C, D].
+  TensorList<Scalar, memory_space> parameters() const { return named(weight_, bias_, embed_); }
+  TensorList<Scalar, memory_space> gradients() const { return named(d_weight_, d_bias_, d_embed_); }
+
+  /// Bytes of parameters plus gradients.
+  std::size_t parameter_bytes() const { return 2 * sizeof(Scalar) * (weight_.span() + bias_.span() + embed_.span()); }
+  /// Bytes this tokenizer keeps between forward and backward for B images of J channels.
+  static std::size_t saved_bytes(int B, int J, int H, int W, int patch) {
+    return sizeof(Scalar) * std::size_t(B) * J * H * W + 2 * sizeof(int) * std::size_t(J);
+  }
+
+ private:
+  static std::string weight_name(int c) { return "token_embeds." + std::to_string(c) + ".proj.weight"; }
+
+  TensorList<Scalar, memory_space> named(const View3<Scalar, memory_space>& w,
+                                         const View2<Scalar, memory_space>& b,
+                                         const View2<Scalar, memory_space>& e) const {
+    TensorList<Scalar, memory_space> list;
+    const std::int64_t D = dim_, p = patch_;
+    NamedTensor<Scalar, memory_space> embed{"var_embed", {1, channels_, D}, {}};
+    for (std::size_t s = 0; s < owned_.size(); ++s) {
+      const int c = owned_[s];
+      auto ws = Kokkos::subview(w, s, Kokkos::ALL, Kokkos::ALL);
+      auto bs = Kokkos::subview(b, s, Kokkos::ALL);
+      auto es = Kokkos::subview(e, s, Kokkos::ALL);
+      list.push_back(detail::whole<Scalar, memory_space>(weight_name(c), {D, 1, p, p}, ws));
+      list.push_back(detail::whole<Scalar, memory_space>(
+          "token_embeds." + std::to_string(c) + ".proj.bias", {D}, bs));
+      embed.pieces.push_back({c * D, Unmanaged1<Scalar, memory_space>(es.data(), D)});
+    }
+    list.push_back(std::move(embed));
+    return list;
+  }
+
+  void check_forward(const View4<const Scalar, memory_space>& images, const ChannelSelection& sel,
+                     const View4<Scalar, memory_space>& tokens) const {
+    constexpr const char* where = "dchag::Tokenizer::forward";
+    const std::size_t H = images.extent(2), W = images.extent(3), p = patch_;
+    DCHAG_EXPECT(H % p == 0 && H > 0, where, "images.extent(2) is H = ", H,
+                 ", expected a positive multiple of patch = ", p);
+    DCHAG_EXPECT(W % p == 0 && W > 0, where, "images.extent(3) is W = ", W,
+                 ", expected a positive multiple of patch = ", p);
+    DCHAG_EXPECT(sel.image_index.size() == sel.channel_id.size(), where,
+                 "selection has ", sel.image_index.size(), " image indices and ",
+                 sel.channel_id.size(), " channel ids, expected the same count");
+    DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
+    std::vector<char> seen(channels_, 0);
+    for (int j = 0; j < sel.size(); ++j) {
+      const int c = sel.channel_id[j], i = sel.image_index[j];
+      DCHAG_EXPECT(c >= 0 && c < channels_, where, "channel id ", c, " at position ", j,
+                   " is out of range, expected 0 <= id < C = ", channels_);
+      DCHAG_EXPECT(slot_of_[c] >= 0, where, "channel id ", c,
+                   " is not held by this tokenizer (it holds ", owned_.size(), " channels)");
+      DCHAG_EXPECT(!seen[c], where, "channel id ", c, " is selected twice, expected unique ids");
+      seen[c] = 1;
+      DCHAG_EXPECT(i >= 0 && std::size_t(i) < images.extent(1), where, "image index ", i,
+                   " at position ", j, " is out of range, expected < images.extent(1) = ",
+                   images.extent(1));
+    }
+    const std::size_t L = (H / p) * (W / p);
+    DCHAG_EXPECT(tokens.extent(0) == images.extent(0) && tokens.extent(1) == std::size_t(sel.size()) &&
+                     tokens.extent(2) == L && tokens.extent(3) == std::size_t(dim_),
+                 where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
+                 tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [",
+                 images.extent(0), ", ", sel.size(), ", ", L, ", ", dim_, "]");
+  }
+
+  void ensure_workspace(int B, int J, int L) {
+    B_ = B;
+    J_ = J;
+    L_ = L;
+    const int pp = patch_ * patch_;
+    if (patches_.extent(0) != std::size_t(J) || patches_.extent(1) != std::size_t(B) ||
+        patches_.extent(2) != std::size_t(L)) {
+      patches_ = View4<Scalar, memory_space>(Kokkos::view_alloc("dchag::tokenizer::patches",
+                                                                Kokkos::WithoutInitializing),
+                                             J, B, L, pp);
+      slot_ = View1<int, memory_space>("dchag::tokenizer::slot", J);
+      image_index_ = View1<int, memory_space>("dchag::tokenizer::image_index", J);
+    }
+  }
+
+  int channels_, patch_, dim_;
+  std::vector<int> owned_;
+  std::vector<int> slot_of_;  // global channel -> row of the weight views, or -1
+  View3<Scalar, memory_space> weight_, d_weight_;
+  View2<Scalar, memory_space> bias_, d_bias_, embed_, d_embed_;
+  // Saved by forward for backward.
+  int B_ = 0, J_ = 0, L_ = 0;
+  View4<Scalar, memory_space> patches_;
+  View1<int, memory_space> slot_, image_index_;
+  std::vector<int> slot_host_;
+};
+
+}  // namespace dchag
