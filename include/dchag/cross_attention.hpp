@@ -13,6 +13,7 @@
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 
 #include <cstdint>
 #include <string>
@@ -332,14 +333,16 @@ class CrossAttention {
           const int pos = team.league_rank();
           const int l = pos % L, j = (pos / L) % k, b = pos / (L * k);
           for (int h = 0; h < nh; ++h) {
-            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { z(h, pos, d) = 0; });
+            Scalar* zh = &z(h, pos, 0);
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] = 0; });
           }
           for (int n = off(j); n < off(j + 1); ++n) {
             const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
+            const Scalar* xr = &x2(row, 0);
             for (int h = 0; h < nh; ++h) {
               const Scalar c = a(row, h);
-              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
-                                   [&](const int d) { z(h, pos, d) += c * x2(row, d); });
+              Scalar* zh = &z(h, pos, 0);
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] += c * xr[d]; });
             }
           }
         });
@@ -353,11 +356,8 @@ class CrossAttention {
     }
     auto ocat = s.ocat;
     auto b_in = b_in_;
-    Kokkos::parallel_for(
-        "dchag::attention::concat", Policy(exec, 0, std::int64_t(P) * D),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int r = static_cast<int>(i % D);
-          const std::int64_t pos = i / D;
+    detail::for_each_row(
+        exec, "dchag::attention::concat", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
           ocat(pos, r) = oh(r / hd, pos, r % hd) + b_in(2, r);
         });
   }
@@ -370,11 +370,8 @@ class CrossAttention {
     auto K = s.kmat;
     auto V = s.vmat;
     auto b_in = b_in_;
-    Kokkos::parallel_for(
-        "dchag::attention::kv_bias", Policy(exec, 0, std::int64_t(M) * D),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int r = static_cast<int>(i % D);
-          const std::int64_t row = i / D;
+    detail::for_each_row(
+        exec, "dchag::attention::kv_bias", M, D, KOKKOS_LAMBDA(const std::int64_t row, const int r) {
           K(row, r) = b_in(1, r);
           V(row, r) = b_in(2, r);
         });
@@ -420,9 +417,9 @@ class CrossAttention {
     const std::size_t P = s.ocat.extent(0);
     auto out2 = as2(out.data(), P, D);
     auto bo = b_out_;
-    Kokkos::parallel_for(
-        "dchag::attention::out_bias", Policy(exec, 0, std::int64_t(P) * D),
-        KOKKOS_LAMBDA(const std::int64_t i) { out2(i / D, i % D) = bo(i % D); });
+    detail::for_each_row(
+        exec, "dchag::attention::out_bias", P, D,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int d) { out2(pos, d) = bo(d); });
     detail::gemm(exec, "N", "T", Scalar(1), s.ocat, w_out_, Scalar(1), out2);
   }
 
@@ -458,11 +455,8 @@ class CrossAttention {
     column_sums(exec, go, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
     // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
     V3 goh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
-    Kokkos::parallel_for(
-        "dchag::attention::split_heads", Policy(exec, 0, std::int64_t(P) * D),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int r = static_cast<int>(i % D);
-          const std::int64_t pos = i / D;
+    detail::for_each_row(
+        exec, "dchag::attention::split_heads", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
           goh(r / hd, pos, r % hd) = go(pos, r);
         });
     V3 gz = workspace3(gz_, "dchag::attention::gz", nh, P, D);
@@ -502,19 +496,21 @@ class CrossAttention {
           const int n = static_cast<int>((row / L) % N);
           const int b = static_cast<int>(row / (std::int64_t(L) * N));
           const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
+          const Scalar* xr = &x2(row, 0);
+          Scalar* dxr = &dx2(row, 0);
           for (int h = 0; h < nh; ++h) {
-            Scalar t = 0;
-            Kokkos::parallel_reduce(
-                Kokkos::TeamVectorRange(team, D),
-                [&](const int d, Scalar& acc) { acc += gz(h, pos, d) * x2(row, d); }, t);
-            Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(row, h) = a(row, h) * (t - c(pos, h)); });
+            const Scalar t = detail::team_dot(team, &gz(h, pos, 0), xr, D);
+            const Scalar ah = a(row, h);
+            const Scalar dsh = ah * (t - c(pos, h));
+            Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(row, h) = dsh; });
+            const Scalar* gzh = &gz(h, pos, 0);
+            const Scalar* uh = &u(h, 0);
+            // Each lane owns its d across heads, so the accumulation needs no barrier.
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
+              const Scalar prev = h == 0 ? Scalar(0) : dxr[d];
+              dxr[d] = prev + ah * gzh[d] + dsh * uh[d];
+            });
           }
-          team.team_barrier();
-          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
-            Scalar acc = 0;
-            for (int h = 0; h < nh; ++h) acc += a(row, h) * gz(h, pos, d) + ds(row, h) * u(h, d);
-            dx2(row, d) = acc;
-          });
         });
     // du = ds^T x, then dWk_h = q_h (x) du_h / sqrt(hd) and dq_h = Wk_h du_h / sqrt(hd).
     detail::gemm(exec, "T", "N", Scalar(1), ds, x2, Scalar(0), du_);

@@ -66,12 +66,10 @@ inline std::vector<int> iota_ids(int n) {
 template <class ExecSpace, class A, class Bv>
 void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, bool to_slot) {
   const int L = src.extent(2), D = src.extent(3);
-  Kokkos::parallel_for(
-      "dchag::copy_slot", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(src.span())),
-      KOKKOS_LAMBDA(const std::int64_t i) {
-        const int d = static_cast<int>(i % D);
-        const int l = static_cast<int>((i / D) % L);
-        const int b = static_cast<int>(i / (std::int64_t(D) * L));
+  for_each_row(
+      exec, "dchag::copy_slot", std::int64_t(src.extent(0)) * L, D,
+      KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+        const int b = static_cast<int>(r / L), l = static_cast<int>(r % L);
         if (to_slot) {
           dst(b, slot, l, d) = src(b, 0, l, d);
         } else {

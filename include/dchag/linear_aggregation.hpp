@@ -8,6 +8,7 @@
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 
 #include <string>
 
@@ -45,13 +46,12 @@ class LinearAggregation {
     const int n = n_, k = seg.count(), L = x.extent(2), D = x.extent(3);
     auto w = weight_;
     auto beta = bias_;
-    Kokkos::parallel_for(
-        "dchag::linear::forward", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(y.span())),
-        KOKKOS_LAMBDA(const std::int64_t idx) {
-          const int d = static_cast<int>(idx % D);
-          const int l = static_cast<int>((idx / D) % L);
-          const int j = static_cast<int>((idx / (std::int64_t(D) * L)) % k);
-          const int b = static_cast<int>(idx / (std::int64_t(D) * L * k));
+    detail::for_each_row(
+        exec, "dchag::linear::forward", std::int64_t(y.extent(0)) * k * L, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          const int l = static_cast<int>(r % L);
+          const int j = static_cast<int>((r / L) % k);
+          const int b = static_cast<int>(r / (std::int64_t(L) * k));
           Scalar acc = beta(0);
           for (int i = 0; i < n; ++i) acc += w(i) * x(b, j * n + i, l, d);
           y(b, j, l, d) = acc;
@@ -71,13 +71,12 @@ class LinearAggregation {
                  dx.extent(3), "], expected the shape of x");
     const int n = n_, k = seg.count(), B = x.extent(0), L = x.extent(2), D = x.extent(3);
     auto w = weight_;
-    Kokkos::parallel_for(
-        "dchag::linear::input_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(dx.span())),
-        KOKKOS_LAMBDA(const std::int64_t idx) {
-          const int d = static_cast<int>(idx % D);
-          const int l = static_cast<int>((idx / D) % L);
-          const int c = static_cast<int>((idx / (std::int64_t(D) * L)) % (n * k));
-          const int b = static_cast<int>(idx / (std::int64_t(D) * L * n * k));
+    detail::for_each_row(
+        exec, "dchag::linear::input_grad", std::int64_t(B) * n * k * L, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          const int l = static_cast<int>(r % L);
+          const int c = static_cast<int>((r / L) % (n * k));
+          const int b = static_cast<int>(r / (std::int64_t(L) * n * k));
           dx(b, c, l, d) = w(c % n) * dy(b, c / n, l, d);
         });
     // dw_i = sum over (b, j, l, d) of dy * x at input i of each segment: one team per weight.

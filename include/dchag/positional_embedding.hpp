@@ -6,6 +6,7 @@
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 
 namespace dchag {
 
@@ -27,13 +28,10 @@ class PositionalEmbedding {
     check("dchag::PositionalEmbedding::forward", out.extent(1), out.extent(2));
     const int L = pos_.extent(0), D = pos_.extent(1);
     auto pos = pos_;
-    Kokkos::parallel_for(
-        "dchag::pos_embed::forward", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(out.span())),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int d = static_cast<int>(i % D);
-          const int l = static_cast<int>((i / D) % L);
-          const int b = static_cast<int>(i / (std::int64_t(D) * L));
-          out(b, l, d) += pos(l, d);
+    detail::for_each_row(
+        exec, "dchag::pos_embed::forward", std::int64_t(out.extent(0)) * L, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          out(r / L, r % L, d) += pos(r % L, d);
         });
   }
 
@@ -42,11 +40,9 @@ class PositionalEmbedding {
     check("dchag::PositionalEmbedding::backward", d_out.extent(1), d_out.extent(2));
     const int B = d_out.extent(0), D = pos_.extent(1);
     auto d_pos = d_pos_;
-    Kokkos::parallel_for(
-        "dchag::pos_embed::backward", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(d_pos.span())),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int d = static_cast<int>(i % D);
-          const int l = static_cast<int>(i / D);
+    detail::for_each_row(
+        exec, "dchag::pos_embed::backward", d_pos.extent(0), D,
+        KOKKOS_LAMBDA(const std::int64_t l, const int d) {
           Scalar acc = 0;
           for (int b = 0; b < B; ++b) acc += d_out(b, l, d);
           d_pos(l, d) += acc;

@@ -8,6 +8,7 @@
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 
 #include <cstdint>
 #include <string>
@@ -88,7 +89,7 @@ class Tokenizer {
     const int J = sel.size();
     const int H = static_cast<int>(images.extent(2));
     const int W = static_cast<int>(images.extent(3));
-    const int p = patch_, pp = p * p, D = dim_;
+    const int p = patch_, D = dim_;
     const int wp = W / p, L = (H / p) * wp;
     ensure_workspace(B, J, L);
 
@@ -103,38 +104,32 @@ class Tokenizer {
     Kokkos::deep_copy(exec, image_index_, h_img);
     slot_host_.assign(h_slot.data(), h_slot.data() + J);
 
-    // im2col: patches(j, b, l, k) = images(b, image_index[j], row, col).
+    // im2col: patches(j, b, l, kr * p + kc) = images(b, image_index[j], row, col), one patch
+    // row (kr) per loop row.
     auto patches = patches_;
     auto img_idx = image_index_;
-    const std::int64_t n_patch = std::int64_t(J) * B * L * pp;
-    Kokkos::parallel_for(
-        "dchag::tokenize::im2col", Kokkos::RangePolicy<ExecSpace>(exec, 0, n_patch),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int k = static_cast<int>(i % pp);
-          const std::int64_t r = i / pp;
-          const int l = static_cast<int>(r % L);
-          const std::int64_t r2 = r / L;
+    detail::for_each_row(
+        exec, "dchag::tokenize::im2col", std::int64_t(J) * B * L * p,
+        p, KOKKOS_LAMBDA(const std::int64_t r, const int kc) {
+          const int kr = static_cast<int>(r % p);
+          const std::int64_t r1 = r / p;
+          const int l = static_cast<int>(r1 % L);
+          const std::int64_t r2 = r1 / L;
           const int b = static_cast<int>(r2 % B);
           const int j = static_cast<int>(r2 / B);
-          const int row = (l / wp) * p + k / p;
-          const int col = (l % wp) * p + k % p;
-          patches(j, b, l, k) = images(b, img_idx(j), row, col);
+          patches(j, b, l, kr * p + kc) = images(b, img_idx(j), (l / wp) * p + kr, (l % wp) * p + kc);
         });
 
     // Start every token at bias + channel embedding, then add the patch projection.
     auto slot = slot_;
     auto bias = bias_;
     auto embed = embed_;
-    const std::int64_t n_tok = std::int64_t(B) * J * L * D;
-    Kokkos::parallel_for(
-        "dchag::tokenize::bias", Kokkos::RangePolicy<ExecSpace>(exec, 0, n_tok),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int d = static_cast<int>(i % D);
-          const std::int64_t r = i / D;
+    detail::for_each_row(
+        exec, "dchag::tokenize::bias", std::int64_t(B) * J * L, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
           const int l = static_cast<int>(r % L);
-          const std::int64_t r2 = r / L;
-          const int j = static_cast<int>(r2 % J);
-          const int b = static_cast<int>(r2 / J);
+          const int j = static_cast<int>((r / L) % J);
+          const int b = static_cast<int>(r / (std::int64_t(L) * J));
           const int s = slot(j);
           tokens(b, j, l, d) = bias(s, d) + embed(s, d);
         });
