@@ -64,6 +64,7 @@ class CrossAttention {
     View2<Scalar, memory_space> kmat;    // materialized: [B*N*L, D]
     View2<Scalar, memory_space> vmat;    // materialized: [B*N*L, D]
     View2<Scalar, memory_space> ocat;    // [P, D] heads' outputs before out-projection
+    View2<Scalar, memory_space> run_max, run_sum;  // streaming: [P, heads] online softmax state
     std::vector<int> host_offsets;
   };
 
@@ -157,6 +158,111 @@ class CrossAttention {
                 const View3<const Scalar, memory_space>& d_out,
                 const View4<Scalar, memory_space>& dx) {
     backward(exec, x, own_saved_, as4(d_out), dx);
+  }
+
+  /// Streaming forward of one segment (k = 1) for callers that produce tokens in chunks (the
+  /// fused flat front end, DESIGN 3.8): stream_begin, then stream_chunk for consecutive input
+  /// ranges [n0, n1) covering [0, N) once filled in x, then stream_end. Pooled strategy only.
+  /// Online softmax keeps only a running max and sum per position and head, so each chunk of
+  /// tokens is read once, while still in cache. Same result and Saved state as forward.
+  void stream_begin(const ExecSpace& exec, const X4& x, Saved& saved) {
+    constexpr const char* where = "dchag::CrossAttention::stream_begin";
+    DCHAG_EXPECT(cfg_.strategy == Strategy::pooled, where, "strategy is ",
+                 to_string(cfg_.strategy), ", expected pooled");
+    const Segments seg = Segments::whole(static_cast<int>(x.extent(1)));
+    check_shapes(where, x, seg, x.extent(0), 1, x.extent(2), x.extent(3), "out");
+    prepare(exec, x, seg, saved);
+    const std::size_t P = std::size_t(saved.B) * saved.L;
+    ensure(saved.run_max, "dchag::attention::run_max", P, std::size_t(cfg_.heads));
+    ensure(saved.run_sum, "dchag::attention::run_sum", P, std::size_t(cfg_.heads));
+    Kokkos::deep_copy(exec, saved.run_sum, Scalar(0));
+    Kokkos::deep_copy(exec, saved.z, Scalar(0));
+    compute_query(exec);
+    streamed_ = 0;
+  }
+
+  void stream_chunk(const ExecSpace& exec, const X4& x, int n0, int n1, Saved& s) {
+    DCHAG_EXPECT(n0 == streamed_ && n1 > n0 && n1 <= s.N, "dchag::CrossAttention::stream_chunk",
+                 "chunk [", n0, ", ", n1, ") does not continue the stream at ", streamed_,
+                 " of N = ", s.N);
+    streamed_ = n1;
+    const int N = s.N, L = s.L, D = cfg_.dim, nh = cfg_.heads;
+    const std::size_t M = std::size_t(s.B) * N * L;
+    auto x2 = as2(x.data(), M, D);
+    auto u = u_;
+    auto a = s.a;
+    auto z = s.z;
+    auto run_max = s.run_max;
+    auto run_sum = s.run_sum;
+    constexpr bool on_host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
+    Kokkos::parallel_for(
+        "dchag::attention::stream_pool", Team(exec, s.B * L, Kokkos::AUTO),
+        KOKKOS_LAMBDA(const Member& team) {
+          const int pos = team.league_rank();
+          const int l = pos % L, b = pos / L;
+          const std::int64_t row0 = std::int64_t(b) * N * L + l;
+          // Scores of this chunk while its tokens are in cache: s[row, h] = x[row] . u_h.
+          for (int n = n0; n < n1; ++n) {
+            const std::int64_t row = row0 + std::int64_t(n) * L;
+            if constexpr (on_host) {
+              for (int h = 0; h < nh; ++h) a(row, h) = detail::lane_dot(&x2(row, 0), &u(h, 0), D);
+            } else {
+              for (int h = 0; h < nh; ++h) {
+                const Scalar sc = detail::team_dot(team, &x2(row, 0), &u(h, 0), D);
+                Kokkos::single(Kokkos::PerTeam(team), [&]() { a(row, h) = sc; });
+              }
+            }
+          }
+          team.team_barrier();
+          for (int h = 0; h < nh; ++h) {
+            const bool first = run_sum(pos, h) == Scalar(0);
+            Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
+            for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
+            const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
+            Scalar* zh = &z(h, pos, 0);
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] *= rescale; });
+            Scalar sum = run_sum(pos, h) * rescale;
+            for (int n = n0; n < n1; ++n) {
+              const std::int64_t row = row0 + std::int64_t(n) * L;
+              const Scalar e = detail::exp(a(row, h) - mx);
+              sum += e;
+              const Scalar* xr = &x2(row, 0);
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] += e * xr[d]; });
+            }
+            team.team_barrier();  // every lane has read run_sum / run_max before they change
+            Kokkos::single(Kokkos::PerTeam(team), [&]() {
+              run_max(pos, h) = mx;
+              run_sum(pos, h) = sum;
+            });
+          }
+        });
+  }
+
+  void stream_end(const ExecSpace& exec, Saved& s, const View4<Scalar, memory_space>& out) {
+    DCHAG_EXPECT(streamed_ == s.N, "dchag::CrossAttention::stream_end", "stream covered ",
+                 streamed_, " of N = ", s.N, " inputs, expected all");
+    check_shapes("dchag::CrossAttention::stream_end", X4(s.a.data(), s.B, s.N, s.L, cfg_.dim),
+                 Segments::whole(s.N), out.extent(0), out.extent(1), out.extent(2), out.extent(3), "out");
+    const int N = s.N, L = s.L, D = cfg_.dim, nh = cfg_.heads;
+    auto a = s.a;
+    auto z = s.z;
+    auto run_max = s.run_max;
+    auto run_sum = s.run_sum;
+    detail::for_each_row(
+        exec, "dchag::attention::stream_weights", std::int64_t(s.B) * N * L, nh,
+        KOKKOS_LAMBDA(const std::int64_t row, const int h) {
+          const std::int64_t pos = (row / (std::int64_t(N) * L)) * L + row % L;
+          a(row, h) = detail::exp(a(row, h) - run_max(pos, h)) / run_sum(pos, h);
+        });
+    detail::for_each_row(
+        exec, "dchag::attention::stream_normalize", std::int64_t(nh) * s.B * L, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          const std::int64_t pos = r % (std::int64_t(s.B) * L);
+          const int h = static_cast<int>(r / (std::int64_t(s.B) * L));
+          z(h, pos, d) /= run_sum(pos, h);
+        });
+    finish_pooled(exec, s);
+    project_out(exec, s, out);
   }
 
   void zero_gradients(const ExecSpace& exec) {
@@ -317,7 +423,7 @@ class CrossAttention {
   }
 
   void forward_pooled(const ExecSpace& exec, const X4& x, const Saved& s) {
-    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads;
     const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
     auto x2 = as2(x.data(), M, D);
     // Scores s[row, h] = x[row] . u_h: one GEMM over all tokens.
@@ -346,7 +452,13 @@ class CrossAttention {
             }
           }
         });
-    // o_h = Wv_h z_h (+ bv_h, added with the scatter into ocat).
+    finish_pooled(exec, s);
+  }
+
+  // ocat[pos, h-block] = Wv_h z_h + bv_h.
+  void finish_pooled(const ExecSpace& exec, const Saved& s) {
+    const int D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t P = std::size_t(s.B) * s.k * s.L;
     V3 oh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
     for (int h = 0; h < nh; ++h) {
       auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
@@ -673,6 +785,7 @@ class CrossAttention {
   V2 go_, c_, ds_, dk_, dv_;
   V3 oh_, gz_;
   Saved own_saved_;
+  int streamed_ = 0;
 };
 
 }  // namespace dchag

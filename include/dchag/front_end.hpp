@@ -12,6 +12,8 @@
 #include <dchag/positional_embedding.hpp>
 #include <dchag/tokenizer.hpp>
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -167,8 +169,21 @@ class FlatFrontEnd {
       d_tokens_ = View4<Scalar, memory_space>(
           Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing), B, J, L, D);
     }
-    tokenizer_.forward(exec, images, sel, tokens_);
-    attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
+    if (cfg_.strategy == Strategy::pooled) {
+      // Fused: tokenize a chunk of channels, fold it into the running softmax while in cache.
+      tokenizer_.prepare(exec, images, sel, tokens_);
+      attention_.stream_begin(exec, tokens_, saved_);
+      const int chunk = stream_chunk_channels(B, L, D);
+      for (int j0 = 0; j0 < int(J); j0 += chunk) {
+        const int j1 = std::min<int>(int(J), j0 + chunk);
+        tokenizer_.project(exec, j0, j1, tokens_);
+        attention_.stream_chunk(exec, tokens_, j0, j1, saved_);
+      }
+      attention_.stream_end(exec, saved_, as4(out));
+    } else {
+      tokenizer_.forward(exec, images, sel, tokens_);
+      attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
+    }
     pos_.forward(exec, out);
   }
   /// All C channels, in model order.
@@ -226,6 +241,17 @@ class FlatFrontEnd {
   static auto as4(const V& v) {
     using T = typename V::value_type;
     return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
+  }
+
+  // Channels per streamed chunk: about 256 KiB of tokens (a core's L2) where the execution space
+  // runs on the host; on devices one chunk, since launches cost more than cache misses there.
+  static int stream_chunk_channels(std::size_t B, std::size_t L, std::size_t D) {
+    if constexpr (!Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible) {
+      return std::numeric_limits<int>::max();
+    } else {
+      const std::size_t per_channel = B * L * D * sizeof(Scalar);
+      return static_cast<int>(std::max<std::size_t>(1, (std::size_t(256) << 10) / per_channel));
+    }
   }
 
   FrontEndConfig cfg_;

@@ -41,6 +41,9 @@ struct NamedTensor {
   std::string name;
   std::vector<std::int64_t> shape;  ///< shape in the file
   std::vector<Piece> pieces;
+  /// 0: pieces hold file elements in file order. R > 0: the file tensor is a [R, numel / R]
+  /// matrix held transposed in memory ([numel / R, R]), as one piece (a GEMM-friendly layout).
+  std::int64_t transposed_rows = 0;
 
   std::int64_t numel() const {
     std::int64_t n = 1;

@@ -60,15 +60,23 @@ class Tokenizer {
     }
     const int n = static_cast<int>(owned_.size());
     const int pp = patch * patch;
-    weight_ = View3<Scalar, memory_space>("dchag::tokenizer::weight", n, dim, pp);
+    // Held as Wt_c^T [p*p, D] so the projection is a plain (untransposed) GEMM.
+    weight_ = View3<Scalar, memory_space>("dchag::tokenizer::weight", n, pp, dim);
     bias_ = View2<Scalar, memory_space>("dchag::tokenizer::bias", n, dim);
     embed_ = View2<Scalar, memory_space>("dchag::tokenizer::channel_embed", n, dim);
-    d_weight_ = View3<Scalar, memory_space>("dchag::tokenizer::d_weight", n, dim, pp);
+    d_weight_ = View3<Scalar, memory_space>("dchag::tokenizer::d_weight", n, pp, dim);
     d_bias_ = View2<Scalar, memory_space>("dchag::tokenizer::d_bias", n, dim);
     d_embed_ = View2<Scalar, memory_space>("dchag::tokenizer::d_channel_embed", n, dim);
-    for (int s = 0; s < n; ++s) {
-      init_trunc_normal(Kokkos::subview(weight_, s, Kokkos::ALL, Kokkos::ALL), 0.02, seed,
-                        weight_name(owned_[s]));
+    {
+      // Drawn in file order [D, p*p] (so values do not depend on the layout), stored transposed.
+      View2<Scalar, Kokkos::HostSpace> drawn("dchag::tokenizer::drawn", dim, pp);
+      auto h_weight = Kokkos::create_mirror_view(weight_);
+      for (int s = 0; s < n; ++s) {
+        init_trunc_normal(drawn, 0.02, seed, weight_name(owned_[s]));
+        for (int d = 0; d < dim; ++d)
+          for (int k = 0; k < pp; ++k) h_weight(s, k, d) = drawn(d, k);
+      }
+      Kokkos::deep_copy(weight_, h_weight);
     }
     init_sincos_rows(embed_, owned_);
     exec.fence();
@@ -84,12 +92,19 @@ class Tokenizer {
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
     detail::ScopedRegion region("dchag::Tokenizer::forward");
+    prepare(exec, images, sel, tokens);
+    project(exec, 0, sel.size(), tokens);
+  }
+
+  /// First half of forward: validates, records the selection and extracts the patches.
+  void prepare(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
     check_forward(images, sel, tokens);
     const int B = static_cast<int>(images.extent(0));
     const int J = sel.size();
     const int H = static_cast<int>(images.extent(2));
     const int W = static_cast<int>(images.extent(3));
-    const int p = patch_, D = dim_;
+    const int p = patch_;
     const int wp = W / p, L = (H / p) * wp;
     ensure_workspace(B, J, L);
 
@@ -104,41 +119,56 @@ class Tokenizer {
     Kokkos::deep_copy(exec, image_index_, h_img);
     slot_host_.assign(h_slot.data(), h_slot.data() + J);
 
-    // im2col: patches(j, b, l, kr * p + kc) = images(b, image_index[j], row, col), one patch
-    // row (kr) per loop row.
+    // im2col: patches(j, b, l, kr * p + kc) = images(b, image_index[j], row, col). One loop row
+    // per image row: its wp patches each take p contiguous pixels.
     auto patches = patches_;
     auto img_idx = image_index_;
-    detail::for_each_row(
-        exec, "dchag::tokenize::im2col", std::int64_t(J) * B * L * p,
-        p, KOKKOS_LAMBDA(const std::int64_t r, const int kc) {
-          const int kr = static_cast<int>(r % p);
-          const std::int64_t r1 = r / p;
-          const int l = static_cast<int>(r1 % L);
-          const std::int64_t r2 = r1 / L;
-          const int b = static_cast<int>(r2 % B);
-          const int j = static_cast<int>(r2 / B);
-          patches(j, b, l, kr * p + kc) = images(b, img_idx(j), (l / wp) * p + kr, (l % wp) * p + kc);
+    using Team = Kokkos::TeamPolicy<ExecSpace>;
+    Kokkos::parallel_for(
+        "dchag::tokenize::im2col", Team(exec, J * B * H, Kokkos::AUTO),
+        KOKKOS_LAMBDA(const typename Team::member_type& team) {
+          const int y = team.league_rank() % H;
+          const int b = (team.league_rank() / H) % B;
+          const int j = team.league_rank() / (H * B);
+          const Scalar* src = &images(b, img_idx(j), y, 0);
+          const int l0 = (y / p) * wp, kr = y % p;
+          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, wp), [&](const int c) {
+            Scalar* dst = &patches(j, b, l0 + c, kr * p);
+            Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, p),
+                                 [&](const int kc) { dst[kc] = src[c * p + kc]; });
+          });
         });
+  }
 
+  /// Second half of forward, for channels [j0, j1) of the selection only: tokens of those
+  /// channels from the patches that `prepare` extracted. Lets a caller stream channel chunks.
+  void project(const ExecSpace& exec, int j0, int j1, const View4<Scalar, memory_space>& tokens) {
+    const int B = B_, L = L_, D = dim_;
+    DCHAG_EXPECT(0 <= j0 && j0 <= j1 && j1 <= J_, "dchag::Tokenizer::project", "channel range [",
+                 j0, ", ", j1, ") is not inside the prepared selection [0, ", J_, ")");
+    DCHAG_EXPECT(tokens.extent(0) == std::size_t(B) && tokens.extent(1) == std::size_t(J_) &&
+                     tokens.extent(2) == std::size_t(L) && tokens.extent(3) == std::size_t(D),
+                 "dchag::Tokenizer::project", "tokens is not the view given to prepare");
     // Start every token at bias + channel embedding, then add the patch projection.
     auto slot = slot_;
     auto bias = bias_;
     auto embed = embed_;
+    const int nj = j1 - j0;
     detail::for_each_row(
-        exec, "dchag::tokenize::bias", std::int64_t(B) * J * L, D,
+        exec, "dchag::tokenize::bias", std::int64_t(B) * nj * L, D,
         KOKKOS_LAMBDA(const std::int64_t r, const int d) {
           const int l = static_cast<int>(r % L);
-          const int j = static_cast<int>((r / L) % J);
-          const int b = static_cast<int>(r / (std::int64_t(L) * J));
+          const int j = j0 + static_cast<int>((r / L) % nj);
+          const int b = static_cast<int>(r / (std::int64_t(L) * nj));
           const int s = slot(j);
-          tokens(b, j, l, d) = bias(s, d) + embed(s, d);
+          (&tokens(b, j, l, 0))[d] = (&bias(s, 0))[d] + (&embed(s, 0))[d];
         });
-    for (int j = 0; j < J; ++j) {
+    for (int j = j0; j < j1; ++j) {
       auto w = Kokkos::subview(weight_, slot_host_[j], Kokkos::ALL, Kokkos::ALL);
       for (int b = 0; b < B; ++b) {
         auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
         auto t = Kokkos::subview(tokens, b, j, Kokkos::ALL, Kokkos::ALL);
-        detail::gemm(exec, "N", "T", Scalar(1), pa, w, Scalar(1), t);
+        detail::gemm(exec, "N", "N", Scalar(1), pa, w, Scalar(1), t);
       }
     }
   }
@@ -174,7 +204,7 @@ class Tokenizer {
       for (int b = 0; b < B; ++b) {
         auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
         auto dt = Kokkos::subview(d_tokens, b, j, Kokkos::ALL, Kokkos::ALL);
-        detail::gemm(exec, "T", "N", Scalar(1), dt, pa, Scalar(1), dw);
+        detail::gemm(exec, "T", "N", Scalar(1), pa, dt, Scalar(1), dw);
       }
     }
   }
@@ -212,6 +242,7 @@ class Tokenizer {
       auto bs = Kokkos::subview(b, s, Kokkos::ALL);
       auto es = Kokkos::subview(e, s, Kokkos::ALL);
       list.push_back(detail::whole<Scalar, memory_space>(weight_name(c), {D, 1, p, p}, ws));
+      list.back().transposed_rows = D;
       list.push_back(detail::whole<Scalar, memory_space>(
           "token_embeds." + std::to_string(c) + ".proj.bias", {D}, bs));
       embed.pieces.push_back({c * D, Unmanaged1<Scalar, memory_space>(es.data(), D)});

@@ -47,4 +47,20 @@ KOKKOS_INLINE_FUNCTION Scalar team_dot(const Member& team, const Scalar* a, cons
   return sum;
 }
 
+/// Sum over i < n of a[i] * b[i] by one lane, with 32 independent partial sums so that host
+/// compilers keep them in vector registers (no loop-carried latency chain).
+template <class Scalar>
+KOKKOS_INLINE_FUNCTION Scalar lane_dot(const Scalar* a, const Scalar* b, int n) {
+  constexpr int width = 32;
+  Scalar part[width] = {};
+  int i = 0;
+  for (; i + width <= n; i += width) {
+    for (int u = 0; u < width; ++u) part[u] += a[i + u] * b[i + u];
+  }
+  for (; i < n; ++i) part[i % width] += a[i] * b[i];
+  Scalar sum = 0;
+  for (int u = 0; u < width; ++u) sum += part[u];
+  return sum;
+}
+
 }  // namespace dchag::detail
