@@ -3,6 +3,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+if [ ! -f examples/demo.cpp ]; then
+  echo "demo.sh: examples/demo.cpp is missing, so there is no demo to build" >&2
+  exit 1
+fi
 scripts/install-deps.sh
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
