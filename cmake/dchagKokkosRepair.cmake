@@ -22,8 +22,6 @@
 #   DCHAG_KOKKOSKERNELS_VERSION  version of Kokkos Kernels where its headers say it, else empty
 include_guard(GLOBAL)
 
-set(DCHAG_KOKKOS_MIN_VERSION 3.4)
-
 # Plain include directories of <target> and of every target it links, transitively. Kokkos 4 keeps
 # its include directory on Kokkos::kokkoscore, not on Kokkos::kokkos, hence the walk. Sets
 # <out_opaque> when an entry is a generator expression, i.e. when the directories cannot be told.
@@ -106,6 +104,7 @@ function(_dchag_fail_mismatch)
 endfunction()
 
 function(dchag_repair_kokkos)
+  set(min_version 3.4)
   if(NOT Kokkos_FOUND)
     message(FATAL_ERROR "dchag: call find_package(Kokkos) before dchag_repair_kokkos()")
   endif()
@@ -113,20 +112,8 @@ function(dchag_repair_kokkos)
     message(FATAL_ERROR "dchag: call find_package(KokkosKernels) before dchag_repair_kokkos()")
   endif()
 
-  get_filename_component(kokkos_prefix "${Kokkos_DIR}/../../.." ABSOLUTE)
-  if(Kokkos_INSTALL_DIR)
-    list(APPEND kokkos_prefix "${Kokkos_INSTALL_DIR}")
-  endif()
-
-  # Some TriBITS versions define no target at all, only variables.
   if(NOT TARGET Kokkos::kokkos)
-    if(NOT Kokkos_LIBRARIES)
-      message(FATAL_ERROR "dchag: the Kokkos package at ${Kokkos_DIR} defines neither the target "
-                          "Kokkos::kokkos nor Kokkos_LIBRARIES")
-    endif()
-    add_library(Kokkos::kokkos INTERFACE IMPORTED)
-    set_target_properties(Kokkos::kokkos PROPERTIES INTERFACE_LINK_LIBRARIES "${Kokkos_LIBRARIES}")
-    message(STATUS "dchag: created Kokkos::kokkos from Kokkos_LIBRARIES")
+    message(FATAL_ERROR "dchag: the Kokkos package at ${Kokkos_DIR} defines no Kokkos::kokkos")
   endif()
   set(kokkos_target Kokkos::kokkos)
   get_target_property(aliased Kokkos::kokkos ALIASED_TARGET)
@@ -138,8 +125,11 @@ function(dchag_repair_kokkos)
   _dchag_interface_include_dirs(${kokkos_target} kokkos_dirs kokkos_opaque)
   _dchag_dir_with_file(Kokkos_Core.hpp kokkos_inc ${kokkos_dirs})
   if(NOT kokkos_inc AND NOT kokkos_opaque)
+    # Prefixes: the TriBITS install directory, and <prefix>/lib[/<multiarch>]/cmake/Kokkos.
+    get_filename_component(up3 "${Kokkos_DIR}/../../.." ABSOLUTE)
+    get_filename_component(up4 "${Kokkos_DIR}/../../../.." ABSOLUTE)
     set(candidates ${DCHAG_KOKKOS_INCLUDE_DIR} ${Kokkos_INCLUDE_DIRS})
-    foreach(p IN LISTS kokkos_prefix)
+    foreach(p IN ITEMS ${Kokkos_INSTALL_DIR} "${up3}" "${up4}")
       list(APPEND candidates "${p}/include/trilinos" "${p}/include/kokkos" "${p}/include")
     endforeach()
     list(APPEND candidates /usr/include/trilinos)
@@ -175,8 +165,8 @@ function(dchag_repair_kokkos)
   if(NOT kokkos_version)
     message(FATAL_ERROR "dchag: cannot tell the version of the Kokkos at ${Kokkos_DIR}")
   endif()
-  if(kokkos_version VERSION_LESS DCHAG_KOKKOS_MIN_VERSION)
-    message(FATAL_ERROR "dchag: needs Kokkos ${DCHAG_KOKKOS_MIN_VERSION} or newer; the Kokkos at "
+  if(kokkos_version VERSION_LESS min_version)
+    message(FATAL_ERROR "dchag: needs Kokkos ${min_version} or newer; the Kokkos at "
                         "${Kokkos_DIR} is ${kokkos_version}. Pass -DKokkos_ROOT=<a newer Kokkos>.")
   endif()
 
