@@ -530,3 +530,135 @@ TEST_CASE("safetensors: truncated and corrupted files never crash", "[safetensor
   }
   CHECK(parsed + rejected == good.size() * 9);
 }
+
+// ----------------------------------------------------------------------------------------------
+// The committed PyTorch golden files (tests/golden, see its README.md)
+// ----------------------------------------------------------------------------------------------
+
+#ifdef DCHAG_GOLDEN_DIR
+namespace {
+
+std::int64_t meta_int(const st::File& f, const char* key) {
+  const auto v = f.metadata_value(key);
+  REQUIRE(v.has_value());
+  return std::stoll(*v);
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]") {
+  const std::filesystem::path dir = DCHAG_GOLDEN_DIR;
+  const std::vector<std::string> expected = {
+      "xattn_climax_basic", "xattn_climax_nh1",     "xattn_climax_d20",  "xattn_climax_c1",
+      "xattn_climax_bl1",   "xattn_artifact_basic", "flat_all",          "flat_subset",
+      "dchag_linear",       "dchag_xattn_tree",     "dchag_linear_tree", "dchag_xattn_uneven"};
+  for (const auto& name : expected) {
+    INFO(name);
+    CHECK(std::filesystem::exists(dir / (name + ".safetensors")));
+  }
+
+  std::size_t files = 0;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    ++files;
+    INFO(entry.path().string());
+    const auto f = st::File::read(entry.path().string());
+    const auto kind = f.metadata_value("kind");
+    REQUIRE(kind.has_value());
+    CHECK((*kind == "xattn" || *kind == "flat" || *kind == "dchag"));
+    const auto conv = f.metadata_value("convention");
+    CHECK((conv == "climax" || conv == "artifact"));
+    const std::int64_t B = meta_int(f, "B"), L = meta_int(f, "L"), D = meta_int(f, "D");
+    CHECK(D % meta_int(f, "heads") == 0);
+    CHECK(f.info("out").shape == std::vector<std::int64_t>{B, L, D});
+    CHECK(f.info("grad_out").shape == std::vector<std::int64_t>{B, L, D});
+    if (*kind == "xattn") {
+      CHECK(f.info("x").shape == std::vector<std::int64_t>{B, meta_int(f, "N"), L, D});
+    } else {
+      // Images carry the channels listed in channel_ids; L = (H/p)(W/p).
+      const std::int64_t H = meta_int(f, "H"), W = meta_int(f, "W"), p = meta_int(f, "p");
+      CHECK(L == (H / p) * (W / p));
+      const auto ids = f.metadata_value("channel_ids");
+      REQUIRE(ids.has_value());
+      const auto cin = static_cast<std::int64_t>(std::count(ids->begin(), ids->end(), ',') + 1);
+      CHECK(f.info("images").shape == std::vector<std::int64_t>{B, cin, H, W});
+      CHECK(f.info("var_embed").shape == std::vector<std::int64_t>{1, meta_int(f, "C"), D});
+      if (*kind == "dchag") {
+        for (const char* key : {"groups", "map", "tree", "partial", "channels_per_rank"}) {
+          CHECK(f.metadata_value(key).has_value());
+        }
+      }
+    }
+    for (const auto& t : f.tensors()) {
+      INFO(t.name);
+      CHECK(t.dtype == st::DType::F32);
+      for (double v : f.values<double>(t.name)) REQUIRE(std::isfinite(v));
+      // Every input and weight has its gradient, with the same shape.
+      if (t.name.rfind("grad", 0) != 0 && t.name != "out") {
+        REQUIRE(f.contains("grad." + t.name));
+        CHECK(f.info("grad." + t.name).shape == t.shape);
+      }
+    }
+  }
+  CHECK(files == expected.size());
+}
+
+TEST_CASE("safetensors: golden ClimaX cross-attention recomputed from the file", "[safetensors]") {
+  // Reads xattn_climax_basic and recomputes `out` with the explicit math of DESIGN 3.2 in double.
+  // The inputs are exact float32 values and `out` is the float64 result rounded to float32, so the
+  // difference is that storage rounding (<= 2^-24 relative) plus float64 noise.
+  const auto f = st::File::read(std::string(DCHAG_GOLDEN_DIR) + "/xattn_climax_basic.safetensors");
+  const auto dim = [&](const char* key) { return static_cast<std::size_t>(meta_int(f, key)); };
+  const std::size_t B = dim("B"), N = dim("N"), L = dim("L"), D = dim("D"), nh = dim("heads");
+  const std::size_t hd = D / nh;
+  const auto x = f.values<double>("x");                         // [B, N, L, D]
+  const auto qv = f.values<double>("var_query");                // [1, 1, D]
+  const auto Win = f.values<double>("var_agg.in_proj_weight");  // [3D, D] = [Wq; Wk; Wv]
+  const auto bin = f.values<double>("var_agg.in_proj_bias");    // [3D]
+  const auto Wo = f.values<double>("var_agg.out_proj.weight");  // [D, D]
+  const auto bo = f.values<double>("var_agg.out_proj.bias");    // [D]
+  const auto out = f.values<double>("out");                     // [B, L, D]
+  // Row r of the [*, D] matrix W times v, plus bias[r].
+  const auto affine = [&](const std::vector<double>& W, const std::vector<double>& bias,
+                          std::size_t r, const double* v) {
+    double s = bias[r];
+    for (std::size_t k = 0; k < D; ++k) s += W[r * D + k] * v[k];
+    return s;
+  };
+
+  std::vector<double> q(D);
+  for (std::size_t i = 0; i < D; ++i) q[i] = affine(Win, bin, i, qv.data());
+  double max_err = 0, max_out = 0;
+  for (std::size_t b = 0; b < B; ++b) {
+    for (std::size_t l = 0; l < L; ++l) {
+      const auto token = [&](std::size_t n) { return &x[((b * N + n) * L + l) * D]; };
+      std::vector<double> o(D, 0.0);
+      for (std::size_t h = 0; h < nh; ++h) {
+        std::vector<double> a(N);
+        for (std::size_t n = 0; n < N; ++n) {
+          double s = 0;
+          for (std::size_t e = h * hd; e < (h + 1) * hd; ++e) {
+            s += q[e] * affine(Win, bin, D + e, token(n));
+          }
+          a[n] = s / std::sqrt(static_cast<double>(hd));
+        }
+        const double m = *std::max_element(a.begin(), a.end());
+        double z = 0;
+        for (auto& an : a) z += (an = std::exp(an - m));
+        for (std::size_t n = 0; n < N; ++n) {
+          for (std::size_t e = h * hd; e < (h + 1) * hd; ++e) {
+            o[e] += a[n] / z * affine(Win, bin, 2 * D + e, token(n));
+          }
+        }
+      }
+      for (std::size_t i = 0; i < D; ++i) {
+        const double ref = out[(b * L + l) * D + i];
+        max_err = std::max(max_err, std::abs(affine(Wo, bo, i, o.data()) - ref));
+        max_out = std::max(max_out, std::abs(ref));
+      }
+    }
+  }
+  CHECK(max_out > 0.1);
+  CHECK(max_err <= 1e-6 * max_out);
+}
+#endif  // DCHAG_GOLDEN_DIR
