@@ -1,0 +1,503 @@
+#pragma once
+/// Reading and writing safetensors files (host only; no Kokkos).
+///
+/// Layout: an 8-byte little-endian header length N, N bytes of UTF-8 JSON
+///   {"name": {"dtype": "F32", "shape": [2, 3], "data_offsets": [begin, end]}, ...,
+///    "__metadata__": {"key": "value", ...}}
+/// then the data buffer; offsets are relative to its start, values are little-endian.
+///
+/// Files are untrusted input: File::parse validates the whole header (JSON syntax, dtypes, shapes,
+/// offsets inside the buffer, sizes, overlaps, duplicate names) before anything is read, and every
+/// problem is a dchag::error naming the file and what is wrong. Looking up a tensor that is not
+/// there, or expecting another shape, is the caller's mistake: std::invalid_argument.
+///
+/// Supported dtypes are F32, F16 and BF16; values are read as float or double (widening is exact)
+/// and written with round-to-nearest-even. Non-string values inside "__metadata__" are accepted
+/// and ignored (the format only defines string values there).
+#include <algorithm>
+#include <bit>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "dchag/detail/half_bits.hpp"
+#include "dchag/detail/json_lite.hpp"
+#include "dchag/error.hpp"
+
+namespace dchag::safetensors {
+
+enum class DType { F32, F16, BF16 };
+
+/// Bytes per element.
+inline std::size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
+
+/// The name used in the header ("F32", "F16", "BF16").
+inline const char* dtype_name(DType t) {
+  switch (t) {
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+  }
+  return "?";
+}
+
+/// Largest header accepted when reading (the reference implementation uses the same limit).
+inline constexpr std::uint64_t max_header_bytes = 100'000'000;
+
+struct TensorInfo {
+  std::string name;
+  DType dtype = DType::F32;
+  std::vector<std::int64_t> shape;
+  std::size_t begin = 0, end = 0;  // byte range in the data buffer
+
+  /// Product of the extents (1 for a scalar, shape []).
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto d : shape) n *= d;
+    return n;
+  }
+};
+
+namespace detail {
+
+inline std::string shape_string(std::span<const std::int64_t> shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) {
+    if (i) s += ", ";
+    s += std::to_string(shape[i]);
+  }
+  return s + "]";
+}
+
+/// numel of `shape`, or nullopt if a dimension is negative or the product (times `elem`) overflows.
+inline std::optional<std::int64_t> checked_numel(std::span<const std::int64_t> shape,
+                                                 std::size_t elem) {
+  std::int64_t n = 1;
+  for (auto d : shape) {
+    if (d < 0) return std::nullopt;
+    if (d != 0 && n > std::numeric_limits<std::int64_t>::max() / d) return std::nullopt;
+    n *= d;
+  }
+  if (static_cast<std::uint64_t>(n) > std::numeric_limits<std::size_t>::max() / elem) {
+    return std::nullopt;
+  }
+  return n;
+}
+
+inline float load_as_float(const unsigned char* p, DType t) {
+  if (t == DType::F32) {
+    const std::uint32_t u = std::uint32_t{p[0]} | (std::uint32_t{p[1]} << 8) |
+                            (std::uint32_t{p[2]} << 16) | (std::uint32_t{p[3]} << 24);
+    return std::bit_cast<float>(u);
+  }
+  const auto h = static_cast<std::uint16_t>(p[0] | (p[1] << 8));
+  return t == DType::F16 ? ::dchag::detail::half_bits_to_float(h)
+                         : ::dchag::detail::bf16_bits_to_float(h);
+}
+
+inline void store_from_double(unsigned char* p, double v, DType t) {
+  if (t == DType::F32) {
+    const auto u = std::bit_cast<std::uint32_t>(static_cast<float>(v));
+    for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>(u >> (8 * i));
+    return;
+  }
+  const std::uint16_t h = t == DType::F16 ? ::dchag::detail::double_to_half_bits(v)
+                                          : ::dchag::detail::double_to_bf16_bits(v);
+  p[0] = static_cast<unsigned char>(h & 0xFF);
+  p[1] = static_cast<unsigned char>(h >> 8);
+}
+
+template <class T>
+inline constexpr bool is_value_type_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
+
+}  // namespace detail
+
+/// A parsed, validated safetensors file held in memory.
+class File {
+ public:
+  /// Reads the whole file at `path` and validates it. Throws dchag::error.
+  static File read(const std::string& path) {
+    std::ifstream in(path, std::ios::binary | std::ios::ate);
+    if (!in) throw error("dchag::safetensors: cannot open '" + path + "'");
+    const std::streamoff size = in.tellg();
+    if (size < 0) throw error("dchag::safetensors: cannot determine the size of '" + path + "'");
+    std::vector<unsigned char> bytes(static_cast<std::size_t>(size));
+    in.seekg(0);
+    if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), size)) {
+      throw error("dchag::safetensors: error reading '" + path + "'");
+    }
+    return parse(std::move(bytes), path);
+  }
+
+  /// Validates `bytes` as a safetensors file; `source` names it in error messages.
+  static File parse(std::vector<unsigned char> bytes, std::string source = "<memory>") {
+    File f;
+    f.source_ = std::move(source);
+    f.bytes_ = std::move(bytes);
+    f.validate();
+    return f;
+  }
+
+  /// Where the file came from (its path, or "<memory>").
+  const std::string& source() const { return source_; }
+
+  bool contains(std::string_view name) const { return find(name) != nullptr; }
+
+  /// Throws std::invalid_argument naming the tensor and the file when it is absent.
+  const TensorInfo& info(std::string_view name) const {
+    const TensorInfo* t = find(name);
+    DCHAG_THROW_IF(t == nullptr, "dchag::safetensors::File::info", "no tensor '", name, "' in '",
+                   source_, "' (", tensors_.size(), " tensors)");
+    return *t;
+  }
+
+  /// Tensor names in file order.
+  std::vector<std::string> names() const {
+    std::vector<std::string> out;
+    out.reserve(tensors_.size());
+    for (const auto& t : tensors_) out.push_back(t.name);
+    return out;
+  }
+
+  /// All tensors in file order.
+  const std::vector<TensorInfo>& tensors() const { return tensors_; }
+
+  /// String entries of "__metadata__" in file order.
+  const std::vector<std::pair<std::string, std::string>>& metadata() const { return metadata_; }
+
+  std::optional<std::string> metadata_value(std::string_view key) const {
+    for (const auto& [k, v] : metadata_) {
+      if (k == key) return v;
+    }
+    return std::nullopt;
+  }
+
+  /// The tensor's values in row-major order, converted to T (float or double).
+  template <class T>
+  std::vector<T> values(std::string_view name) const {
+    static_assert(detail::is_value_type_v<T>, "dchag::safetensors: T must be float or double");
+    const TensorInfo& t = info(name);
+    std::vector<T> out(static_cast<std::size_t>(t.numel()));
+    convert(t, out.data());
+    return out;
+  }
+
+  /// Copies the tensor into dst[0 .. numel) after checking that its shape is `expected_shape`.
+  template <class T>
+  void copy_to(std::string_view name, T* dst, std::span<const std::int64_t> expected_shape) const {
+    static_assert(detail::is_value_type_v<T>, "dchag::safetensors: T must be float or double");
+    const TensorInfo& t = info(name);
+    DCHAG_THROW_IF(
+        !std::equal(t.shape.begin(), t.shape.end(), expected_shape.begin(), expected_shape.end()),
+        "dchag::safetensors::File::copy_to", "tensor '", name, "' in '", source_, "' has shape ",
+        detail::shape_string(t.shape), ", expected ", detail::shape_string(expected_shape));
+    convert(t, dst);
+  }
+
+ private:
+  std::string source_;
+  std::vector<unsigned char> bytes_;
+  std::size_t data_start_ = 0;
+  std::vector<TensorInfo> tensors_;
+  std::vector<std::size_t> by_name_;  // indices into tensors_, sorted by name
+  std::vector<std::pair<std::string, std::string>> metadata_;
+
+  File() = default;
+
+  template <class T>
+  void convert(const TensorInfo& t, T* dst) const {
+    const unsigned char* p = bytes_.data() + data_start_ + t.begin;
+    const std::size_t es = dtype_size(t.dtype);
+    const auto n = static_cast<std::size_t>(t.numel());
+    for (std::size_t i = 0; i < n; ++i)
+      dst[i] = static_cast<T>(detail::load_as_float(p + i * es, t.dtype));
+  }
+
+  const TensorInfo* find(std::string_view name) const {
+    auto it =
+        std::lower_bound(by_name_.begin(), by_name_.end(), name,
+                         [&](std::size_t i, std::string_view n) { return tensors_[i].name < n; });
+    if (it == by_name_.end() || tensors_[*it].name != name) return nullptr;
+    return &tensors_[*it];
+  }
+
+  template <class... Parts>
+  [[noreturn]] void fail(const Parts&... parts) const {
+    throw error(::dchag::detail::concat("dchag::safetensors: '", source_, "': ", parts...));
+  }
+
+  void validate() {
+    namespace json = ::dchag::detail::json;
+    if (bytes_.size() < 8) {
+      fail("file is ", bytes_.size(), " bytes, too short for the 8-byte header length");
+    }
+    std::uint64_t n = 0;
+    for (int i = 7; i >= 0; --i) n = (n << 8) | bytes_[static_cast<std::size_t>(i)];
+    if (n > max_header_bytes) {
+      fail("header length ", n, " exceeds the limit of ", max_header_bytes, " bytes");
+    }
+    if (n > bytes_.size() - 8) {
+      fail("header length ", n, " is larger than the ", bytes_.size() - 8,
+           " bytes that follow it in the file");
+    }
+    data_start_ = 8 + static_cast<std::size_t>(n);
+    const std::size_t data_size = bytes_.size() - data_start_;
+
+    json::Value root;
+    try {
+      root = json::parse(std::string_view(reinterpret_cast<const char*>(bytes_.data() + 8),
+                                          static_cast<std::size_t>(n)));
+    } catch (const json::json_error& e) {
+      fail("header is not valid JSON: ", e.what());
+    }
+    if (root.kind != json::Kind::object)
+      fail("header is ", json::kind_name(root.kind), ", expected a JSON object");
+
+    bool seen_metadata = false;
+    for (std::size_t m = 0; m < root.keys.size(); ++m) {
+      const std::string& key = root.keys[m];
+      const json::Value& v = root.members[m];
+      if (key == "__metadata__") {
+        if (seen_metadata) fail("duplicate \"__metadata__\" entry");
+        seen_metadata = true;
+        read_metadata(v);
+      } else {
+        tensors_.push_back(read_tensor(key, v, data_size));
+      }
+    }
+
+    by_name_.resize(tensors_.size());
+    for (std::size_t i = 0; i < by_name_.size(); ++i) by_name_[i] = i;
+    std::sort(by_name_.begin(), by_name_.end(),
+              [&](std::size_t a, std::size_t b) { return tensors_[a].name < tensors_[b].name; });
+    for (std::size_t i = 1; i < by_name_.size(); ++i) {
+      if (tensors_[by_name_[i]].name == tensors_[by_name_[i - 1]].name) {
+        fail("duplicate tensor name '", tensors_[by_name_[i]].name, "'");
+      }
+    }
+
+    // Non-empty byte ranges must not overlap (gaps are tolerated).
+    std::vector<std::size_t> by_begin;
+    for (std::size_t i = 0; i < tensors_.size(); ++i) {
+      if (tensors_[i].end > tensors_[i].begin) by_begin.push_back(i);
+    }
+    std::sort(by_begin.begin(), by_begin.end(),
+              [&](std::size_t a, std::size_t b) { return tensors_[a].begin < tensors_[b].begin; });
+    for (std::size_t i = 1; i < by_begin.size(); ++i) {
+      const TensorInfo& prev = tensors_[by_begin[i - 1]];
+      const TensorInfo& cur = tensors_[by_begin[i]];
+      if (cur.begin < prev.end) {
+        fail("data ranges of tensors '", prev.name, "' [", prev.begin, ", ", prev.end, ") and '",
+             cur.name, "' [", cur.begin, ", ", cur.end, ") overlap");
+      }
+    }
+  }
+
+  void read_metadata(const ::dchag::detail::json::Value& v) {
+    namespace json = ::dchag::detail::json;
+    if (v.kind != json::Kind::object)
+      fail("\"__metadata__\" is ", json::kind_name(v.kind), ", expected an object");
+    for (std::size_t i = 0; i < v.keys.size(); ++i) {
+      for (const auto& kv : metadata_) {
+        if (kv.first == v.keys[i]) fail("duplicate metadata key '", v.keys[i], "'");
+      }
+      if (v.members[i].kind == json::Kind::string)
+        metadata_.emplace_back(v.keys[i], v.members[i].text);
+    }
+  }
+
+  TensorInfo read_tensor(const std::string& name, const ::dchag::detail::json::Value& v,
+                         std::size_t data_size) const {
+    namespace json = ::dchag::detail::json;
+    if (v.kind != json::Kind::object)
+      fail("tensor '", name, "': entry is ", json::kind_name(v.kind), ", expected an object");
+    const json::Value* dtype = nullptr;
+    const json::Value* shape = nullptr;
+    const json::Value* offsets = nullptr;
+    for (std::size_t i = 0; i < v.keys.size(); ++i) {
+      const json::Value** slot = v.keys[i] == "dtype"          ? &dtype
+                                 : v.keys[i] == "shape"        ? &shape
+                                 : v.keys[i] == "data_offsets" ? &offsets
+                                                               : nullptr;
+      if (slot == nullptr) continue;  // unknown fields are ignored, as the reference reader does
+      if (*slot != nullptr) fail("tensor '", name, "': duplicate field \"", v.keys[i], "\"");
+      *slot = &v.members[i];
+    }
+    if (!dtype) fail("tensor '", name, "': missing \"dtype\"");
+    if (!shape) fail("tensor '", name, "': missing \"shape\"");
+    if (!offsets) fail("tensor '", name, "': missing \"data_offsets\"");
+
+    TensorInfo t;
+    t.name = name;
+    if (dtype->kind != json::Kind::string)
+      fail("tensor '", name, "': \"dtype\" is ", json::kind_name(dtype->kind),
+           ", expected a string");
+    if (dtype->text == "F32")
+      t.dtype = DType::F32;
+    else if (dtype->text == "F16")
+      t.dtype = DType::F16;
+    else if (dtype->text == "BF16")
+      t.dtype = DType::BF16;
+    else
+      fail("tensor '", name, "': unsupported dtype \"", dtype->text,
+           "\" (supported: F32, F16, BF16)");
+
+    if (shape->kind != json::Kind::array)
+      fail("tensor '", name, "': \"shape\" is ", json::kind_name(shape->kind),
+           ", expected an array of integers");
+    for (std::size_t i = 0; i < shape->items.size(); ++i) {
+      const auto d = shape->items[i].as_int64();
+      if (!d) fail("tensor '", name, "': shape[", i, "] is not an integer");
+      if (*d < 0) fail("tensor '", name, "': shape[", i, "] is negative (", *d, ")");
+      t.shape.push_back(*d);
+    }
+    const std::size_t es = dtype_size(t.dtype);
+    const auto numel = detail::checked_numel(t.shape, es);
+    if (!numel)
+      fail("tensor '", name, "': the number of bytes of shape ", detail::shape_string(t.shape),
+           " overflows");
+
+    if (offsets->kind != json::Kind::array || offsets->items.size() != 2) {
+      fail("tensor '", name, "': \"data_offsets\" must be an array of two integers [begin, end]");
+    }
+    const auto b = offsets->items[0].as_int64();
+    const auto e = offsets->items[1].as_int64();
+    if (!b || !e || *b < 0 || *e < 0)
+      fail("tensor '", name, "': \"data_offsets\" must be two non-negative integers");
+    if (*b > *e) fail("tensor '", name, "': data_offsets [", *b, ", ", *e, "] decrease");
+    if (static_cast<std::uint64_t>(*e) > data_size) {
+      fail("tensor '", name, "': data_offsets end ", *e, " is beyond the data buffer (", data_size,
+           " bytes)");
+    }
+    t.begin = static_cast<std::size_t>(*b);
+    t.end = static_cast<std::size_t>(*e);
+    const std::size_t expected = static_cast<std::size_t>(*numel) * es;
+    if (t.end - t.begin != expected) {
+      fail("tensor '", name, "': data_offsets span ", t.end - t.begin, " bytes, but ",
+           dtype_name(t.dtype), " shape ", detail::shape_string(t.shape), " needs ", expected);
+    }
+    return t;
+  }
+};
+
+/// Builds a safetensors file in memory. Output is deterministic: "__metadata__" first (if any),
+/// then tensors in insertion order, data contiguous in the same order, header padded with spaces so
+/// the data buffer starts at a multiple of 8 bytes.
+class Writer {
+ public:
+  /// Adds a tensor with `shape` from data[0 .. numel), stored as `dtype` (F16/BF16 rounded to
+  /// nearest even). Throws std::invalid_argument on an empty, reserved or repeated name or a bad
+  /// shape.
+  template <class T>
+  void add(std::string name, std::vector<std::int64_t> shape, const T* data,
+           DType dtype = DType::F32) {
+    static_assert(detail::is_value_type_v<T>, "dchag::safetensors: T must be float or double");
+    constexpr const char* where = "dchag::safetensors::Writer::add";
+    DCHAG_THROW_IF(name.empty(), where, "empty tensor name");
+    DCHAG_THROW_IF(name == "__metadata__", where, "\"__metadata__\" is reserved");
+    for (const auto& e : entries_)
+      DCHAG_THROW_IF(e.info.name == name, where, "duplicate tensor name '", name, "'");
+    const std::size_t es = dtype_size(dtype);
+    const auto numel = detail::checked_numel(shape, es);
+    DCHAG_THROW_IF(!numel, where, "tensor '", name, "': invalid shape ",
+                   detail::shape_string(shape));
+    DCHAG_THROW_IF(*numel > 0 && data == nullptr, where, "tensor '", name, "': data is null");
+    Entry e;
+    e.bytes.resize(static_cast<std::size_t>(*numel) * es);
+    for (std::size_t i = 0; i < static_cast<std::size_t>(*numel); ++i) {
+      detail::store_from_double(e.bytes.data() + i * es, static_cast<double>(data[i]), dtype);
+    }
+    e.info.name = std::move(name);
+    e.info.dtype = dtype;
+    e.info.shape = std::move(shape);
+    entries_.push_back(std::move(e));
+  }
+
+  /// Sets a metadata entry (replacing the value if the key exists; first-set order is kept).
+  void set_metadata(std::string key, std::string value) {
+    for (auto& kv : metadata_) {
+      if (kv.first == key) {
+        kv.second = std::move(value);
+        return;
+      }
+    }
+    metadata_.emplace_back(std::move(key), std::move(value));
+  }
+
+  std::vector<unsigned char> serialize() const {
+    namespace json = ::dchag::detail::json;
+    std::string h = "{";
+    bool first = true;
+    if (!metadata_.empty()) {
+      h += "\"__metadata__\":{";
+      for (std::size_t i = 0; i < metadata_.size(); ++i) {
+        if (i) h += ',';
+        json::append_quoted(h, metadata_[i].first);
+        h += ':';
+        json::append_quoted(h, metadata_[i].second);
+      }
+      h += '}';
+      first = false;
+    }
+    std::size_t offset = 0;
+    for (const auto& e : entries_) {
+      if (!first) h += ',';
+      first = false;
+      json::append_quoted(h, e.info.name);
+      h += ":{\"dtype\":\"";
+      h += dtype_name(e.info.dtype);
+      h += "\",\"shape\":[";
+      for (std::size_t i = 0; i < e.info.shape.size(); ++i) {
+        if (i) h += ',';
+        h += std::to_string(e.info.shape[i]);
+      }
+      h += "],\"data_offsets\":[";
+      h += std::to_string(offset) + "," + std::to_string(offset + e.bytes.size()) + "]}";
+      offset += e.bytes.size();
+    }
+    h += '}';
+    while (h.size() % 8 != 0) h += ' ';
+
+    std::vector<unsigned char> out;
+    out.reserve(8 + h.size() + offset);
+    const auto n = static_cast<std::uint64_t>(h.size());
+    for (int i = 0; i < 8; ++i) out.push_back(static_cast<unsigned char>(n >> (8 * i)));
+    out.insert(out.end(), h.begin(), h.end());
+    for (const auto& e : entries_) out.insert(out.end(), e.bytes.begin(), e.bytes.end());
+    return out;
+  }
+
+  /// Writes serialize() to `path`. Throws dchag::error on I/O failure.
+  void write(const std::string& path) const {
+    const auto bytes = serialize();
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    if (!out)
+      throw error("dchag::safetensors::Writer::write: cannot open '" + path + "' for writing");
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    if (!out) throw error("dchag::safetensors::Writer::write: error writing '" + path + "'");
+  }
+
+ private:
+  struct Entry {
+    TensorInfo info;
+    std::vector<unsigned char> bytes;
+  };
+  std::vector<Entry> entries_;
+  std::vector<std::pair<std::string, std::string>> metadata_;
+};
+
+}  // namespace dchag::safetensors

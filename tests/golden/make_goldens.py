@@ -1,0 +1,397 @@
+#!/usr/bin/env python3
+"""Regenerate the PyTorch golden files in this directory.
+
+    python3 tests/golden/make_goldens.py [output_dir]
+
+Needs PyTorch (Debian's python3-torch 1.13 is enough; CPU only) and numpy. The safetensors files
+are written by this script itself (numpy + json), so the safetensors package is not needed.
+
+Every file holds the inputs, the weights, the forward output `out`, the upstream gradient `grad_out`
+and the gradient of loss = sum(out * grad_out) with respect to every input and weight, stored as
+`grad.<name>`. See README.md for the conventions and the precision scheme.
+"""
+
+import json
+import math
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+
+torch.set_num_threads(1)  # reductions in a fixed order: the outputs are bit-for-bit reproducible
+TOL = dict(rtol=1e-10, atol=1e-12)  # for the float64 cross-checks inside this script
+
+
+# --------------------------------------------------------------------------------------------
+# safetensors writer / reader (F32 only, which is all the goldens use)
+# --------------------------------------------------------------------------------------------
+
+def write_safetensors(path, tensors, metadata):
+    """tensors: list of (name, torch tensor); written as little-endian F32 in list order."""
+    header = {"__metadata__": {str(k): str(v) for k, v in metadata.items()}}
+    blobs, offset = [], 0
+    for name, t in tensors:
+        assert name not in header, name
+        a = np.ascontiguousarray(t.detach().cpu().numpy(), dtype="<f4")
+        assert np.all(np.isfinite(a)), name
+        b = a.tobytes()
+        header[name] = {"dtype": "F32", "shape": list(a.shape),
+                        "data_offsets": [offset, offset + len(b)]}
+        blobs.append(b)
+        offset += len(b)
+    h = json.dumps(header, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    h += b" " * (-len(h) % 8)  # the data buffer starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def read_safetensors(path):
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", {})
+    buf = data[8 + n:]
+    out = {}
+    for name, info in header.items():
+        assert info["dtype"] == "F32"
+        b, e = info["data_offsets"]
+        out[name] = np.frombuffer(buf[b:e], dtype="<f4").reshape(info["shape"])
+    return out, meta
+
+
+# --------------------------------------------------------------------------------------------
+# Random values: drawn in float32, then used as float64 (exactly the stored values)
+# --------------------------------------------------------------------------------------------
+
+class Rng:
+    def __init__(self, seed):
+        self.g = torch.Generator().manual_seed(seed)
+
+    def normal(self, shape, var):
+        """N(0, var) drawn in float32 (var is the variance), returned as float64."""
+        t = torch.randn(*shape, generator=self.g, dtype=torch.float32) * math.sqrt(var)
+        return t.to(torch.float32).to(torch.float64)
+
+
+class Golden:
+    """Collects named float64 leaves (inputs and weights) in file order."""
+
+    def __init__(self, rng):
+        self.rng = rng
+        self.leaves = []  # (name, tensor that receives .grad)
+
+    def leaf(self, name, shape, var):
+        t = self.rng.normal(shape, var).requires_grad_(True)
+        self.leaves.append((name, t))
+        return t
+
+    def param(self, name, p, var):
+        """Fill an existing module Parameter (float64) with N(0, var) and register it."""
+        with torch.no_grad():
+            p.copy_(self.rng.normal(p.shape, var))
+        self.leaves.append((name, p))
+        return p
+
+    def finish(self, path, out, metadata):
+        grad_out = self.rng.normal(out.shape, 1.0)
+        for _, t in self.leaves:
+            t.grad = None
+        loss = (out * grad_out).sum()
+        loss.backward()
+        tensors = [(n, t) for n, t in self.leaves]
+        tensors += [("out", out), ("grad_out", grad_out)]
+        for n, t in self.leaves:
+            g = t.grad if t.grad is not None else torch.zeros_like(t)
+            tensors.append(("grad." + n, g))
+        write_safetensors(path, tensors, metadata)
+        # Read back and compare: the file holds exactly what was computed, rounded to float32.
+        back, meta = read_safetensors(path)
+        assert meta == {k: str(v) for k, v in metadata.items()}
+        for n, t in tensors:
+            ref = t.detach().to(torch.float32).numpy()
+            assert back[n].shape == ref.shape and np.array_equal(back[n], ref), n
+        size = os.path.getsize(path)
+        assert size < 100_000, (path, size)
+        print(f"{os.path.basename(path)}: {len(tensors)} tensors, {size} bytes")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference computations
+# --------------------------------------------------------------------------------------------
+
+def xattn_explicit(xr, qv, Wq, bq, Wk, bk, Wv, bv, Wo, bo, heads):
+    """DESIGN 3.2 written out: xr [M, N, D] rows of N tokens, qv [D] -> [M, D]."""
+    M, N, D = xr.shape
+    hd = D // heads
+    q = Wq @ qv + (bq if bq is not None else 0)                      # [D]
+    k = xr @ Wk.T + (bk if bk is not None else 0)                    # [M, N, D]
+    v = xr @ Wv.T + (bv if bv is not None else 0)                    # [M, N, D]
+    outs = []
+    for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        s = (k[:, :, sl] @ q[sl]) / math.sqrt(hd)                    # [M, N]
+        a = torch.softmax(s, dim=1)
+        outs.append(torch.einsum("mn,mne->me", a, v[:, :, sl]))      # [M, hd]
+    return torch.cat(outs, dim=1) @ Wo.T + bo
+
+
+def to_rows(x):
+    """[B, N, L, D] -> [B*L, N, D], row b*L + l (ClimaX aggregate_variables)."""
+    B, N, L, D = x.shape
+    return torch.einsum("bnld->blnd", x).flatten(0, 1)
+
+
+def climax_aggregate(x, var_query, mha):
+    """ClimaX aggregate_variables: x [B, N, L, D] -> [B, L, D] with nn.MultiheadAttention."""
+    B, N, L, D = x.shape
+    xr = to_rows(x)
+    q = var_query.repeat_interleave(xr.shape[0], dim=0)              # [B*L, 1, D]
+    out, _ = mha(q, xr, xr, need_weights=False)                      # [B*L, 1, D]
+    return out.squeeze(1).unflatten(0, (B, L))                       # squeeze(1): safe for B*L == 1
+
+
+def check_climax_against_explicit(x, var_query, mha):
+    """Independent check of the ClimaX convention: nn.MultiheadAttention (forward and all
+    gradients) equals the explicit math of DESIGN 3.2 with in_proj split as [Wq; Wk; Wv]."""
+    D = x.shape[-1]
+    x = x.detach().clone().requires_grad_(True)  # keep the caller's graph untouched
+    leaves = [x, var_query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+              mha.out_proj.bias]
+    c = [t.detach().clone().requires_grad_(True) for t in leaves]
+    Win, bin_ = c[2], c[3]
+    ref = xattn_explicit(to_rows(c[0]), c[1].reshape(D), Win[:D], bin_[:D], Win[D:2 * D],
+                         bin_[D:2 * D], Win[2 * D:], bin_[2 * D:], c[4], c[5],
+                         mha.num_heads).unflatten(0, (x.shape[0], x.shape[2]))
+    got = climax_aggregate(x, var_query, mha)
+    assert torch.allclose(got, ref, **TOL)
+    go = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    g1 = torch.autograd.grad((got * go).sum(), leaves)
+    g2 = torch.autograd.grad((ref * go).sum(), c)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, **TOL)
+
+
+class Artifact:
+    """D-CHAG artifact cross-attention: query [D], q (no bias), kv (no bias; rows [K; V]),
+    proj (with bias)."""
+
+    def __init__(self, g, prefix, D, heads):
+        self.D, self.heads, self.prefix = D, heads, prefix
+        self.query = g.leaf(prefix + "query", [D], 1.0)
+        self.Wq = g.leaf(prefix + "q.weight", [D, D], 1.0 / D)
+        self.Wkv = g.leaf(prefix + "kv.weight", [2 * D, D], 1.0 / D)
+        self.Wp = g.leaf(prefix + "proj.weight", [D, D], 1.0 / D)
+        self.bp = g.leaf(prefix + "proj.bias", [D], 0.1)
+
+    def __call__(self, x):
+        """x [B, N, L, D] -> [B, L, D]."""
+        B, N, L, D = x.shape
+        nh, hd = self.heads, D // self.heads
+        q = (self.Wq @ self.query).reshape(nh, hd)
+        kv = x @ self.Wkv.T                                          # [B, N, L, 2D]
+        k = kv[..., :D].reshape(B, N, L, nh, hd)
+        v = kv[..., D:].reshape(B, N, L, nh, hd)
+        s = torch.einsum("bnlhe,he->bnlh", k, q) / math.sqrt(hd)
+        a = torch.softmax(s, dim=1)
+        o = torch.einsum("bnlh,bnlhe->blhe", a, v).reshape(B, L, D)
+        return o @ self.Wp.T + self.bp
+
+    def check(self, x):
+        """Independent check: the same weights in nn.MultiheadAttention (in_proj = [Wq; Wkv],
+        zero in_proj bias, out_proj = proj) give the same output and input gradient."""
+        D = self.D
+        mha = torch.nn.MultiheadAttention(D, self.heads, batch_first=True).double()
+        with torch.no_grad():
+            mha.in_proj_weight.copy_(torch.cat([self.Wq, self.Wkv]))
+            mha.in_proj_bias.zero_()
+            mha.out_proj.weight.copy_(self.Wp)
+            mha.out_proj.bias.copy_(self.bp)
+        x1 = x.detach().clone().requires_grad_(True)
+        x2 = x.detach().clone().requires_grad_(True)
+        ref = climax_aggregate(x1, self.query.detach().reshape(1, 1, D), mha)
+        got = self(x2)
+        assert torch.allclose(got, ref, **TOL)
+        go = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+        (ga,) = torch.autograd.grad((got * go).sum(), [x2])
+        (gb,) = torch.autograd.grad((ref * go).sum(), [x1])
+        assert torch.allclose(ga, gb, **TOL)
+
+
+class Tokenizer:
+    """ClimaX token_embeds (one Conv2d(1, D, p, stride=p) per model channel) + var_embed."""
+
+    def __init__(self, g, C, D, p):
+        self.D, self.p = D, p
+        self.convs = []
+        for c in range(C):
+            conv = torch.nn.Conv2d(1, D, kernel_size=p, stride=p).double()
+            g.param(f"token_embeds.{c}.proj.weight", conv.weight, 1.0 / (p * p))
+            g.param(f"token_embeds.{c}.proj.bias", conv.bias, 0.1)
+            self.convs.append(conv)
+        self.var_embed = g.leaf("var_embed", [1, C, D], 1.0)
+
+    def __call__(self, images, ids):
+        """images [B, Cin, H, W], ids[j] = model channel of input channel j -> [B, Cin, L, D]."""
+        toks = [self.convs[c](images[:, j:j + 1]).flatten(2).transpose(1, 2)
+                + self.var_embed[0, c] for j, c in enumerate(ids)]
+        return torch.stack(toks, dim=1)
+
+    def check(self, images, ids, tokens):
+        """Independent check of DESIGN 3.1: patch l = row-major over (H/p, W/p), pixels row-major
+        inside the patch, token = W_c [D, p*p] . patch + b_c + E[c]."""
+        B, Cin, H, W = images.shape
+        p, hp, wp = self.p, H // self.p, W // self.p
+        with torch.no_grad():
+            for b in range(B):
+                for j, c in enumerate(ids):
+                    Wt = self.convs[c].weight.reshape(self.D, p * p)
+                    for l in range(hp * wp):
+                        i0, j0 = (l // wp) * p, (l % wp) * p
+                        patch = images[b, j, i0:i0 + p, j0:j0 + p].reshape(p * p)
+                        ref = Wt @ patch + self.convs[c].bias + self.var_embed[0, c]
+                        assert torch.allclose(tokens[b, j, l], ref, **TOL)
+
+
+def ints(seq):
+    return ",".join(str(int(i)) for i in seq)
+
+
+# --------------------------------------------------------------------------------------------
+# The golden files
+# --------------------------------------------------------------------------------------------
+
+def xattn_climax(path, seed, B, N, L, D, heads):
+    g = Golden(Rng(seed))
+    x = g.leaf("x", [B, N, L, D], 1.0)
+    mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
+    var_query = g.leaf("var_query", [1, 1, D], 1.0)
+    g.param("var_agg.in_proj_weight", mha.in_proj_weight, 1.0 / D)
+    g.param("var_agg.in_proj_bias", mha.in_proj_bias, 0.1)
+    g.param("var_agg.out_proj.weight", mha.out_proj.weight, 1.0 / D)
+    g.param("var_agg.out_proj.bias", mha.out_proj.bias, 0.1)
+    check_climax_against_explicit(x, var_query, mha)
+    out = climax_aggregate(x, var_query, mha)
+    g.finish(path, out, dict(kind="xattn", convention="climax", B=B, N=N, L=L, D=D, heads=heads,
+                             seed=seed))
+
+
+def xattn_artifact(path, seed, B, N, L, D, heads, prefix):
+    g = Golden(Rng(seed))
+    x = g.leaf("x", [B, N, L, D], 1.0)
+    att = Artifact(g, prefix, D, heads)
+    att.check(x)
+    out = att(x)
+    g.finish(path, out, dict(kind="xattn", convention="artifact", prefix=prefix, B=B, N=N, L=L,
+                             D=D, heads=heads, seed=seed))
+
+
+def flat(path, seed, B, C, H, W, p, D, heads, ids):
+    g = Golden(Rng(seed))
+    L = (H // p) * (W // p)
+    images = g.leaf("images", [B, len(ids), H, W], 1.0)
+    tok = Tokenizer(g, C, D, p)
+    mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
+    var_query = g.leaf("var_query", [1, 1, D], 1.0)
+    g.param("var_agg.in_proj_weight", mha.in_proj_weight, 1.0 / D)
+    g.param("var_agg.in_proj_bias", mha.in_proj_bias, 0.1)
+    g.param("var_agg.out_proj.weight", mha.out_proj.weight, 1.0 / D)
+    g.param("var_agg.out_proj.bias", mha.out_proj.bias, 0.1)
+    pos_embed = g.leaf("pos_embed", [1, L, D], 1.0)
+    tokens = tok(images, ids)
+    tok.check(images, ids, tokens)
+    check_climax_against_explicit(tokens, var_query, mha)
+    out = climax_aggregate(tokens, var_query, mha) + pos_embed
+    g.finish(path, out, dict(kind="flat", convention="climax", B=B, L=L, D=D, heads=heads, C=C,
+                             H=H, W=W, p=p, channel_ids=ints(ids), seed=seed))
+
+
+def block_sizes(C, P):
+    """Contiguous blocks; the first C % P ranks hold one extra channel."""
+    return [C // P + (1 if r < C % P else 0) for r in range(P)]
+
+
+def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads):
+    g = Golden(Rng(seed))
+    L = (H // p) * (W // p)
+    sizes = block_sizes(C, P)
+    starts = np.cumsum([0] + sizes)
+    images = g.leaf("images", [B, C, H, W], 1.0)
+    tok = Tokenizer(g, C, D, p)
+
+    partials = []
+    for r in range(P):
+        pre, Cr = f"partial.{r}.", sizes[r]
+        if partial == "linear":
+            if tree == 1:
+                w = g.leaf(pre + "weight", [Cr], 1.0 / Cr)
+                b = g.leaf(pre + "bias", [1], 0.1)
+                partials.append(lambda t, w=w, b=b: torch.einsum("bcld,c->bld", t, w) + b)
+            else:
+                assert Cr % tree == 0, "the linear tree needs equal subgroups"
+                w = g.leaf(pre + "weight", [Cr // tree], tree / Cr)
+                b = g.leaf(pre + "bias", [1], 0.1)
+                tw = g.leaf(pre + "top_weight", [tree], 1.0 / tree)
+                tb = g.leaf(pre + "top_bias", [1], 0.1)
+
+                def lin_tree(t, w=w, b=b, tw=tw, tb=tb, k=tree):
+                    m = t.shape[1] // k
+                    gs = [torch.einsum("bcld,c->bld", t[:, j * m:(j + 1) * m], w) + b
+                          for j in range(k)]
+                    return torch.einsum("bkld,k->bld", torch.stack(gs, dim=1), tw) + tb
+                partials.append(lin_tree)
+        else:
+            att = Artifact(g, pre, D, heads)
+            if tree == 1:
+                partials.append(att)
+            else:
+                def att_tree(t, att=att, k=tree):
+                    groups = np.array_split(np.arange(t.shape[1]), k)
+                    gs = [att(t[:, int(ix[0]):int(ix[-1]) + 1]) for ix in groups]
+                    return att(torch.stack(gs, dim=1))
+                partials.append(att_tree)
+
+    final = Artifact(g, "final.", D, heads)
+    pos_embed = g.leaf("pos_embed", [1, L, D], 1.0)
+
+    ids = list(range(C))
+    tokens = tok(images, ids)
+    tok.check(images, ids, tokens)
+    ys = [partials[r](tokens[:, starts[r]:starts[r + 1]]) for r in range(P)]
+    gathered = torch.stack(ys, dim=1)                                # [B, P, L, D], rank order
+    final.check(gathered)
+    out = final(gathered) + pos_embed
+    g.finish(path, out, dict(kind="dchag", convention="artifact", partial=partial, tree=tree,
+                             groups=P, map="blocks", channels_per_rank=ints(sizes), B=B, L=L, D=D,
+                             heads=heads, C=C, H=H, W=W, p=p, channel_ids=ints(ids), seed=seed))
+
+
+def main():
+    out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
+    os.makedirs(out_dir, exist_ok=True)
+    f = lambda name: os.path.join(out_dir, name + ".safetensors")
+
+    xattn_climax(f("xattn_climax_basic"), 101, B=2, N=5, L=3, D=16, heads=4)
+    xattn_climax(f("xattn_climax_nh1"), 102, B=1, N=4, L=2, D=12, heads=1)
+    xattn_climax(f("xattn_climax_d20"), 103, B=2, N=7, L=2, D=20, heads=5)
+    xattn_climax(f("xattn_climax_c1"), 104, B=2, N=1, L=3, D=8, heads=2)
+    xattn_climax(f("xattn_climax_bl1"), 105, B=1, N=6, L=1, D=16, heads=2)
+    xattn_artifact(f("xattn_artifact_basic"), 106, B=2, N=5, L=3, D=16, heads=4, prefix="agg.")
+    flat(f("flat_all"), 107, B=2, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[0, 1, 2, 3, 4, 5])
+    flat(f("flat_subset"), 108, B=2, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[4, 1, 3])
+    dchag(f("dchag_linear"), 109, "linear", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16, heads=4)
+    dchag(f("dchag_xattn_tree"), 110, "xattn", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
+          heads=4)
+    dchag(f("dchag_linear_tree"), 111, "linear", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
+          heads=4)
+    dchag(f("dchag_xattn_uneven"), 112, "xattn", tree=1, P=3, C=7, B=1, H=4, W=8, p=4, D=12,
+          heads=3)
+
+
+if __name__ == "__main__":
+    main()
