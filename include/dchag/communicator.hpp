@@ -10,8 +10,13 @@
 /// same order with matching sizes. Entry points check that with agree() / check_collectively()
 /// before their first data collective, so a mismatch becomes an exception on every rank, not a
 /// hang.
+///
+/// View collectives take the execution space first, fence it before MPI touches the data, and
+/// require contiguous views of float, double, int or std::int64_t. Views MPI cannot read directly
+/// are staged through host buffers unless DCHAG_ENABLE_GPU_AWARE_MPI is defined.
 #include <mpi.h>
 
+#include <Kokkos_Core.hpp>
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
@@ -121,6 +126,69 @@ class Communicator {
   int rank_ = 0;
   int size_ = 1;
 };
+
+/// Gathers `send` (N contiguous elements on every rank) into `recv` (P·N contiguous elements),
+/// rank r's elements at recv.data() + r·N. N must be the same on all ranks.
+template <class ExecSpace, detail::KokkosView SendView, detail::KokkosView RecvView>
+void allgather(const ExecSpace& exec, const Communicator& comm, const SendView& send,
+               const RecvView& recv) {
+  detail::MpiProfilingRegion region("dchag::allgather");
+  detail::allgather<false>("dchag::allgather", exec, comm.comm(), comm.size(), send, recv);
+}
+
+/// In place: every rank's `view` becomes the element-wise sum over ranks.
+template <class ExecSpace, detail::KokkosView View>
+void allreduce_sum(const ExecSpace& exec, const Communicator& comm, const View& view) {
+  detail::MpiProfilingRegion region("dchag::allreduce_sum");
+  detail::allreduce<false>("dchag::allreduce_sum", exec, comm.comm(), view, MPI_SUM);
+}
+
+/// In place: every rank's `view` becomes the element-wise maximum over ranks.
+template <class ExecSpace, detail::KokkosView View>
+void allreduce_max(const ExecSpace& exec, const Communicator& comm, const View& view) {
+  detail::MpiProfilingRegion region("dchag::allreduce_max");
+  detail::allreduce<false>("dchag::allreduce_max", exec, comm.comm(), view, MPI_MAX);
+}
+
+/// Copies `view` of rank `root` into `view` of every other rank.
+template <class ExecSpace, detail::KokkosView View>
+void broadcast(const ExecSpace& exec, const Communicator& comm, const View& view, int root) {
+  detail::MpiProfilingRegion region("dchag::broadcast");
+  detail::broadcast<false>("dchag::broadcast", exec, comm.comm(), comm.rank(), comm.size(), view,
+                           root);
+}
+
+enum class GradientReduction { sum, mean };
+
+/// Data-parallel helper: all-reduces each gradient view in place over `comm` (sum, or mean =
+/// sum/P). Views must hold float or double and be contiguous; all ranks must pass the same number
+/// of views with the same sizes, which is checked (one small all-reduce) before any gradient moves.
+/// The mean's scaling is enqueued on `exec`.
+template <class ExecSpace, detail::KokkosView... Grads>
+void sum_gradients(const ExecSpace& exec, const Communicator& comm, GradientReduction how,
+                   const Grads&... grads) {
+  constexpr const char* where = "dchag::sum_gradients";
+  static_assert((std::is_floating_point_v<typename Grads::non_const_value_type> && ...),
+                "dchag::sum_gradients: gradient views must hold float or double");
+  detail::MpiProfilingRegion region(where);
+  (detail::check_mpi_view<ExecSpace>(where, "gradient", grads), ...);
+  const auto total = (std::int64_t{0} + ... + static_cast<std::int64_t>(grads.size()));
+  comm.agree(where, {{"number of gradient views", static_cast<std::int64_t>(sizeof...(Grads))},
+                     {"total gradient elements", total}});
+  (detail::allreduce<false>(where, exec, comm.comm(), grads, MPI_SUM), ...);
+  if (how == GradientReduction::mean && comm.size() > 1) {
+    (detail::scale_in_place("dchag::sum_gradients::mean", exec, grads,
+                            typename Grads::non_const_value_type(1) /
+                                static_cast<typename Grads::non_const_value_type>(comm.size())),
+     ...);
+  }
+}
+
+/// sum_gradients(exec, comm, GradientReduction::sum, grads...).
+template <class ExecSpace, detail::KokkosView... Grads>
+void sum_gradients(const ExecSpace& exec, const Communicator& comm, const Grads&... grads) {
+  sum_gradients(exec, comm, GradientReduction::sum, grads...);
+}
 
 // ---------------------------------------------------------------------------------------------
 

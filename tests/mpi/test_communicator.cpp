@@ -5,6 +5,7 @@
 // waiting in a collective.
 #include <mpi.h>
 
+#include <Kokkos_Core.hpp>
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <exception>
@@ -20,6 +21,8 @@ using Catch::Matchers::StartsWith;
 using dchag::Communicator;
 
 namespace {
+
+using Exec = Kokkos::DefaultExecutionSpace;
 
 int world_rank() {
   int rank = 0;
@@ -55,6 +58,21 @@ std::string message_if(const std::exception_ptr& thrown) {
     return "<exception of another type>";
   }
   return "<nothing thrown>";
+}
+
+/// A device view of n elements with value f(i), built on the host.
+template <class T, class F>
+Kokkos::View<T*> make_view(const std::string& label, std::size_t n, F f) {
+  Kokkos::View<T*> view(label, n);
+  auto host = Kokkos::create_mirror_view(view);
+  for (std::size_t i = 0; i < n; ++i) host(i) = f(i);
+  Kokkos::deep_copy(view, host);
+  return view;
+}
+
+template <class View>
+auto on_host(const View& view) {
+  return Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), view);
 }
 
 }  // namespace
@@ -234,6 +252,206 @@ TEST_CASE("check_collectively carries exceptions not derived from std::exception
   } else {
     CHECK(message_if<dchag::error>(thrown) ==
           "dchag::test: rank 0 failed validation: an exception not derived from std::exception");
+  }
+}
+
+TEMPLATE_TEST_CASE("allgather puts each rank's block in rank order", "[mpi]", float, double, int,
+                   std::int64_t) {
+  const Communicator comm(MPI_COMM_WORLD);
+  const int p = comm.size();
+  const std::size_t n = 3;
+  const auto value = [](int rank, std::size_t i) { return TestType(10 * rank + int(i)); };
+  auto send = make_view<TestType>("send", n, [&](std::size_t i) { return value(comm.rank(), i); });
+
+  SECTION("into a [P, N] view") {
+    Kokkos::View<TestType**> recv("recv", p, n);
+    dchag::allgather(Exec(), comm, send, recv);
+    const auto host = on_host(recv);
+    for (int r = 0; r < p; ++r) {
+      for (std::size_t i = 0; i < n; ++i) CHECK(host(r, i) == value(r, i));
+    }
+  }
+  SECTION("from a view of const, through host staging") {
+    Kokkos::View<const TestType*> const_send = send;
+    Kokkos::View<TestType*> recv("recv", p * n);
+    dchag::detail::allgather</*ForceStaging=*/true>("dchag::allgather", Exec(), comm.comm(), p,
+                                                    const_send, recv);
+    const auto host = on_host(recv);
+    for (int r = 0; r < p; ++r) {
+      for (std::size_t i = 0; i < n; ++i) CHECK(host(r * n + i) == value(r, i));
+    }
+  }
+}
+
+TEST_CASE("allgather of multi-dimensional blocks", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  const int p = comm.size();
+  // Whole blocks in rank order: recv(r, ...) is rank r's send(...), whatever the block's rank.
+  Kokkos::View<float***> send("send", 2, 3, 4);
+  auto host_send = Kokkos::create_mirror_view(send);
+  for (int b = 0; b < 2; ++b)
+    for (int l = 0; l < 3; ++l)
+      for (int d = 0; d < 4; ++d)
+        host_send(b, l, d) = float(1000 * comm.rank() + 100 * b + 10 * l + d);
+  Kokkos::deep_copy(send, host_send);
+  Kokkos::View<float****> recv("recv", p, 2, 3, 4);
+  dchag::allgather(Exec(), comm, send, recv);
+  const auto host = on_host(recv);
+  for (int r = 0; r < p; ++r)
+    for (int b = 0; b < 2; ++b)
+      for (int l = 0; l < 3; ++l)
+        for (int d = 0; d < 4; ++d)
+          CHECK(host(r, b, l, d) == float(1000 * r + 100 * b + 10 * l + d));
+}
+
+TEST_CASE("allgather checks sizes and aliasing before communicating", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  const int p = comm.size();
+  Kokkos::View<double*> send("send", 4);
+  Kokkos::View<double*> short_recv("recv", 4 * p - 1);
+  CHECK_THROWS_AS(dchag::allgather(Exec(), comm, send, short_recv), std::invalid_argument);
+  CHECK_THROWS_WITH(dchag::allgather(Exec(), comm, send, short_recv),
+                    "dchag::allgather: recv.size() is " + std::to_string(4 * p - 1) +
+                        ", expected communicator size * send.size() = " + std::to_string(p) +
+                        " * 4 = " + std::to_string(4 * p));
+
+  Kokkos::View<double*> recv("recv", 4 * p);
+  auto inside = Kokkos::subview(recv, Kokkos::make_pair(0, 4));
+  CHECK_THROWS_WITH(dchag::allgather(Exec(), comm, inside, recv),
+                    "dchag::allgather: send and recv overlap in memory, expected separate buffers");
+}
+
+TEMPLATE_TEST_CASE("allreduce_sum and allreduce_max combine all ranks in place", "[mpi]", float,
+                   double, int, std::int64_t) {
+  const Communicator comm(MPI_COMM_WORLD);
+  const int p = comm.size();
+  const int r = comm.rank();
+  const std::size_t n = 5;
+  // Rank r holds r + 1 + i: the sum is P(P+1)/2 + P·i. For the max, rank r holds (r + i) % P,
+  // whose maximum over ranks is P - 1 for every i.
+  const auto sum_input = [&](std::size_t i) { return TestType(r + 1 + int(i)); };
+  const auto max_input = [&](std::size_t i) { return TestType((r + int(i)) % p); };
+
+  const bool staged = GENERATE(false, true);
+  CAPTURE(staged);
+  auto sums = make_view<TestType>("sums", n, sum_input);
+  auto maxima = make_view<TestType>("maxima", n, max_input);
+  if (staged) {
+    dchag::detail::allreduce<true>("dchag::allreduce_sum", Exec(), comm.comm(), sums, MPI_SUM);
+    dchag::detail::allreduce<true>("dchag::allreduce_max", Exec(), comm.comm(), maxima, MPI_MAX);
+  } else {
+    dchag::allreduce_sum(Exec(), comm, sums);
+    dchag::allreduce_max(Exec(), comm, maxima);
+  }
+  const auto host_sums = on_host(sums);
+  const auto host_maxima = on_host(maxima);
+  for (std::size_t i = 0; i < n; ++i) {
+    CHECK(host_sums(i) == TestType(p * (p + 1) / 2 + p * int(i)));
+    CHECK(host_maxima(i) == TestType(p - 1));
+  }
+}
+
+TEST_CASE("allreduce works on a contiguous multi-dimensional view", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  Kokkos::View<double**, Kokkos::LayoutLeft> view("view", 3, 2);
+  Kokkos::deep_copy(view, 0.5);
+  dchag::allreduce_sum(Exec(), comm, view);
+  const auto host = on_host(view);
+  for (int i = 0; i < 3; ++i)
+    for (int j = 0; j < 2; ++j) CHECK(host(i, j) == 0.5 * comm.size());
+}
+
+TEST_CASE("broadcast copies the root's view to every rank", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  const int root = comm.size() - 1;
+  const bool staged = GENERATE(false, true);
+  CAPTURE(staged);
+  const auto fill = [&](std::size_t i) { return comm.rank() == root ? 3.0 * double(i) + 1 : -1.0; };
+  auto view = make_view<double>("view", 6, fill);
+  if (staged) {
+    dchag::detail::broadcast<true>("dchag::broadcast", Exec(), comm.comm(), comm.rank(),
+                                   comm.size(), view, root);
+  } else {
+    dchag::broadcast(Exec(), comm, view, root);
+  }
+  const auto host = on_host(view);
+  for (std::size_t i = 0; i < 6; ++i) CHECK(host(i) == 3.0 * double(i) + 1);
+
+  CHECK_THROWS_WITH(dchag::broadcast(Exec(), comm, view, comm.size()),
+                    "dchag::broadcast: root is " + std::to_string(comm.size()) +
+                        ", expected 0 <= root < " + std::to_string(comm.size()));
+  CHECK_THROWS_AS(dchag::broadcast(Exec(), comm, view, -1), std::invalid_argument);
+}
+
+TEST_CASE("view collectives reject non-contiguous views", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  Kokkos::View<float**> matrix("matrix", 4, 3);
+  auto column = Kokkos::subview(matrix, Kokkos::ALL, 1);  // stride 3
+  REQUIRE_FALSE(column.span_is_contiguous());
+  const std::string rest =
+      " is not contiguous, expected a view whose elements are contiguous in memory (e.g. "
+      "LayoutRight or LayoutLeft without padding or strides)";
+
+  CHECK_THROWS_AS(dchag::allreduce_sum(Exec(), comm, column), std::invalid_argument);
+  CHECK_THROWS_WITH(dchag::allreduce_sum(Exec(), comm, column),
+                    "dchag::allreduce_sum: view" + rest);
+  CHECK_THROWS_WITH(dchag::allreduce_max(Exec(), comm, column),
+                    "dchag::allreduce_max: view" + rest);
+  CHECK_THROWS_WITH(dchag::broadcast(Exec(), comm, column, 0), "dchag::broadcast: view" + rest);
+
+  Kokkos::View<float*> flat("flat", 4);
+  Kokkos::View<float*> gathered("gathered", 4 * comm.size());
+  Kokkos::View<float**> wide("wide", 4 * comm.size(), 2);
+  auto strided_recv = Kokkos::subview(wide, Kokkos::ALL, 0);
+  CHECK_THROWS_WITH(dchag::allgather(Exec(), comm, column, gathered),
+                    "dchag::allgather: send" + rest);
+  CHECK_THROWS_WITH(dchag::allgather(Exec(), comm, flat, strided_recv),
+                    "dchag::allgather: recv" + rest);
+  CHECK_THROWS_WITH(dchag::sum_gradients(Exec(), comm, flat, column),
+                    "dchag::sum_gradients: gradient" + rest);
+}
+
+TEST_CASE("sum_gradients sums or averages every gradient view", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  const int p = comm.size();
+  const int r = comm.rank();
+  auto weights = make_view<float>("dW", 5, [&](std::size_t i) { return float(r + 1) * float(i); });
+  Kokkos::View<double**> bias("db", 2, 3);
+  Kokkos::deep_copy(bias, double(2 * r + 1));  // sum over ranks of 2r+1 is P²
+
+  SECTION("sum") {
+    dchag::sum_gradients(Exec(), comm, weights, bias);
+    const auto host_w = on_host(weights);
+    for (std::size_t i = 0; i < 5; ++i) CHECK(host_w(i) == float(p * (p + 1) / 2) * float(i));
+    const auto host_b = on_host(bias);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 3; ++j) CHECK(host_b(i, j) == double(p * p));
+  }
+  SECTION("mean") {
+    dchag::sum_gradients(Exec(), comm, dchag::GradientReduction::mean, weights, bias);
+    Exec().fence();
+    const auto host_w = on_host(weights);
+    for (std::size_t i = 0; i < 5; ++i) {
+      CHECK(host_w(i) == Approx(float(p + 1) / 2 * float(i)));
+    }
+    const auto host_b = on_host(bias);
+    for (int i = 0; i < 2; ++i)
+      for (int j = 0; j < 3; ++j) CHECK(host_b(i, j) == Approx(double(p)));
+  }
+}
+
+TEST_CASE("sum_gradients refuses on every rank when ranks pass different gradients", "[mpi]") {
+  const Communicator comm(MPI_COMM_WORLD);
+  const bool odd_one = comm.rank() == comm.size() - 1;
+  Kokkos::View<float*> grad("grad", odd_one ? 7 : 6);
+  const auto thrown = outcome([&] { dchag::sum_gradients(Exec(), comm, grad); });
+  if (comm.size() == 1) {
+    CHECK_FALSE(thrown);
+  } else {
+    CHECK(message_if<dchag::error>(thrown) ==
+          "dchag::sum_gradients: ranks disagree on total gradient elements (rank values range "
+          "6..7, this rank has " +
+              std::to_string(odd_one ? 7 : 6) + ")");
   }
 }
 
