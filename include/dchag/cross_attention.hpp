@@ -39,6 +39,16 @@ struct Segments {
   int total() const { return offsets.back(); }
 };
 
+/// Reduces a contiguous device buffer in place over the ranks of a channel group. The exact
+/// distributed flat aggregation (DESIGN 3.7) runs the pooled kernels with one of these, keeping
+/// MPI out of this header; without one (nullptr) the reduction is over this process only.
+template <class Scalar, class MemSpace>
+struct GroupReduce {
+  virtual ~GroupReduce() = default;
+  virtual void max(const Unmanaged1<Scalar, MemSpace>& values) const = 0;
+  virtual void sum(const Unmanaged1<Scalar, MemSpace>& values) const = 0;
+};
+
 struct AttentionConfig {
   int dim = 0;
   int heads = 1;
@@ -64,7 +74,7 @@ class CrossAttention {
     View2<Scalar, memory_space> kmat;    // materialized: [B*N*L, D]
     View2<Scalar, memory_space> vmat;    // materialized: [B*N*L, D]
     View2<Scalar, memory_space> ocat;    // [P, D] heads' outputs before out-projection
-    View2<Scalar, memory_space> run_max, run_sum;  // streaming: [P, heads] online softmax state
+    View2<Scalar, memory_space> run_max, run_sum;  // pooled: [P, heads] softmax max and sum
     std::vector<int> host_offsets;
   };
 
@@ -89,6 +99,7 @@ class CrossAttention {
     d_b_in_ = View2<Scalar, memory_space>("dchag::attention::d_b_in", 3, D);
     d_w_out_ = View2<Scalar, memory_space>("dchag::attention::d_w_out", D, D);
     d_b_out_ = View1<Scalar, memory_space>("dchag::attention::d_b_out", D);
+    head_end_ = nh;
     q_ = View1<Scalar, memory_space>("dchag::attention::q", D);
     u_ = View2<Scalar, memory_space>("dchag::attention::u", nh, D);
     dq_ = View1<Scalar, memory_space>("dchag::attention::dq", D);
@@ -107,16 +118,35 @@ class CrossAttention {
   int heads() const { return cfg_.heads; }
   void set_strategy(Strategy s) { cfg_.strategy = s; }
 
+  /// Tensor-parallel share (the paper's baseline, DESIGN 3.6): this module computes heads
+  /// [begin, end) only (materialized strategy), adds the output bias only if `out_bias`, and its
+  /// output and gradients are this rank's share, to be summed over the group.
+  void set_head_range(int begin, int end, bool out_bias) {
+    constexpr const char* where = "dchag::CrossAttention::set_head_range";
+    DCHAG_EXPECT(0 <= begin && begin < end && end <= cfg_.heads, where, "heads [", begin, ", ",
+                 end, ") is not a non-empty range inside [0, ", cfg_.heads, ")");
+    DCHAG_EXPECT(cfg_.strategy == Strategy::materialized || (begin == 0 && end == cfg_.heads),
+                 where, "a head share needs the materialized strategy, strategy is ",
+                 to_string(cfg_.strategy));
+    head_begin_ = begin;
+    head_end_ = end;
+    out_bias_ = out_bias;
+  }
+
   /// out [B, k, L, D] = the k segments of x [B, N, L, D] folded; saves for backward into `saved`.
+  /// With `group`, x holds this rank's share of the N inputs of one segment and the softmax and
+  /// pooling run over the inputs of every rank (pooled strategy, exact; DESIGN 3.7).
   void forward(const ExecSpace& exec, const X4& x, const Segments& seg,
-               const View4<Scalar, memory_space>& out, Saved& saved) {
+               const View4<Scalar, memory_space>& out, Saved& saved,
+               const GroupReduce<Scalar, memory_space>* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::forward");
-    check_shapes("dchag::CrossAttention::forward", x, seg, out.extent(0), out.extent(1),
-                 out.extent(2), out.extent(3), "out");
+    constexpr const char* where = "dchag::CrossAttention::forward";
+    check_shapes(where, x, seg, out.extent(0), out.extent(1), out.extent(2), out.extent(3), "out");
+    check_group(where, seg, group);
     prepare(exec, x, seg, saved);
     compute_query(exec);
     if (cfg_.strategy == Strategy::pooled) {
-      forward_pooled(exec, x, saved);
+      forward_pooled(exec, x, saved, group);
     } else {
       forward_materialized(exec, x, saved);
     }
@@ -125,13 +155,17 @@ class CrossAttention {
 
   /// Accumulates parameter gradients and writes dx [B, N, L, D] (overwritten), given the x and
   /// `saved` of the matching forward and d_out [B, k, L, D].
+  /// With `group`: the backward of a group forward. d_out must be the same on every rank; dx is
+  /// this rank's share and the parameter gradients come out identical on every rank.
   void backward(const ExecSpace& exec, const X4& x, const Saved& saved,
                 const View4<const Scalar, memory_space>& d_out,
-                const View4<Scalar, memory_space>& dx) {
+                const View4<Scalar, memory_space>& dx,
+                const GroupReduce<Scalar, memory_space>* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::backward");
     constexpr const char* where = "dchag::CrossAttention::backward";
     DCHAG_EXPECT(saved.k > 0, where, "saved state is empty, expected the state of a forward");
     const Segments seg{saved.host_offsets};
+    check_group(where, seg, group);
     check_shapes(where, x, seg, d_out.extent(0), d_out.extent(1), d_out.extent(2),
                  d_out.extent(3), "d_out");
     DCHAG_EXPECT(x.extent(0) == std::size_t(saved.B) && x.extent(1) == std::size_t(saved.N) &&
@@ -143,7 +177,7 @@ class CrossAttention {
                  dx.extent(3), "], expected the shape of x");
     back_project_out(exec, saved, d_out);
     if (cfg_.strategy == Strategy::pooled) {
-      backward_pooled(exec, x, saved, dx);
+      backward_pooled(exec, x, saved, dx, group);
     } else {
       backward_materialized(exec, x, saved, dx);
     }
@@ -172,9 +206,6 @@ class CrossAttention {
     const Segments seg = Segments::whole(static_cast<int>(x.extent(1)));
     check_shapes(where, x, seg, x.extent(0), 1, x.extent(2), x.extent(3), "out");
     prepare(exec, x, seg, saved);
-    const std::size_t P = std::size_t(saved.B) * saved.L;
-    ensure(saved.run_max, "dchag::attention::run_max", P, std::size_t(cfg_.heads));
-    ensure(saved.run_sum, "dchag::attention::run_sum", P, std::size_t(cfg_.heads));
     Kokkos::deep_copy(exec, saved.run_sum, Scalar(0));
     Kokkos::deep_copy(exec, saved.z, Scalar(0));
     compute_query(exec);
@@ -199,29 +230,29 @@ class CrossAttention {
         "dchag::attention::stream_pool", Team(exec, s.B * L, Kokkos::AUTO),
         KOKKOS_LAMBDA(const Member& team) {
           const int pos = team.league_rank();
-          const int l = pos % L, b = pos / L;
-          const std::int64_t row0 = std::int64_t(b) * N * L + l;
+          const std::int64_t row0 = std::int64_t(pos / L) * N * L + pos % L;
           // Scores of this chunk while its tokens are in cache: s[row, h] = x[row] . u_h.
           for (int n = n0; n < n1; ++n) {
             const std::int64_t row = row0 + std::int64_t(n) * L;
-            if constexpr (on_host) {
-              for (int h = 0; h < nh; ++h) a(row, h) = detail::lane_dot(&x2(row, 0), &u(h, 0), D);
-            } else {
-              for (int h = 0; h < nh; ++h) {
+            for (int h = 0; h < nh; ++h) {
+              if constexpr (on_host) {
+                a(row, h) = detail::lane_dot(&x2(row, 0), &u(h, 0), D);
+              } else {
                 const Scalar sc = detail::team_dot(team, &x2(row, 0), &u(h, 0), D);
                 Kokkos::single(Kokkos::PerTeam(team), [&]() { a(row, h) = sc; });
               }
             }
           }
           team.team_barrier();
+          // Online softmax: rescale what was pooled so far to the new running max, then add.
           for (int h = 0; h < nh; ++h) {
-            const bool first = run_sum(pos, h) == Scalar(0);
+            const bool first = n0 == 0;
             Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
             for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
             const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
             Scalar* zh = &z(h, pos, 0);
             Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] *= rescale; });
-            Scalar sum = run_sum(pos, h) * rescale;
+            Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
             for (int n = n0; n < n1; ++n) {
               const std::int64_t row = row0 + std::int64_t(n) * L;
               const Scalar e = detail::exp(a(row, h) - mx);
@@ -239,29 +270,15 @@ class CrossAttention {
   }
 
   void stream_end(const ExecSpace& exec, Saved& s, const View4<Scalar, memory_space>& out) {
-    DCHAG_EXPECT(streamed_ == s.N, "dchag::CrossAttention::stream_end", "stream covered ",
-                 streamed_, " of N = ", s.N, " inputs, expected all");
-    check_shapes("dchag::CrossAttention::stream_end", X4(s.a.data(), s.B, s.N, s.L, cfg_.dim),
-                 Segments::whole(s.N), out.extent(0), out.extent(1), out.extent(2), out.extent(3), "out");
-    const int N = s.N, L = s.L, D = cfg_.dim, nh = cfg_.heads;
-    auto a = s.a;
-    auto z = s.z;
-    auto run_max = s.run_max;
-    auto run_sum = s.run_sum;
-    detail::for_each_row(
-        exec, "dchag::attention::stream_weights", std::int64_t(s.B) * N * L, nh,
-        KOKKOS_LAMBDA(const std::int64_t row, const int h) {
-          const std::int64_t pos = (row / (std::int64_t(N) * L)) * L + row % L;
-          a(row, h) = detail::exp(a(row, h) - run_max(pos, h)) / run_sum(pos, h);
-        });
-    detail::for_each_row(
-        exec, "dchag::attention::stream_normalize", std::int64_t(nh) * s.B * L, D,
-        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-          const std::int64_t pos = r % (std::int64_t(s.B) * L);
-          const int h = static_cast<int>(r / (std::int64_t(s.B) * L));
-          z(h, pos, d) /= run_sum(pos, h);
-        });
-    finish_pooled(exec, s);
+    constexpr const char* where = "dchag::CrossAttention::stream_end";
+    DCHAG_EXPECT(s.k == 1 && streamed_ == s.N, where, "stream covered ", streamed_, " of N = ",
+                 s.N, " inputs, expected all");
+    DCHAG_EXPECT(out.extent(0) == std::size_t(s.B) && out.extent(1) == 1 &&
+                     out.extent(2) == std::size_t(s.L) && out.extent(3) == std::size_t(cfg_.dim),
+                 where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ", ",
+                 out.extent(3), "], expected [B, 1, L, D] = [", s.B, ", 1, ", s.L, ", ", cfg_.dim, "]");
+    exponentiate(exec, s);
+    finish_pooled(exec, s, nullptr);
     project_out(exec, s, out);
   }
 
@@ -337,6 +354,14 @@ class CrossAttention {
                  x.extent(2), ", ", x.extent(3), "]");
   }
 
+  void check_group(const char* where, const Segments& seg,
+                   const GroupReduce<Scalar, memory_space>* group) const {
+    if (group == nullptr) return;
+    DCHAG_EXPECT(cfg_.strategy == Strategy::pooled && seg.count() == 1, where,
+                 "a group reduction needs the pooled strategy and one segment, got ",
+                 to_string(cfg_.strategy), " and ", seg.count(), " segments");
+  }
+
   void prepare(const ExecSpace& exec, const X4& x, const Segments& seg, Saved& s) const {
     const int B = x.extent(0), N = x.extent(1), L = x.extent(2), k = seg.count();
     const int D = cfg_.dim, nh = cfg_.heads;
@@ -357,12 +382,17 @@ class CrossAttention {
     ensure(s.ocat, "dchag::attention::ocat", P, std::size_t(D));
     if (cfg_.strategy == Strategy::pooled) {
       ensure(s.z, "dchag::attention::z", std::size_t(nh), P, std::size_t(D));
+      ensure(s.run_max, "dchag::attention::run_max", P, std::size_t(nh));
+      ensure(s.run_sum, "dchag::attention::run_sum", P, std::size_t(nh));
       s.kmat = V2();
       s.vmat = V2();
     } else {
-      ensure(s.kmat, "dchag::attention::k", M, std::size_t(D));
-      ensure(s.vmat, "dchag::attention::v", M, std::size_t(D));
+      const std::size_t Dr = std::size_t(head_end_ - head_begin_) * (D / nh);
+      ensure(s.kmat, "dchag::attention::k", M, Dr);
+      ensure(s.vmat, "dchag::attention::v", M, Dr);
       s.z = V3();
+      s.run_max = V2();
+      s.run_sum = V2();
     }
     s.B = B;
     s.N = N;
@@ -394,42 +424,83 @@ class CrossAttention {
         });
   }
 
-  // Softmax over each segment, in place on s.a (which holds scores on entry).
-  void softmax(const ExecSpace& exec, const Saved& s) const {
-    const int N = s.N, L = s.L, k = s.k, nh = cfg_.heads;
+  // Softmax over each segment for heads [h0, h1), in place on s.a (which holds scores on entry).
+  void softmax(const ExecSpace& exec, const Saved& s, int h0, int h1) const {
+    const int N = s.N, L = s.L, k = s.k;
     auto a = s.a;
     auto off = s.offsets;
-    Kokkos::parallel_for(
-        "dchag::attention::softmax", Policy(exec, 0, std::int64_t(s.B) * k * L * nh),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int h = static_cast<int>(i % nh);
-          const std::int64_t pos = i / nh;
-          const int l = static_cast<int>(pos % L);
-          const std::int64_t bj = pos / L;
-          const int j = static_cast<int>(bj % k);
-          const int b = static_cast<int>(bj / k);
-          const std::int64_t row0 = std::int64_t(b) * N * L + l;
+    detail::for_each_row(
+        exec, "dchag::attention::softmax", std::int64_t(s.B) * k * L, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+          const int h = h0 + hh;
+          const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
+          const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
           Scalar m = a(row0 + std::int64_t(off(j)) * L, h);
           for (int n = off(j) + 1; n < off(j + 1); ++n) m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
           Scalar sum = 0;
           for (int n = off(j); n < off(j + 1); ++n) {
-            const Scalar e = detail::exp(a(row0 + std::int64_t(n) * L, h) - m);
-            a(row0 + std::int64_t(n) * L, h) = e;
-            sum += e;
+            Scalar& v = a(row0 + std::int64_t(n) * L, h);
+            v = detail::exp(v - m);
+            sum += v;
           }
-          const Scalar inv = Scalar(1) / sum;
-          for (int n = off(j); n < off(j + 1); ++n) a(row0 + std::int64_t(n) * L, h) *= inv;
+          for (int n = off(j); n < off(j + 1); ++n) a(row0 + std::int64_t(n) * L, h) /= sum;
         });
   }
 
-  void forward_pooled(const ExecSpace& exec, const X4& x, const Saved& s) {
+  // Per output position and head [h0, h1): run_max = max over the segment of the scores in a.
+  void segment_max(const ExecSpace& exec, const Saved& s, const V2& run_max, int h0, int h1) const {
+    const int N = s.N, L = s.L, k = s.k;
+    auto a = s.a;
+    auto off = s.offsets;
+    detail::for_each_row(
+        exec, "dchag::attention::segment_max", std::int64_t(s.B) * k * L, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+          const int h = h0 + hh;
+          const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
+          const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
+          Scalar m = a(row0 + std::int64_t(off(j)) * L, h);
+          for (int n = off(j) + 1; n < off(j + 1); ++n) m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
+          run_max(pos, h) = m;
+        });
+  }
+
+  // In place on a: e = exp(score - run_max); run_sum = sum of e over the segment.
+  void exponentiate(const ExecSpace& exec, const Saved& s, int h0 = 0, int h1 = -1) const {
+    if (h1 < 0) h1 = cfg_.heads;
+    const int N = s.N, L = s.L, k = s.k;
+    auto a = s.a;
+    auto off = s.offsets;
+    auto run_max = s.run_max;
+    auto run_sum = s.run_sum;
+    detail::for_each_row(
+        exec, "dchag::attention::exponentiate", std::int64_t(s.B) * k * L, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+          const int h = h0 + hh;
+          const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
+          const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
+          Scalar sum = 0;
+          for (int n = off(j); n < off(j + 1); ++n) {
+            Scalar& v = a(row0 + std::int64_t(n) * L, h);
+            v = detail::exp(v - run_max(pos, h));
+            sum += v;
+          }
+          run_sum(pos, h) = sum;
+        });
+  }
+
+  // Pooled forward: scores against u, softmax numerators, pooling, one projection per head.
+  // The softmax is normalized after pooling so that a group can merge its ranks' partial sums.
+  void forward_pooled(const ExecSpace& exec, const X4& x, Saved& s,
+                      const GroupReduce<Scalar, memory_space>* group) {
     const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads;
     const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
     auto x2 = as2(x.data(), M, D);
     // Scores s[row, h] = x[row] . u_h: one GEMM over all tokens.
     detail::gemm(exec, "N", "T", Scalar(1), x2, u_, Scalar(0), s.a);
-    softmax(exec, s);
-    // z[h, pos] = sum_n a[row(n), h] x[row(n)]: each team owns one output position.
+    segment_max(exec, s, s.run_max, 0, nh);
+    if (group) group->max(Unmanaged1<Scalar, memory_space>(s.run_max.data(), s.run_max.span()));
+    exponentiate(exec, s);
+    // z[h, pos] = sum_n e[row(n), h] x[row(n)]: each team owns one output position.
     auto a = s.a;
     auto z = s.z;
     auto off = s.offsets;
@@ -452,30 +523,68 @@ class CrossAttention {
             }
           }
         });
-    finish_pooled(exec, s);
+    finish_pooled(exec, s, group);
   }
 
-  // ocat[pos, h-block] = Wv_h z_h + bv_h.
-  void finish_pooled(const ExecSpace& exec, const Saved& s) {
-    const int D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
-    const std::size_t P = std::size_t(s.B) * s.k * s.L;
+  // From the softmax numerators e (in a), their sums and the pooled z = sum e x: projects
+  // y_h = Wv_h z_h, merges (y, sums) over the group, then normalizes a and z and writes
+  // ocat[pos, h-block] = y_h / sum_h + bv_h.
+  void finish_pooled(const ExecSpace& exec, const Saved& s,
+                     const GroupReduce<Scalar, memory_space>* group) {
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t P = std::size_t(s.B) * k * L;
     V3 oh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
     for (int h = 0; h < nh; ++h) {
       auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
       auto wv = Kokkos::subview(w_in_, 2, Kokkos::make_pair(h * hd, (h + 1) * hd), Kokkos::ALL);
-      auto o = Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL);
-      detail::gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0), o);
+      detail::gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0), Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL));
     }
+    auto run_sum = s.run_sum;
+    if (group) {
+      // One message: [P, D] projected sums then [P, heads] softmax denominators.
+      V1 merged = workspace1(merge_, "dchag::attention::merge", P * (D + nh));
+      detail::for_each_row(
+          exec, "dchag::attention::pack", P, D + nh, KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+            merged(pos * (D + nh) + c) = c < D ? oh(c / hd, pos, c % hd) : run_sum(pos, c - D);
+          });
+      group->sum(Unmanaged1<Scalar, memory_space>(merged.data(), merged.span()));
+      detail::for_each_row(
+          exec, "dchag::attention::unpack", P, D + nh, KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+            if (c < D) {
+              oh(c / hd, pos, c % hd) = merged(pos * (D + nh) + c);
+            } else {
+              run_sum(pos, c - D) = merged(pos * (D + nh) + c);
+            }
+          });
+    }
+    auto a = s.a;
+    auto z = s.z;
     auto ocat = s.ocat;
     auto b_in = b_in_;
+    auto seg = s.segment;
+    detail::for_each_row(
+        exec, "dchag::attention::normalize_weights", std::int64_t(s.B) * N * L, nh,
+        KOKKOS_LAMBDA(const std::int64_t row, const int h) {
+          const std::int64_t bn = row / L;
+          const std::int64_t pos = ((bn / N) * k + seg(bn % N)) * L + row % L;
+          a(row, h) /= run_sum(pos, h);
+        });
+    detail::for_each_row(
+        exec, "dchag::attention::normalize_pool", std::int64_t(nh) * P, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          const std::int64_t pos = r % std::int64_t(P);
+          z(r / std::int64_t(P), pos, d) /= run_sum(pos, r / std::int64_t(P));
+        });
     detail::for_each_row(
         exec, "dchag::attention::concat", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
-          ocat(pos, r) = oh(r / hd, pos, r % hd) + b_in(2, r);
+          ocat(pos, r) = oh(r / hd, pos, r % hd) / run_sum(pos, r / hd) + b_in(2, r);
         });
   }
 
-  void forward_materialized(const ExecSpace& exec, const X4& x, const Saved& s) {
+  // Materialized forward over heads [head_begin_, head_end_): K and V of those heads only.
+  void forward_materialized(const ExecSpace& exec, const X4& x, Saved& s) {
     const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const int h0 = head_begin_, h1 = head_end_, r0 = h0 * hd, Dr = (h1 - h0) * hd;
     const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
     const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
     auto x2 = as2(x.data(), M, D);
@@ -483,55 +592,55 @@ class CrossAttention {
     auto V = s.vmat;
     auto b_in = b_in_;
     detail::for_each_row(
-        exec, "dchag::attention::kv_bias", M, D, KOKKOS_LAMBDA(const std::int64_t row, const int r) {
-          K(row, r) = b_in(1, r);
-          V(row, r) = b_in(2, r);
+        exec, "dchag::attention::kv_bias", M, Dr, KOKKOS_LAMBDA(const std::int64_t row, const int c) {
+          K(row, c) = b_in(1, r0 + c);
+          V(row, c) = b_in(2, r0 + c);
         });
-    detail::gemm(exec, "N", "T", Scalar(1), x2,
-                 Kokkos::subview(w_in_, 1, Kokkos::ALL, Kokkos::ALL), Scalar(1), K);
-    detail::gemm(exec, "N", "T", Scalar(1), x2,
-                 Kokkos::subview(w_in_, 2, Kokkos::ALL, Kokkos::ALL), Scalar(1), V);
+    const auto rows = Kokkos::make_pair(r0, r0 + Dr);
+    detail::gemm(exec, "N", "T", Scalar(1), x2, Kokkos::subview(w_in_, 1, rows, Kokkos::ALL), Scalar(1), K);
+    detail::gemm(exec, "N", "T", Scalar(1), x2, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL), Scalar(1), V);
     auto a = s.a;
     auto q = q_;
-    Kokkos::parallel_for(
-        "dchag::attention::scores", Policy(exec, 0, std::int64_t(M) * nh),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int h = static_cast<int>(i % nh);
-          const std::int64_t row = i / nh;
+    detail::for_each_row(
+        exec, "dchag::attention::scores", M, h1 - h0, KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
+          const int h = h0 + hh;
           Scalar acc = 0;
-          for (int r = h * hd; r < (h + 1) * hd; ++r) acc += q(r) * K(row, r);
+          for (int c = (h - h0) * hd; c < (h - h0 + 1) * hd; ++c) acc += q(r0 + c) * K(row, c);
           a(row, h) = acc * scale;
         });
-    softmax(exec, s);
+    softmax(exec, s, h0, h1);
     auto ocat = s.ocat;
     auto off = s.offsets;
-    Kokkos::parallel_for(
-        "dchag::attention::weighted_values", Policy(exec, 0, std::int64_t(P) * D),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int r = static_cast<int>(i % D);
-          const std::int64_t pos = i / D;
+    detail::for_each_row(
+        exec, "dchag::attention::weighted_values", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+          if (r < r0 || r >= r0 + Dr) {
+            ocat(pos, r) = 0;  // another rank's heads
+            return;
+          }
           const int l = static_cast<int>(pos % L);
           const int j = static_cast<int>((pos / L) % k);
-          const int b = static_cast<int>(pos / (std::int64_t(L) * k));
+          const std::int64_t b = pos / (std::int64_t(L) * k);
           Scalar acc = 0;
           for (int n = off(j); n < off(j + 1); ++n) {
-            const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
-            acc += a(row, r / hd) * V(row, r);
+            const std::int64_t row = (b * N + n) * L + l;
+            acc += a(row, r / hd) * V(row, r - r0);
           }
           ocat(pos, r) = acc;
         });
   }
 
-  // out = ocat Wo^T + bo.
+  // out = ocat Wo^T + bo (bo only where this module owns it).
   void project_out(const ExecSpace& exec, const Saved& s,
                    const View4<Scalar, memory_space>& out) const {
     const int D = cfg_.dim;
     const std::size_t P = s.ocat.extent(0);
     auto out2 = as2(out.data(), P, D);
     auto bo = b_out_;
+    const bool with_bias = out_bias_;
     detail::for_each_row(
-        exec, "dchag::attention::out_bias", P, D,
-        KOKKOS_LAMBDA(const std::int64_t pos, const int d) { out2(pos, d) = bo(d); });
+        exec, "dchag::attention::out_bias", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int d) {
+          out2(pos, d) = with_bias ? bo(d) : Scalar(0);
+        });
     detail::gemm(exec, "N", "T", Scalar(1), s.ocat, w_out_, Scalar(1), out2);
   }
 
@@ -541,7 +650,7 @@ class CrossAttention {
     const int D = cfg_.dim;
     const std::size_t P = s.ocat.extent(0);
     auto g2 = as2(d_out.data(), P, D);
-    column_sums(exec, g2, d_b_out_);
+    if (out_bias_) column_sums(exec, g2, d_b_out_);
     detail::gemm(exec, "T", "N", Scalar(1), g2, s.ocat, Scalar(1), d_w_out_);
     V2 go = workspace2(go_, "dchag::attention::go", P, D);
     detail::gemm(exec, "N", "N", Scalar(1), g2, w_out_, Scalar(0), go);
@@ -560,11 +669,17 @@ class CrossAttention {
   }
 
   void backward_pooled(const ExecSpace& exec, const X4& x, const Saved& s,
-                       const View4<Scalar, memory_space>& dx) {
+                       const View4<Scalar, memory_space>& dx,
+                       const GroupReduce<Scalar, memory_space>* group) {
     const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
     const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
     auto go = go_;
     column_sums(exec, go, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
+    // What a group sums: du [heads, D] then this rank's dWv share [D, D], as one message.
+    V1 shared = workspace1(shared_, "dchag::attention::group_grads", std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
+    auto du = Unmanaged2<Scalar, memory_space>(shared.data(), nh, D);
+    auto dwv = group ? Unmanaged2<Scalar, memory_space>(shared.data() + std::size_t(nh) * D, D, D)
+                     : Unmanaged2<Scalar, memory_space>(&d_w_in_(2, 0, 0), D, D);
     // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
     V3 goh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
     detail::for_each_row(
@@ -576,21 +691,19 @@ class CrossAttention {
       auto gh = Kokkos::subview(goh, h, Kokkos::ALL, Kokkos::ALL);
       auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
       auto rows = Kokkos::make_pair(h * hd, (h + 1) * hd);
-      detail::gemm(exec, "T", "N", Scalar(1), gh, zh, Scalar(1),
-                   Kokkos::subview(d_w_in_, 2, rows, Kokkos::ALL));
+      detail::gemm(exec, "T", "N", Scalar(1), gh, zh, group ? Scalar(0) : Scalar(1),
+                   Kokkos::subview(dwv, rows, Kokkos::ALL));
       detail::gemm(exec, "N", "N", Scalar(1), gh, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL),
                    Scalar(0), Kokkos::subview(gz, h, Kokkos::ALL, Kokkos::ALL));
     }
-    // c[pos, h] = gz_h . z_h
+    // c[pos, h] = gz_h . z_h = go_h . (o_h - bv_h): from the (group-wide) output, so no z sum.
     V2 c = workspace2(c_, "dchag::attention::c", P, nh);
-    auto z = s.z;
-    Kokkos::parallel_for(
-        "dchag::attention::gz_dot_z", Policy(exec, 0, std::int64_t(P) * nh),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int h = static_cast<int>(i % nh);
-          const std::int64_t pos = i / nh;
+    auto ocat = s.ocat;
+    auto b_in = b_in_;
+    detail::for_each_row(
+        exec, "dchag::attention::gz_dot_z", P, nh, KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
           Scalar acc = 0;
-          for (int d = 0; d < D; ++d) acc += gz(h, pos, d) * z(h, pos, d);
+          for (int r = h * hd; r < (h + 1) * hd; ++r) acc += go(pos, r) * (ocat(pos, r) - b_in(2, r));
           c(pos, h) = acc;
         });
     // Per token: ds_h = a_h (gz_h . x - c_h); dx = sum_h a_h gz_h + ds_h u_h.
@@ -624,10 +737,18 @@ class CrossAttention {
             });
           }
         });
-    // du = ds^T x, then dWk_h = q_h (x) du_h / sqrt(hd) and dq_h = Wk_h du_h / sqrt(hd).
-    detail::gemm(exec, "T", "N", Scalar(1), ds, x2, Scalar(0), du_);
+    // du = ds^T x, summed over the group with this rank's dWv share.
+    detail::gemm(exec, "T", "N", Scalar(1), ds, x2, Scalar(0), du);
+    if (group) {
+      group->sum(Unmanaged1<Scalar, memory_space>(shared.data(), shared.span()));
+      auto dw = d_w_in_;
+      detail::for_each_row(
+          exec, "dchag::attention::add_value_grad", D, D, KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+            dw(2, r, d) += dwv(r, d);
+          });
+    }
+    // dWk_h = q_h (x) du_h / sqrt(hd) and dq_h = Wk_h du_h / sqrt(hd).
     const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
-    auto du = du_;
     auto q = q_;
     auto dq = dq_;
     auto w = w_in_;
@@ -644,72 +765,69 @@ class CrossAttention {
         });
   }
 
+  // Materialized backward over heads [head_begin_, head_end_).
   void backward_materialized(const ExecSpace& exec, const X4& x, const Saved& s,
                              const View4<Scalar, memory_space>& dx) {
     const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const int h0 = head_begin_, h1 = head_end_, r0 = h0 * hd, Dr = (h1 - h0) * hd;
     const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
     const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
     auto go = go_;
     auto ocat = s.ocat;
     // c[pos, h] = go_h . o_h  (o_h without the out-projection; bv is inside V).
     V2 c = workspace2(c_, "dchag::attention::c", P, nh);
-    Kokkos::parallel_for(
-        "dchag::attention::go_dot_o", Policy(exec, 0, std::int64_t(P) * nh),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int h = static_cast<int>(i % nh);
-          const std::int64_t pos = i / nh;
+    detail::for_each_row(
+        exec, "dchag::attention::go_dot_o", P, h1 - h0, KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+          const int h = h0 + hh;
           Scalar acc = 0;
           for (int r = h * hd; r < (h + 1) * hd; ++r) acc += go(pos, r) * ocat(pos, r);
           c(pos, h) = acc;
         });
-    V2 dK = workspace2(dk_, "dchag::attention::dk", M, D);
-    V2 dV = workspace2(dv_, "dchag::attention::dv", M, D);
+    V2 dK = workspace2(dk_, "dchag::attention::dk", M, Dr);
+    V2 dV = workspace2(dv_, "dchag::attention::dv", M, Dr);
+    V2 dsv = workspace2(ds_, "dchag::attention::ds", M, nh);
     auto K = s.kmat;
     auto V = s.vmat;
     auto a = s.a;
     auto q = q_;
     auto seg = s.segment;
-    V2 dsv = workspace2(ds_, "dchag::attention::ds", M, nh);
-    Kokkos::parallel_for(
-        "dchag::attention::materialized_token_grad", Policy(exec, 0, std::int64_t(M) * nh),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int h = static_cast<int>(i % nh);
-          const std::int64_t row = i / nh;
+    detail::for_each_row(
+        exec, "dchag::attention::materialized_token_grad", M, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
+          const int h = h0 + hh;
           const int l = static_cast<int>(row % L);
           const int n = static_cast<int>((row / L) % N);
-          const int b = static_cast<int>(row / (std::int64_t(L) * N));
-          const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
+          const std::int64_t b = row / (std::int64_t(L) * N);
+          const std::int64_t pos = (b * k + seg(n)) * L + l;
           Scalar da = 0;
-          for (int r = h * hd; r < (h + 1) * hd; ++r) da += go(pos, r) * V(row, r);
+          for (int r = h * hd; r < (h + 1) * hd; ++r) da += go(pos, r) * V(row, r - r0);
           const Scalar ds = a(row, h) * (da - c(pos, h));
           dsv(row, h) = ds;
           for (int r = h * hd; r < (h + 1) * hd; ++r) {
-            dV(row, r) = a(row, h) * go(pos, r);
-            dK(row, r) = ds * q(r) * scale;
+            dV(row, r - r0) = a(row, h) * go(pos, r);
+            dK(row, r - r0) = ds * q(r) * scale;
           }
         });
-    // dq[r] = sum_rows ds[row, h] K[row, r] / sqrt(hd).
+    // dq[r] = sum_rows ds[row, h] K[row, r] / sqrt(hd); zero outside this module's heads.
     auto dq = dq_;
     Kokkos::parallel_for(
         "dchag::attention::query_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
           Scalar acc = 0;
-          for (std::int64_t row = 0; row < std::int64_t(M); ++row) acc += dsv(row, r / hd) * K(row, r);
+          if (r >= r0 && r < r0 + Dr) {
+            for (std::int64_t row = 0; row < std::int64_t(M); ++row) acc += dsv(row, r / hd) * K(row, r - r0);
+          }
           dq(r) = acc * scale;
         });
     auto x2 = as2(x.data(), M, D);
     auto dx2 = as2(dx.data(), M, D);
-    auto wk = Kokkos::subview(w_in_, 1, Kokkos::ALL, Kokkos::ALL);
-    auto wv = Kokkos::subview(w_in_, 2, Kokkos::ALL, Kokkos::ALL);
-    detail::gemm(exec, "N", "N", Scalar(1), dK, wk, Scalar(0), dx2);
-    detail::gemm(exec, "N", "N", Scalar(1), dV, wv, Scalar(1), dx2);
-    detail::gemm(exec, "T", "N", Scalar(1), dK, x2, Scalar(1),
-                 Kokkos::subview(d_w_in_, 1, Kokkos::ALL, Kokkos::ALL));
-    detail::gemm(exec, "T", "N", Scalar(1), dV, x2, Scalar(1),
-                 Kokkos::subview(d_w_in_, 2, Kokkos::ALL, Kokkos::ALL));
-    column_sums(exec, dK, Kokkos::subview(d_b_in_, 1, Kokkos::ALL));
-    column_sums(exec, dV, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
+    const auto rows = Kokkos::make_pair(r0, r0 + Dr);
+    detail::gemm(exec, "N", "N", Scalar(1), dK, Kokkos::subview(w_in_, 1, rows, Kokkos::ALL), Scalar(0), dx2);
+    detail::gemm(exec, "N", "N", Scalar(1), dV, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL), Scalar(1), dx2);
+    detail::gemm(exec, "T", "N", Scalar(1), dK, x2, Scalar(1), Kokkos::subview(d_w_in_, 1, rows, Kokkos::ALL));
+    detail::gemm(exec, "T", "N", Scalar(1), dV, x2, Scalar(1), Kokkos::subview(d_w_in_, 2, rows, Kokkos::ALL));
+    column_sums(exec, dK, Kokkos::subview(d_b_in_, 1, rows));
+    column_sums(exec, dV, Kokkos::subview(d_b_in_, 2, rows));
   }
-
   // From dq: dqv = Wq^T dq, dWq += dq (x) qv, dbq += dq.
   void back_query(const ExecSpace& exec) {
     const int D = cfg_.dim;
@@ -741,6 +859,10 @@ class CrossAttention {
     if (!same) v = V(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), ext...);
   }
 
+  static V1 workspace1(V1& v, const char* label, std::size_t n0) {
+    ensure(v, label, n0);
+    return v;
+  }
   static V2 workspace2(V2& v, const char* label, std::size_t n0, std::size_t n1) {
     ensure(v, label, n0, n1);
     return v;
@@ -782,10 +904,13 @@ class CrossAttention {
   // Per-call values and workspace, reused across calls of the same shape.
   V1 q_, dq_;
   V2 u_, du_;
+  V1 merge_, shared_;
   V2 go_, c_, ds_, dk_, dv_;
   V3 oh_, gz_;
   Saved own_saved_;
   int streamed_ = 0;
+  int head_begin_ = 0, head_end_ = 0;  // set to [0, heads) in the constructor
+  bool out_bias_ = true;
 };
 
 }  // namespace dchag

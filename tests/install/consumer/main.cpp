@@ -1,7 +1,7 @@
 // Builds against an installed (or add_subdirectory'd) dchag and runs one Kokkos Kernels call.
 // The entry header most users include; switch to it once it exists:
 // #include <dchag/aggregate.hpp>
-#include <dchag/error.hpp>
+#include <dchag/aggregate.hpp>
 
 #include <KokkosBlas1_dot.hpp>
 #include <Kokkos_Core.hpp>
