@@ -1,0 +1,363 @@
+#pragma once
+/// The front end distributed over the ranks of a channel group (DESIGN 3.3-3.7, 4):
+/// - dchag_linear / dchag_xattn (D-CHAG-L / D-CHAG-C): each rank tokenizes its channels, folds
+///   them into one partial token, the partial tokens are all-gathered in rank order and a final
+///   cross-attention folds them; then the positional embedding.
+/// - exact_flat: the ClimaX aggregation over all C channels, distributed exactly: local softmax
+///   statistics and projected partial sums merged by one MAX and one SUM all-reduce.
+/// - tp_only: the paper's baseline: every rank tokenizes all C channels, the cross-attention's
+///   heads are split over the ranks, outputs all-reduced.
+///
+/// Construction and every forward/backward are collective over the channel group. Configuration
+/// that must agree across ranks is checked first, so a mismatch throws on every rank.
+#include <dchag/channel_map.hpp>
+#include <dchag/communicator.hpp>
+#include <dchag/front_end.hpp>
+
+#include <cstring>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace dchag {
+
+enum class Mode { dchag_linear, dchag_xattn, exact_flat, tp_only };
+
+constexpr std::string_view to_string(Mode m) {
+  switch (m) {
+    case Mode::dchag_linear: return "dchag_linear";
+    case Mode::dchag_xattn: return "dchag_xattn";
+    case Mode::exact_flat: return "exact_flat";
+    case Mode::tp_only: return "tp_only";
+  }
+  return "?";
+}
+
+/// What a rank passes to forward: only its own channels (in the order the map lists them), or
+/// the full image with every channel, from which it reads its own.
+enum class ImageInput { own_channels, full_image };
+
+namespace detail {
+
+/// GroupReduce over a Communicator, on the execution space that produced the data.
+template <class ExecSpace, class Scalar>
+class CommunicatorReduce final : public GroupReduce<Scalar, typename ExecSpace::memory_space> {
+ public:
+  using V = Unmanaged1<Scalar, typename ExecSpace::memory_space>;
+  CommunicatorReduce(const ExecSpace& exec, const Communicator& comm) : exec_(exec), comm_(comm) {}
+  void max(const V& values) const override { allreduce_max(exec_, comm_, values); }
+  void sum(const V& values) const override { allreduce_sum(exec_, comm_, values); }
+
+ private:
+  ExecSpace exec_;
+  Communicator comm_;
+};
+
+/// Heads [begin, end) of `rank` when `heads` are split over `ranks` in contiguous blocks (the
+/// first heads % ranks ranks get one more).
+inline std::pair<int, int> head_share(int heads, int ranks, int rank) {
+  const int base = heads / ranks, extra = heads % ranks;
+  const int begin = rank * base + (rank < extra ? rank : extra);
+  return {begin, begin + base + (rank < extra ? 1 : 0)};
+}
+
+/// FNV-1a over the bytes of every tensor in `list` (host copies), for cross-rank comparison.
+template <class Scalar, class MemSpace>
+std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (const auto& t : list) {
+    for (const auto& p : t.pieces) {
+      auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p.values);
+      const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
+      for (std::size_t i = 0; i < host.span() * sizeof(Scalar); ++i) h = (h ^ bytes[i]) * 0x100000001b3ull;
+    }
+  }
+  return h;
+}
+
+}  // namespace detail
+
+template <class ExecSpace, class Scalar = float>
+class DistributedFrontEnd {
+ public:
+  using execution_space = ExecSpace;
+  using memory_space = typename ExecSpace::memory_space;
+  using scalar_type = Scalar;
+  using V3 = View3<Scalar, memory_space>;
+  using V4 = View4<Scalar, memory_space>;
+
+  /// Collective over `comm`. `map` places the C channels on the comm.size() ranks. `tree` is the
+  /// local tree of the D-CHAG modes (1: none). exact_flat needs the pooled strategy and tp_only
+  /// the materialized one (it is the paper's baseline, K and V formed for the rank's heads).
+  DistributedFrontEnd(const ExecSpace& exec, const Communicator& comm, const FrontEndConfig& cfg,
+                      Mode mode, const ChannelMap& map, int tree = 1)
+      : comm_(comm), cfg_(cfg), mode_(mode), map_(map), tree_(tree), reduce_(exec, comm) {
+    constexpr const char* where = "dchag::DistributedFrontEnd";
+    comm_.check_collectively(where, [&] { validate_local(); });
+    comm_.agree(where, {{"C", cfg.channels},
+                        {"H", cfg.height},
+                        {"W", cfg.width},
+                        {"p", cfg.patch},
+                        {"D", cfg.dim},
+                        {"heads", cfg.heads},
+                        {"mode", static_cast<std::int64_t>(mode)},
+                        {"strategy", static_cast<std::int64_t>(cfg.strategy)},
+                        {"convention", static_cast<std::int64_t>(cfg.convention)},
+                        {"tree", tree},
+                        {"seed", static_cast<std::int64_t>(cfg.seed)},
+                        {"scalar size", static_cast<std::int64_t>(sizeof(Scalar))},
+                        {"channel map", static_cast<std::int64_t>(map.fingerprint())}});
+    const int rank = comm_.rank();
+    channels_ = map.channels_of(rank);
+    pos_.emplace(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim);
+    if (is_dchag()) {
+      const PartialKind kind = mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
+      stage_.emplace(exec, cfg, channels_, kind, tree, "partial." + std::to_string(rank) + ".");
+      attention_.emplace(exec, cfg.attention(), cfg.seed, "final.");
+    } else {
+      const std::vector<int> held = mode == Mode::tp_only ? detail::iota_ids(cfg.channels) : channels_;
+      tokenizer_.emplace(exec, cfg.channels, cfg.patch, cfg.dim, held, cfg.seed);
+      attention_.emplace(exec, cfg.attention(), cfg.seed, "var_agg");
+      if (mode == Mode::tp_only) {
+        const auto [h0, h1] = detail::head_share(cfg.heads, comm_.size(), rank);
+        attention_->set_head_range(h0, h1, rank == 0);
+      }
+    }
+    verify_replicated(exec);
+  }
+
+  Mode mode() const { return mode_; }
+  const FrontEndConfig& config() const { return cfg_; }
+  const Communicator& communicator() const { return comm_; }
+  /// This rank's channels, in the order an own-channels image holds them.
+  const std::vector<int>& channels() const { return channels_; }
+
+  /// Collective. out [B, L, D], identical on every rank. images [B, C_r, H, W] (own channels) or
+  /// [B, C, H, W] (full image); tp_only needs the full image (every rank tokenizes all channels).
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+               const V3& out, ImageInput input = ImageInput::own_channels) {
+    detail::ScopedRegion region("dchag::DistributedFrontEnd::forward");
+    constexpr const char* where = "dchag::DistributedFrontEnd::forward";
+    comm_.check_collectively(where, [&] { check_forward(images, out, input); });
+    comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
+                        {"image input", static_cast<std::int64_t>(input)}});
+    const std::size_t B = images.extent(0), P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
+    const auto sel = selection(input);
+    const V4 out4(out.data(), B, 1, L, D);
+    switch (mode_) {
+      case Mode::dchag_linear:
+      case Mode::dchag_xattn: {
+        ensure(partial_, "dchag::distributed::partial", B, 1, L, D);
+        ensure(received_, "dchag::distributed::received", P, B, L, D);
+        ensure(gathered_, "dchag::distributed::gathered", B, P, L, D);
+        stage_->forward(exec, images, sel, partial_);
+        allgather(exec, comm_, partial_, received_);
+        auto received = received_;
+        auto gathered = gathered_;
+        detail::for_each_row(
+            exec, "dchag::distributed::rank_major_to_batch_major", std::int64_t(B) * P * L, int(D),
+            KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+              const std::int64_t l = r % L, rk = (r / L) % P, b = r / (std::int64_t(L) * P);
+              gathered(b, rk, l, d) = received(rk, b, l, d);
+            });
+        attention_->forward(exec, gathered_, Segments::whole(int(P)), out4, saved_);
+        break;
+      }
+      case Mode::exact_flat:
+        ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
+        tokenizer_->forward(exec, images, sel, tokens_);
+        attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_, &reduce_);
+        break;
+      case Mode::tp_only:
+        ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
+        tokenizer_->forward(exec, images, sel, tokens_);
+        attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_);
+        allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(out.data(), out.span()));
+        break;
+    }
+    pos_->forward(exec, out);
+    forwarded_ = true;
+  }
+
+  /// Collective. Accumulates gradients from d_out [B, L, D], which must be identical on every rank
+  /// (the output is replicated). Replicated parameters (final or flat cross-attention, positional
+  /// embedding) get identical gradients on every rank; each rank's tokenizer and partial
+  /// aggregator gradients are its own. tp_only: the cross-attention weight gradients are this
+  /// rank's head share (zero outside it, as its shard of the weights), summed over ranks they are
+  /// the full gradient; the query gradient is summed here.
+  void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
+    detail::ScopedRegion region("dchag::DistributedFrontEnd::backward");
+    constexpr const char* where = "dchag::DistributedFrontEnd::backward";
+    const std::size_t B = saved_.B, L = cfg_.patches(), D = cfg_.dim;
+    comm_.check_collectively(where, [&] {
+      DCHAG_EXPECT(forwarded_, where, "called before forward");
+      DCHAG_EXPECT(d_out.extent(0) == B && d_out.extent(1) == L && d_out.extent(2) == D, where,
+                   "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
+                   "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
+    });
+    const View4<const Scalar, memory_space> d_out4(d_out.data(), B, 1, L, D);
+    pos_->backward(exec, d_out);
+    switch (mode_) {
+      case Mode::dchag_linear:
+      case Mode::dchag_xattn: {
+        ensure(d_gathered_, "dchag::distributed::d_gathered", B, std::size_t(comm_.size()), L, D);
+        attention_->backward(exec, gathered_, saved_, d_out4, d_gathered_);
+        // The gathered gradient is the same on every rank: keep this rank's slice, no collective.
+        detail::copy_slot(exec, partial_, d_gathered_, comm_.rank(), false);
+        stage_->backward(exec, partial_);
+        break;
+      }
+      case Mode::exact_flat:
+        ensure(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
+        attention_->backward(exec, tokens_, saved_, d_out4, d_tokens_, &reduce_);
+        tokenizer_->backward(exec, d_tokens_);
+        break;
+      case Mode::tp_only: {
+        ensure(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
+        // The query vector is replicated: sum only this call's share of its gradient.
+        auto d_query = attention_->gradients().front().pieces.front().values;
+        ensure(query_before_, "dchag::distributed::query_before", d_query.extent(0));
+        Kokkos::deep_copy(exec, query_before_, d_query);
+        attention_->backward(exec, tokens_, saved_, d_out4, d_tokens_);
+        auto before = query_before_;
+        Kokkos::parallel_for(
+            "dchag::distributed::query_share", Kokkos::RangePolicy<ExecSpace>(exec, 0, d_query.extent(0)),
+            KOKKOS_LAMBDA(const int i) { d_query(i) -= before(i); });
+        allreduce_sum(exec, comm_, d_query);
+        Kokkos::parallel_for(
+            "dchag::distributed::query_total", Kokkos::RangePolicy<ExecSpace>(exec, 0, d_query.extent(0)),
+            KOKKOS_LAMBDA(const int i) { d_query(i) += before(i); });
+        // Tensor parallelism's input all-reduce: every head share adds to every token's gradient.
+        allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(d_tokens_.data(), d_tokens_.span()));
+        tokenizer_->backward(exec, d_tokens_);
+        break;
+      }
+    }
+  }
+
+  void zero_gradients(const ExecSpace& exec) {
+    if (stage_) stage_->zero_gradients(exec);
+    if (tokenizer_) tokenizer_->zero_gradients(exec);
+    attention_->zero_gradients(exec);
+    pos_->zero_gradients(exec);
+  }
+
+  /// This rank's parameters, by ClimaX / D-CHAG name: token_embeds.{c}.* and its var_embed rows,
+  /// partial.{rank}.* (D-CHAG modes), final.* or var_agg.* / var_query, pos_embed.
+  TensorList<Scalar, memory_space> parameters() const { return named(false); }
+  TensorList<Scalar, memory_space> gradients() const { return named(true); }
+  /// The parameters every rank holds the same copy of.
+  TensorList<Scalar, memory_space> replicated_parameters() const {
+    TensorList<Scalar, memory_space> list;
+    if (mode_ == Mode::tp_only) list = tokenizer_->parameters();
+    detail::append(list, attention_params(false));
+    detail::append(list, pos_->parameters());
+    return list;
+  }
+
+  /// Collective: copies rank `root`'s replicated parameters to every rank.
+  void broadcast_replicated(const ExecSpace& exec, int root = 0) {
+    for (const auto& t : replicated_parameters())
+      for (const auto& p : t.pieces) broadcast(exec, comm_, p.values, root);
+    exec.fence();
+  }
+
+  /// Collective: throws dchag::error on every rank unless the replicated parameters are
+  /// bit-identical on all ranks.
+  void verify_replicated(const ExecSpace& exec) const {
+    exec.fence();
+    comm_.agree("dchag::DistributedFrontEnd::verify_replicated",
+                {{"checksum of the replicated parameters",
+                  static_cast<std::int64_t>(detail::checksum(replicated_parameters()))}});
+  }
+
+ private:
+  bool is_dchag() const { return mode_ == Mode::dchag_linear || mode_ == Mode::dchag_xattn; }
+
+  void validate_local() const {
+    constexpr const char* where = "dchag::DistributedFrontEnd";
+    cfg_.validate(where);
+    DCHAG_EXPECT(map_.channels() == cfg_.channels, where, "map.channels() is ", map_.channels(),
+                 ", expected config.channels = ", cfg_.channels);
+    DCHAG_EXPECT(map_.ranks() == comm_.size(), where, "map.ranks() is ", map_.ranks(),
+                 ", expected the communicator size ", comm_.size());
+    const int held = static_cast<int>(map_.channels_of(comm_.rank()).size());
+    DCHAG_EXPECT(tree_ >= 1 && (!is_dchag() || tree_ <= held), where, "tree is ", tree_,
+                 ", expected 1 <= tree <= channels of rank ", comm_.rank(), " = ", held);
+    DCHAG_EXPECT(mode_ != Mode::dchag_linear || held % tree_ == 0, where, "rank ", comm_.rank(),
+                 " holds ", held, " channels, expected a multiple of tree = ", tree_,
+                 " (the linear tree shares one weight vector across groups)");
+    DCHAG_EXPECT(mode_ != Mode::exact_flat || cfg_.strategy == Strategy::pooled, where,
+                 "exact_flat needs the pooled strategy, config.strategy is ", to_string(cfg_.strategy));
+    DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.strategy == Strategy::materialized, where,
+                 "tp_only is the materialized baseline, config.strategy is ", to_string(cfg_.strategy));
+    DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.heads >= comm_.size(), where, "tp_only splits ",
+                 cfg_.heads, " heads over ", comm_.size(), " ranks, expected heads >= ranks");
+  }
+
+  void check_forward(const View4<const Scalar, memory_space>& images, const V3& out,
+                     ImageInput input) const {
+    constexpr const char* where = "dchag::DistributedFrontEnd::forward";
+    const bool full = input == ImageInput::full_image;
+    const std::size_t want = full ? cfg_.channels : channels_.size();
+    DCHAG_EXPECT(images.extent(1) == want, where, "images.extent(1) is ", images.extent(1),
+                 ", expected ", full ? "C = " : "this rank's channel count ", want);
+    DCHAG_EXPECT(mode_ != Mode::tp_only || full || comm_.size() == 1, where,
+                 "tp_only tokenizes every channel on every rank: pass ImageInput::full_image");
+    DCHAG_EXPECT(images.extent(2) == std::size_t(cfg_.height) && images.extent(3) == std::size_t(cfg_.width),
+                 where, "images is [.., .., ", images.extent(2), ", ", images.extent(3),
+                 "], expected H x W = ", cfg_.height, " x ", cfg_.width);
+    DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is 0, expected a batch >= 1");
+    DCHAG_EXPECT(out.extent(0) == images.extent(0) && out.extent(1) == std::size_t(cfg_.patches()) &&
+                     out.extent(2) == std::size_t(cfg_.dim),
+                 where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
+                 "], expected [B, L, D] = [", images.extent(0), ", ", cfg_.patches(), ", ", cfg_.dim, "]");
+  }
+
+  ChannelSelection selection(ImageInput input) const {
+    const std::vector<int>& ids = mode_ == Mode::tp_only ? tokenizer_->owned_channels() : channels_;
+    return input == ImageInput::full_image ? ChannelSelection::from_full_image(ids) : ChannelSelection::own(ids);
+  }
+
+  template <class V, class... Ext>
+  static void ensure(V& v, const char* label, Ext... ext) {
+    const std::size_t want[] = {std::size_t(ext)...};
+    bool same = v.data() != nullptr;
+    for (std::size_t i = 0; i < sizeof...(Ext); ++i) same = same && v.extent(i) == want[i];
+    if (!same) v = V(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), ext...);
+  }
+
+  TensorList<Scalar, memory_space> attention_params(bool grads) const {
+    const std::string prefix = is_dchag() ? "final." : "";
+    return grads ? attention_->gradients(prefix) : attention_->parameters(prefix);
+  }
+
+  TensorList<Scalar, memory_space> named(bool grads) const {
+    TensorList<Scalar, memory_space> list;
+    if (stage_) list = grads ? stage_->gradients() : stage_->parameters();
+    if (tokenizer_) list = grads ? tokenizer_->gradients() : tokenizer_->parameters();
+    detail::append(list, attention_params(grads));
+    detail::append(list, grads ? pos_->gradients() : pos_->parameters());
+    return list;
+  }
+
+  Communicator comm_;
+  FrontEndConfig cfg_;
+  Mode mode_;
+  ChannelMap map_;
+  int tree_;
+  detail::CommunicatorReduce<ExecSpace, Scalar> reduce_;
+  std::vector<int> channels_;
+  std::optional<detail::ChannelStage<ExecSpace, Scalar>> stage_;  // D-CHAG modes
+  std::optional<Tokenizer<ExecSpace, Scalar>> tokenizer_;        // exact_flat, tp_only
+  std::optional<CrossAttention<ExecSpace, Scalar>> attention_;   // final or flat aggregation
+  std::optional<PositionalEmbedding<ExecSpace, Scalar>> pos_;
+  typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
+  bool forwarded_ = false;
+  V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;
+  View1<Scalar, memory_space> query_before_;
+};
+
+}  // namespace dchag

@@ -1,0 +1,285 @@
+// The distributed front end on P ranks against its single-process references, with the same
+// weights: dchag_linear / dchag_xattn against DchagEmulation (the same channel groups),
+// exact_flat against FlatFrontEnd (pooled) and tp_only against FlatFrontEnd (materialized).
+// Run under mpiexec at 1..4 ranks; every rank builds the reference itself.
+#include <catch2/catch.hpp>
+#include <dchag/distributed.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace {
+
+using Exec = Kokkos::DefaultExecutionSpace;
+using Mem = Exec::memory_space;
+using Scalar = double;
+using List = dchag::TensorList<Scalar, Mem>;
+
+std::uint64_t mix(std::uint64_t x) { return dchag::detail::splitmix64(x); }
+
+// Value of element i of the file tensor `name`: the same on every rank and in every model that
+// holds that element, so distributed and reference models get identical weights.
+double value_at(const std::string& name, std::int64_t i, double scale) {
+  const std::uint64_t h = mix(dchag::detail::hash_name(name) ^ mix(static_cast<std::uint64_t>(i)));
+  return scale * (static_cast<double>(h >> 11) * 0x1.0p-53 * 2.0 - 1.0);
+}
+
+void randomize(const List& list) {
+  for (const auto& t : list) {
+    for (const auto& p : t.pieces) {
+      auto h = Kokkos::create_mirror_view(p.values);
+      for (std::size_t i = 0; i < h.extent(0); ++i) h(i) = value_at(t.name, p.offset + i, 0.5);
+      Kokkos::deep_copy(p.values, h);
+    }
+  }
+}
+
+template <class V>
+void fill(const V& v, std::uint64_t seed) {
+  auto h = Kokkos::create_mirror_view(v);
+  for (std::size_t i = 0; i < h.span(); ++i) h.data()[i] = value_at("data", std::int64_t(seed * 1000003 + i), 1.0);
+  Kokkos::deep_copy(v, h);
+}
+
+template <class V>
+std::vector<double> host(const V& v) {
+  auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+  return std::vector<double>(h.data(), h.data() + h.span());
+}
+
+const dchag::NamedTensor<Scalar, Mem>* find(const List& list, const std::string& name) {
+  for (const auto& t : list)
+    if (t.name == name) return &t;
+  return nullptr;
+}
+
+// Every piece of `got` equals the reference elements at the same file offsets. Both sides run the
+// same arithmetic in double up to summation order over ranks and channels: 1e-10 relative to the
+// tensor's largest magnitude covers that reordering with margin.
+void require_matches(const List& got, const List& want, const std::string& what) {
+  for (const auto& t : got) {
+    const auto* ref = find(want, t.name);
+    INFO(what << ": tensor " << t.name);
+    REQUIRE(ref != nullptr);
+    std::vector<double> full(static_cast<std::size_t>(ref->numel()), 0.0);
+    for (const auto& p : ref->pieces) {
+      const auto v = host(p.values);
+      for (std::size_t i = 0; i < v.size(); ++i) full[p.offset + i] = v[i];
+    }
+    double scale = 1e-30;
+    for (double x : full) scale = std::max(scale, std::abs(x));
+    for (const auto& p : t.pieces) {
+      const auto v = host(p.values);
+      for (std::size_t i = 0; i < v.size(); ++i) {
+        INFO("element " << p.offset + i);
+        REQUIRE(std::abs(v[i] - full[p.offset + i]) <= 1e-10 * scale);
+      }
+    }
+  }
+}
+
+struct Problem {
+  dchag::FrontEndConfig cfg;
+  int B;
+};
+
+Problem small_problem(int channels) {
+  dchag::FrontEndConfig cfg;
+  cfg.channels = channels;
+  cfg.height = 8;
+  cfg.width = 12;
+  cfg.patch = 4;
+  cfg.dim = 16;
+  cfg.heads = 4;
+  cfg.seed = 7;
+  return {cfg, 2};
+}
+
+dchag::View4<Scalar, Mem> own_channels(const dchag::View4<Scalar, Mem>& full, const std::vector<int>& ids) {
+  dchag::View4<Scalar, Mem> own("own", full.extent(0), ids.size(), full.extent(2), full.extent(3));
+  for (std::size_t j = 0; j < ids.size(); ++j)
+    Kokkos::deep_copy(Kokkos::subview(own, Kokkos::ALL, j, Kokkos::ALL, Kokkos::ALL),
+                      Kokkos::subview(full, Kokkos::ALL, ids[j], Kokkos::ALL, Kokkos::ALL));
+  return own;
+}
+
+// Runs `mode` on the world communicator and the reference `ref` on this process, same weights.
+template <class Ref>
+void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, Ref& ref,
+             dchag::ImageInput input, int tree = 1) {
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  dchag::DistributedFrontEnd<Exec, Scalar> dist(exec, comm, pb.cfg, mode, map, tree);
+  randomize(dist.parameters());
+  randomize(ref.parameters());
+  const int C = pb.cfg.channels, L = pb.cfg.patches(), D = pb.cfg.dim;
+  dchag::View4<Scalar, Mem> images("images", pb.B, C, pb.cfg.height, pb.cfg.width);
+  fill(images, 1);
+  dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D), g("g", pb.B, L, D);
+  fill(g, 2);
+  if (input == dchag::ImageInput::full_image) {
+    dist.forward(exec, images, out, input);
+  } else {
+    dist.forward(exec, own_channels(images, dist.channels()), out, input);
+  }
+  ref.forward(exec, images, ref_out);
+  const auto o = host(out), r = host(ref_out);
+  double scale = 0;
+  for (double x : r) scale = std::max(scale, std::abs(x));
+  for (std::size_t i = 0; i < o.size(); ++i) REQUIRE(std::abs(o[i] - r[i]) <= 1e-10 * scale);
+
+  dist.zero_gradients(exec);
+  ref.zero_gradients(exec);
+  dist.backward(exec, g);
+  ref.backward(exec, g);
+  auto grads = dist.gradients();
+  if (mode == dchag::Mode::tp_only) {
+    // Head shares of the cross-attention weights: summed over ranks they are the full gradient.
+    for (const auto& t : grads)
+      if (t.name.rfind("var_agg.", 0) == 0)
+        for (const auto& p : t.pieces) dchag::allreduce_sum(exec, comm, p.values);
+  }
+  require_matches(grads, ref.gradients(), std::string(dchag::to_string(mode)));
+}
+
+std::vector<dchag::ChannelMap> maps(int channels, int ranks) {
+  std::vector<dchag::ChannelMap> m{dchag::ChannelMap::blocks(channels, ranks),
+                                   dchag::ChannelMap::round_robin(channels, ranks)};
+  // Uneven explicit lists: rank r gets r + 1 channels from the back, the rest go to rank 0.
+  std::vector<std::vector<int>> lists(ranks);
+  int next = channels - 1;
+  for (int r = ranks - 1; r >= 1; --r)
+    for (int i = 0; i <= r && next > 0; ++i) lists[r].push_back(next--);
+  for (int c = 0; c <= next; ++c) lists[0].push_back(c);
+  bool ok = true;
+  for (const auto& l : lists) ok = ok && !l.empty();
+  if (ok) m.push_back(dchag::ChannelMap::from_lists(channels, lists));
+  return m;
+}
+
+int world_size() {
+  int p = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &p);
+  return p;
+}
+
+}  // namespace
+
+TEST_CASE("D-CHAG on P ranks equals the single-process emulation", "[mpi][distributed]") {
+  const int P = world_size();
+  Exec exec;
+  for (const int channels : {7, 2 * P + 2}) {
+    auto pb = small_problem(channels);
+    pb.cfg.convention = dchag::Convention::artifact;
+    for (const auto& map : maps(channels, P)) {
+      std::vector<std::vector<int>> groups;
+      for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
+      for (const auto mode : {dchag::Mode::dchag_linear, dchag::Mode::dchag_xattn}) {
+        for (const int tree : {1, 2}) {
+          bool fits = true;
+          for (const auto& g : groups)
+            fits = fits && int(g.size()) >= tree && (mode != dchag::Mode::dchag_linear || g.size() % tree == 0);
+          if (!fits) continue;
+          for (const auto strategy : {dchag::Strategy::pooled, dchag::Strategy::materialized}) {
+            pb.cfg.strategy = strategy;
+            INFO("C = " << channels << ", map " << map.kind() << ", " << dchag::to_string(mode)
+                        << ", tree " << tree << ", " << dchag::to_string(strategy));
+            const auto kind = mode == dchag::Mode::dchag_linear ? dchag::PartialKind::linear
+                                                                 : dchag::PartialKind::cross_attention;
+            dchag::DchagEmulation<Exec, Scalar> ref(exec, pb.cfg, {kind, tree}, groups);
+            compare(mode, pb, map, ref, dchag::ImageInput::own_channels, tree);
+            compare(mode, pb, map, ref, dchag::ImageInput::full_image, tree);
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST_CASE("exact_flat on P ranks equals the flat front end", "[mpi][distributed]") {
+  const int P = world_size();
+  Exec exec;
+  for (const int channels : {7, 3 * P}) {
+    auto pb = small_problem(channels);
+    pb.cfg.strategy = dchag::Strategy::pooled;
+    for (const auto& map : maps(channels, P)) {
+      INFO("C = " << channels << ", map " << map.kind());
+      dchag::FlatFrontEnd<Exec, Scalar> ref(exec, pb.cfg);
+      compare(dchag::Mode::exact_flat, pb, map, ref, dchag::ImageInput::own_channels);
+      compare(dchag::Mode::exact_flat, pb, map, ref, dchag::ImageInput::full_image);
+    }
+  }
+}
+
+TEST_CASE("tp_only on P ranks equals the materialized flat front end", "[mpi][distributed]") {
+  const int P = world_size();
+  Exec exec;
+  auto pb = small_problem(6);
+  pb.cfg.strategy = dchag::Strategy::materialized;
+  for (const int heads : {4, 8}) {
+    pb.cfg.heads = heads;
+    INFO("heads = " << heads);
+    dchag::FlatFrontEnd<Exec, Scalar> ref(exec, pb.cfg);
+    compare(dchag::Mode::tp_only, pb, dchag::ChannelMap::blocks(6, P), ref, dchag::ImageInput::full_image);
+  }
+}
+
+TEST_CASE("a rank that disagrees makes every rank throw", "[mpi][distributed]") {
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int P = comm.size();
+  auto pb = small_problem(8);
+  auto bad = pb.cfg;
+  if (comm.rank() == P - 1) bad.dim = 20;  // one rank configured differently
+  if (P > 1) {
+    REQUIRE_THROWS_WITH(dchag::DistributedFrontEnd<Exec, Scalar>(exec, comm, bad, dchag::Mode::dchag_linear,
+                                                               dchag::ChannelMap::blocks(8, P)),
+                        Catch::Contains("ranks disagree on D"));
+  }
+  // A local validation failure on one rank (heads not dividing D there) reaches every rank.
+  auto broken = pb.cfg;
+  if (comm.rank() == 0) broken.heads = 3;
+  REQUIRE_THROWS_WITH(dchag::DistributedFrontEnd<Exec, Scalar>(exec, comm, broken, dchag::Mode::exact_flat,
+                                                             dchag::ChannelMap::blocks(8, P)),
+                      Catch::Contains("heads"));
+  // A batch size that differs on one rank is refused before any data moves.
+  dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, pb.cfg, dchag::Mode::dchag_xattn,
+                                              dchag::ChannelMap::blocks(8, P));
+  const int B = (P > 1 && comm.rank() == 1) ? 3 : 2;
+  dchag::View4<Scalar, Mem> images("images", B, fe.channels().size(), 8, 12);
+  dchag::View3<Scalar, Mem> out("out", B, pb.cfg.patches(), pb.cfg.dim);
+  if (P > 1) {
+    REQUIRE_THROWS_WITH(fe.forward(exec, images, out), Catch::Contains("ranks disagree on B"));
+  }
+  // Wrong image channel count on one rank: every rank throws, the others name that rank.
+  dchag::View4<Scalar, Mem> wrong("wrong", 2, fe.channels().size() + (comm.rank() == 0 ? 1 : 0), 8, 12);
+  dchag::View3<Scalar, Mem> out2("out2", 2, pb.cfg.patches(), pb.cfg.dim);
+  REQUIRE_THROWS_WITH(fe.forward(exec, wrong, out2), Catch::Contains("images.extent(1)"));
+  // Backward before a successful forward.
+  REQUIRE_THROWS_WITH(fe.backward(exec, out2), Catch::Contains("before forward"));
+}
+
+TEST_CASE("replicated parameters are verified and can be broadcast", "[mpi][distributed]") {
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int P = comm.size();
+  auto pb = small_problem(8);
+  dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, pb.cfg, dchag::Mode::dchag_xattn,
+                                              dchag::ChannelMap::round_robin(8, P));
+  fe.verify_replicated(exec);
+  auto pos = find(fe.parameters(), "pos_embed")->pieces.front().values;
+  if (comm.rank() == P - 1) Kokkos::deep_copy(Kokkos::subview(pos, 0), 123.0);
+  if (P > 1) {
+    REQUIRE_THROWS_WITH(fe.verify_replicated(exec), Catch::Contains("checksum of the replicated parameters"));
+  }
+  fe.broadcast_replicated(exec, 0);
+  fe.verify_replicated(exec);
+  // Tokenizer weights live only on the rank that owns the channel.
+  for (const auto& t : fe.parameters()) {
+    if (t.name.rfind("token_embeds.", 0) != 0) continue;
+    const int c = std::stoi(t.name.substr(13));
+    REQUIRE(c % P == comm.rank());
+  }
+}
