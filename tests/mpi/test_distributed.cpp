@@ -233,17 +233,17 @@ TEST_CASE("a rank that disagrees makes every rank throw", "[mpi][distributed]") 
   auto pb = small_problem(8);
   auto bad = pb.cfg;
   if (comm.rank() == P - 1) bad.dim = 20;  // one rank configured differently
+  using FrontEnd = dchag::DistributedFrontEnd<Exec, Scalar>;
+  const auto build = [&](const dchag::FrontEndConfig& cfg, dchag::Mode mode) {
+    FrontEnd fe(exec, comm, cfg, mode, dchag::ChannelMap::blocks(8, P));
+  };
   if (P > 1) {
-    REQUIRE_THROWS_WITH(dchag::DistributedFrontEnd<Exec, Scalar>(exec, comm, bad, dchag::Mode::dchag_linear,
-                                                               dchag::ChannelMap::blocks(8, P)),
-                        Catch::Contains("ranks disagree on D"));
+    REQUIRE_THROWS_WITH(build(bad, dchag::Mode::dchag_linear), Catch::Contains("ranks disagree on D"));
   }
   // A local validation failure on one rank (heads not dividing D there) reaches every rank.
   auto broken = pb.cfg;
   if (comm.rank() == 0) broken.heads = 3;
-  REQUIRE_THROWS_WITH(dchag::DistributedFrontEnd<Exec, Scalar>(exec, comm, broken, dchag::Mode::exact_flat,
-                                                             dchag::ChannelMap::blocks(8, P)),
-                      Catch::Contains("heads"));
+  REQUIRE_THROWS_WITH(build(broken, dchag::Mode::exact_flat), Catch::Contains("heads"));
   // A batch size that differs on one rank is refused before any data moves.
   dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, pb.cfg, dchag::Mode::dchag_xattn,
                                               dchag::ChannelMap::blocks(8, P));
