@@ -5,6 +5,7 @@
 #include <KokkosBlas3_gemm.hpp>
 
 #include <cstddef>
+#include <cstdint>
 #include <string>
 
 namespace dchag::detail {
@@ -47,6 +48,33 @@ class ScopedRegion {
   ScopedRegion(const ScopedRegion&) = delete;
   ScopedRegion& operator=(const ScopedRegion&) = delete;
 };
+
+/// Routes Kokkos Tools allocation events (every memory space) to `on_alloc(bytes)` and
+/// `on_free(bytes)`; nullptrs restore no callbacks.
+using AllocationHook = void (*)(std::int64_t);
+inline AllocationHook& allocation_hook() {
+  static AllocationHook h = nullptr;
+  return h;
+}
+inline AllocationHook& deallocation_hook() {
+  static AllocationHook h = nullptr;
+  return h;
+}
+inline void set_allocation_callbacks(AllocationHook on_alloc, AllocationHook on_free) {
+  allocation_hook() = on_alloc;
+  deallocation_hook() = on_free;
+  using Kokkos::Tools::Experimental::set_allocate_data_callback;
+  using Kokkos::Tools::Experimental::set_deallocate_data_callback;
+  if (on_alloc == nullptr) {
+    set_allocate_data_callback(nullptr);
+    set_deallocate_data_callback(nullptr);
+    return;
+  }
+  set_allocate_data_callback([](const Kokkos::Profiling::SpaceHandle, const char*, const void*,
+                                const std::uint64_t size) { allocation_hook()(std::int64_t(size)); });
+  set_deallocate_data_callback([](const Kokkos::Profiling::SpaceHandle, const char*, const void*,
+                                  const std::uint64_t size) { deallocation_hook()(std::int64_t(size)); });
+}
 
 /// C = alpha * op(A) * op(B) + beta * C on `exec`. Kokkos Kernels takes an execution space
 /// instance from 4.1 on; before, it runs on the default instance, so fence around it.
