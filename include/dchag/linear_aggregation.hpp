@@ -79,9 +79,9 @@ class LinearAggregation {
           const int b = static_cast<int>(r / (std::int64_t(L) * n * k));
           dx(b, c, l, d) = w(c % n) * dy(b, c / n, l, d);
         });
-    // dw_i = sum over (b, j, l, d) of dy * x at input i of each segment: one team per weight.
+    // dw_i = sum over (b, j, l) of dy[b, j, l] . x[b, j*n + i, l]: one team per weight.
     using Team = Kokkos::TeamPolicy<ExecSpace>;
-    const std::int64_t per = std::int64_t(B) * k * L * D;
+    const std::int64_t rows = std::int64_t(B) * k * L;
     auto dw = d_weight_;
     Kokkos::parallel_for(
         "dchag::linear::weight_grad", Team(exec, n, Kokkos::AUTO),
@@ -89,13 +89,12 @@ class LinearAggregation {
           const int i = team.league_rank();
           Scalar sum = 0;
           Kokkos::parallel_reduce(
-              Kokkos::TeamThreadRange(team, per),
-              [&](const std::int64_t t, Scalar& acc) {
-                const int d = static_cast<int>(t % D);
-                const int l = static_cast<int>((t / D) % L);
-                const int j = static_cast<int>((t / (std::int64_t(D) * L)) % k);
-                const int b = static_cast<int>(t / (std::int64_t(D) * L * k));
-                acc += dy(b, j, l, d) * x(b, j * n + i, l, d);
+              Kokkos::TeamThreadRange(team, rows),
+              [&](const std::int64_t r, Scalar& acc) {
+                const int l = static_cast<int>(r % L);
+                const int j = static_cast<int>((r / L) % k);
+                const int b = static_cast<int>(r / (std::int64_t(L) * k));
+                acc += detail::lane_dot(&dy(b, j, l, 0), &x(b, j * n + i, l, 0), D);
               },
               sum);
           Kokkos::single(Kokkos::PerTeam(team), [&]() { dw(i) += sum; });
