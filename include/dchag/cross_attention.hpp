@@ -301,18 +301,35 @@ class CrossAttention {
     return named(prefix, d_query_, d_w_in_, d_b_in_, d_w_out_, d_b_out_);
   }
 
-  /// Bytes of parameters and gradients.
-  std::size_t parameter_bytes() const {
-    const std::size_t D = cfg_.dim;
-    return 2 * sizeof(Scalar) * (4 * D * D + 5 * D);
+  /// Memory of one application to B x N x L inputs folded into k segments: the Saved state
+  /// (activations) and the forward/backward scratch (workspace). `heads_held` is the head share
+  /// of the materialized strategy (all heads unless tensor-parallel); `group`: exact distributed.
+  static MemoryEstimate estimate_application(const AttentionConfig& cfg, int B, int N, int L, int k,
+                                             int heads_held, bool group) {
+    const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
+    const std::int64_t M = std::int64_t(B) * N * L, P = std::int64_t(B) * k * L;
+    const std::int64_t Dr = heads_held * (D / nh);
+    MemoryEstimate e;
+    e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (M * nh + P * D);
+    if (cfg.strategy == Strategy::pooled) {
+      e.activations += S * (nh * P * D + 2 * P * nh);
+      // oh, go, gz, c, ds, the group-summed gradients (du, dWv share) and the merge buffer.
+      e.workspace = S * (P * D + P * D + nh * P * D + P * nh + M * nh + nh * D + (group ? D * D : 0));
+      e.communication = group ? S * P * (D + nh) : 0;
+    } else {
+      e.activations += S * 2 * M * Dr;
+      e.workspace = S * (P * D + P * nh + 2 * M * Dr + M * nh);  // go, c, dK, dV, ds
+    }
+    return e;
   }
-  /// Bytes one forward keeps in `Saved` for B x N x L inputs folded into k segments.
-  std::size_t saved_bytes(int B, int N, int L, int k) const {
-    const std::size_t M = std::size_t(B) * N * L, P = std::size_t(B) * k * L;
-    const std::size_t D = cfg_.dim, nh = cfg_.heads;
-    std::size_t n = M * nh + P * D;
-    n += cfg_.strategy == Strategy::pooled ? nh * P * D : 2 * M * D;
-    return sizeof(Scalar) * n + sizeof(int) * (k + 1 + N);
+  /// Memory of the module itself: parameters, gradients and the per-call query vectors.
+  static MemoryEstimate estimate_module(const AttentionConfig& cfg) {
+    const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
+    MemoryEstimate e;
+    e.parameters = S * (4 * D * D + 5 * D);
+    e.gradients = e.parameters;
+    e.workspace = S * (2 * D + 2 * nh * D);  // q, dq, u, du
+    return e;
   }
 
  private:

@@ -79,6 +79,38 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
 
 }  // namespace detail
 
+/// Bytes rank `rank` holds for one training step of `mode` on B images (DESIGN 5), without
+/// allocating anything. Measured high-water marks (MemoryTracker) agree within a few percent.
+template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace>
+MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map, int rank,
+                               int B, int tree = 1) {
+  using Attention = CrossAttention<ExecSpace, Scalar>;
+  cfg.validate("dchag::estimate_memory");
+  const int P = map.ranks(), L = cfg.patches(), D = cfg.dim;
+  const int Cr = static_cast<int>(map.channels_of(rank).size());
+  const std::int64_t S = sizeof(Scalar), token = S * B * L * D;
+  MemoryEstimate e = PositionalEmbedding<ExecSpace, Scalar>::estimate(L, D);
+  e += Attention::estimate_module(cfg.attention());
+  if (mode == Mode::dchag_linear || mode == Mode::dchag_xattn) {
+    const auto kind = mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
+    e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg, Cr, kind, tree, B);
+    e += Attention::estimate_application(cfg.attention(), B, P, L, 1, cfg.heads, false);
+    e.activations += token * (P + 1);  // gathered, partial
+    e.communication += token * P;      // received
+    e.workspace += token * P;          // d_gathered
+    return e;
+  }
+  const bool tp = mode == Mode::tp_only;
+  const int J = tp ? cfg.channels : Cr;
+  const auto [h0, h1] = detail::head_share(cfg.heads, P, rank);
+  e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
+  e += Attention::estimate_application(cfg.attention(), B, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
+  e.activations += token * J;  // tokens
+  e.workspace += token * J;    // d_tokens
+  if (tp) e.workspace += S * D;  // the query gradient before this call
+  return e;
+}
+
 template <class ExecSpace, class Scalar = float>
 class DistributedFrontEnd {
  public:
@@ -129,6 +161,10 @@ class DistributedFrontEnd {
   }
 
   Mode mode() const { return mode_; }
+  /// Bytes this rank holds for one training step on B images.
+  MemoryEstimate memory_estimate(int B) const {
+    return estimate_memory<Scalar, ExecSpace>(cfg_, mode_, map_, comm_.rank(), B, tree_);
+  }
   const FrontEndConfig& config() const { return cfg_; }
   const Communicator& communicator() const { return comm_; }
   /// This rank's channels, in the order an own-channels image holds them.

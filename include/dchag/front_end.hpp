@@ -129,7 +129,16 @@ class ChannelStage {
     append(list, partial_.gradients());
     return list;
   }
-  std::size_t parameter_bytes() const { return tokenizer_.parameter_bytes() + partial_.parameter_bytes(); }
+  /// Tokenizer, partial aggregator and the token buffers for `channels` channels.
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind, int tree, int B) {
+    const int L = cfg.patches();
+    MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
+    e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L);
+    const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * cfg.dim;
+    e.activations += tokens;  // tokens
+    e.workspace += tokens;    // d_tokens
+    return e;
+  }
 
  private:
   Tokenizer<ExecSpace, Scalar> tokenizer_;
@@ -206,6 +215,21 @@ class FlatFrontEnd {
     cfg_.strategy = s;
     attention_.set_strategy(s);
   }
+
+  /// Bytes held for one training step on B images of `channels_in` channels (default: all C).
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1) {
+    using Attention = CrossAttention<ExecSpace, Scalar>;
+    const int J = channels_in < 0 ? cfg.channels : channels_in, L = cfg.patches();
+    MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
+    e += Attention::estimate_module(cfg.attention());
+    e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
+    e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
+    const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
+    e.activations += tokens;
+    e.workspace += tokens;
+    return e;
+  }
+  MemoryEstimate memory_estimate(int B, int channels_in = -1) const { return estimate(cfg_, B, channels_in); }
   void zero_gradients(const ExecSpace& exec) {
     tokenizer_.zero_gradients(exec);
     attention_.zero_gradients(exec);
@@ -336,6 +360,24 @@ class DchagEmulation {
     cfg_.strategy = s;
     final_.set_strategy(s);
     for (auto& st : stages_) st->set_strategy(s);
+  }
+
+  /// Bytes held for one training step on B images, all groups on this process.
+  MemoryEstimate memory_estimate(int B) const {
+    using Attention = CrossAttention<ExecSpace, Scalar>;
+    const int P = groups(), L = cfg_.patches();
+    MemoryEstimate e;
+    for (const auto& st : stages_) {
+      e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg_, int(st->channels().size()), options_.partial,
+                                                             options_.tree, B);
+    }
+    e += Attention::estimate_module(cfg_.attention());
+    e += Attention::estimate_application(cfg_.attention(), B, P, L, 1, cfg_.heads, false);
+    e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);
+    const std::int64_t token = std::int64_t(sizeof(Scalar)) * B * L * cfg_.dim;
+    e.activations += token * (P + 1);  // gathered, partial
+    e.workspace += token * P;           // d_gathered
+    return e;
   }
   void zero_gradients(const ExecSpace& exec) {
     for (auto& st : stages_) st->zero_gradients(exec);

@@ -128,7 +128,12 @@ class LinearAggregation {
     return {detail::whole<Scalar, memory_space>(prefix + weight, {n_}, d_weight_),
             detail::whole<Scalar, memory_space>(prefix + bias, {1}, d_bias_)};
   }
-  std::size_t parameter_bytes() const { return 2 * sizeof(Scalar) * (n_ + 1); }
+  static MemoryEstimate estimate(int inputs) {
+    MemoryEstimate e;
+    e.parameters = std::int64_t(sizeof(Scalar)) * (inputs + 1);
+    e.gradients = e.parameters;
+    return e;
+  }
 
  private:
   void check(const char* where, const View4<const Scalar, memory_space>& x, const Segments& seg,

@@ -84,9 +84,23 @@ class PartialAggregator {
   TensorList<Scalar, memory_space> parameters() const { return named(false); }
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
 
-  std::size_t parameter_bytes() const {
-    return (group_ ? group_->parameter_bytes() : 0) + (top_ ? top_->parameter_bytes() : 0) +
-           (attention_ ? attention_->parameter_bytes() : 0);
+  /// Memory for `inputs` channels folded with a k = `tree` local tree, B x L positions.
+  static MemoryEstimate estimate(PartialKind kind, int inputs, int tree, const AttentionConfig& attention,
+                                 int B, int L) {
+    using Attention = CrossAttention<ExecSpace, Scalar>;
+    MemoryEstimate e;
+    if (kind == PartialKind::linear) {
+      e += LinearAggregation<ExecSpace, Scalar>::estimate(inputs / tree);
+      if (tree > 1) e += LinearAggregation<ExecSpace, Scalar>::estimate(tree);
+    } else {
+      e += Attention::estimate_module(attention);
+      const MemoryEstimate level0 = Attention::estimate_application(attention, B, inputs, L, tree, attention.heads, false);
+      e.activations += level0.activations;
+      e.workspace += level0.workspace;  // the larger level; scratch is reused by the other
+      if (tree > 1) e.activations += Attention::estimate_application(attention, B, tree, L, 1, attention.heads, false).activations;
+    }
+    if (tree > 1) e.workspace += 2 * std::int64_t(sizeof(Scalar)) * B * tree * L * attention.dim;  // mid, d_mid
+    return e;
   }
 
  private:

@@ -52,7 +52,12 @@ class PositionalEmbedding {
   void zero_gradients(const ExecSpace& exec) { Kokkos::deep_copy(exec, d_pos_, Scalar(0)); }
   TensorList<Scalar, memory_space> parameters() const { return named(pos_); }
   TensorList<Scalar, memory_space> gradients() const { return named(d_pos_); }
-  std::size_t parameter_bytes() const { return 2 * sizeof(Scalar) * pos_.span(); }
+  static MemoryEstimate estimate(int patches, int dim) {
+    MemoryEstimate e;
+    e.parameters = std::int64_t(sizeof(Scalar)) * patches * dim;
+    e.gradients = e.parameters;
+    return e;
+  }
 
  private:
   void check(const char* where, std::size_t l, std::size_t d) const {

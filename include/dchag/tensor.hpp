@@ -57,6 +57,24 @@ struct NamedTensor {
   }
 };
 
+/// Bytes a plan object holds on this rank for one training step (DESIGN 5), by kind.
+struct MemoryEstimate {
+  std::int64_t parameters = 0;     ///< weights
+  std::int64_t gradients = 0;      ///< their gradients
+  std::int64_t activations = 0;    ///< what forward keeps for backward
+  std::int64_t workspace = 0;      ///< scratch reused across calls
+  std::int64_t communication = 0;  ///< receive buffers of collectives
+  std::int64_t total() const { return parameters + gradients + activations + workspace + communication; }
+  MemoryEstimate& operator+=(const MemoryEstimate& o) {
+    parameters += o.parameters;
+    gradients += o.gradients;
+    activations += o.activations;
+    workspace += o.workspace;
+    communication += o.communication;
+    return *this;
+  }
+};
+
 template <class Scalar, class MemSpace>
 using TensorList = std::vector<NamedTensor<Scalar, MemSpace>>;
 

@@ -220,11 +220,15 @@ class Tokenizer {
   TensorList<Scalar, memory_space> parameters() const { return named(weight_, bias_, embed_); }
   TensorList<Scalar, memory_space> gradients() const { return named(d_weight_, d_bias_, d_embed_); }
 
-  /// Bytes of parameters plus gradients.
-  std::size_t parameter_bytes() const { return 2 * sizeof(Scalar) * (weight_.span() + bias_.span() + embed_.span()); }
-  /// Bytes this tokenizer keeps between forward and backward for B images of J channels.
-  static std::size_t saved_bytes(int B, int J, int H, int W, int patch) {
-    return sizeof(Scalar) * std::size_t(B) * J * H * W + 2 * sizeof(int) * std::size_t(J);
+  /// Bytes held for `owned` channels and one forward/backward of B images of J channels with L
+  /// patches each (the patches are kept for the weight gradient).
+  static MemoryEstimate estimate(int owned, int patch, int dim, int B, int J, int L) {
+    const std::int64_t S = sizeof(Scalar), pp = std::int64_t(patch) * patch;
+    MemoryEstimate e;
+    e.parameters = S * owned * (pp * dim + 2 * dim);
+    e.gradients = e.parameters;
+    e.activations = S * J * std::int64_t(B) * L * pp + 2 * std::int64_t(sizeof(int)) * J;
+    return e;
   }
 
  private:
