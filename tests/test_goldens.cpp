@@ -133,8 +133,8 @@ struct Comparer {
       }
     }
     INFO("max |dchag - torch| = " << max_err << " at element " << at << " (dchag " << got[at]
-                                  << ", torch " << ref[at] << "), allowed " << allowed
-                                  << " = " << rtol << " * " << scale);
+                                  << ", torch " << ref[at] << "), allowed " << allowed << " = "
+                                  << rtol << " * " << scale);
     CHECK(max_err <= allowed);
     worst = std::max(worst, max_err / allowed);
     compared.insert(ref_name);
@@ -168,8 +168,8 @@ double rtol_for(std::int64_t n) {
 template <class Scalar>
 double check_xattn(const st::File& f, dchag::Strategy strategy) {
   Exec exec;
-  const int B = meta_int(f, "B"), N = meta_int(f, "N"), L = meta_int(f, "L"),
-            D = meta_int(f, "D"), heads = meta_int(f, "heads");
+  const int B = meta_int(f, "B"), N = meta_int(f, "N"), L = meta_int(f, "L"), D = meta_int(f, "D"),
+            heads = meta_int(f, "heads");
   const bool climax = meta_string(f, "convention") == "climax";
   const std::string prefix = climax ? "" : meta_string(f, "prefix");
   const auto conv = climax ? dchag::Convention::climax : dchag::Convention::artifact;
@@ -207,7 +207,7 @@ dchag::FrontEndConfig front_end_config(const st::File& f, dchag::Strategy strate
   cfg.heads = meta_int(f, "heads");
   cfg.strategy = strategy;
   cfg.convention = meta_string(f, "convention") == "climax" ? dchag::Convention::climax
-                                                             : dchag::Convention::artifact;
+                                                            : dchag::Convention::artifact;
   cfg.seed = 12345;  // not the file's: every value must come from load_weights
   return cfg;
 }
@@ -302,8 +302,8 @@ void check_all(const char* scalar_name) {
       INFO(name << " <" << scalar_name << "> " << dchag::to_string(strategy));
       const double worst = check_file<Scalar>(name, strategy);
       if (std::getenv("DCHAG_GOLDEN_REPORT")) {  // the margins, for whoever revisits the bounds
-        std::printf("%-22s %-6s %-12s largest error / allowed = %.3g\n", name.c_str(),
-                    scalar_name, std::string(dchag::to_string(strategy)).c_str(), worst);
+        std::printf("%-22s %-6s %-12s largest error / allowed = %.3g\n", name.c_str(), scalar_name,
+                    std::string(dchag::to_string(strategy)).c_str(), worst);
       }
     }
   }

@@ -35,7 +35,8 @@ st::File to_file(const dchag::TensorList<Scalar, Mem>& params,
 
 /// Every tensor of `a` has a tensor of the same name, shape and file-order values in `b`.
 template <class Scalar>
-void require_equal(const dchag::TensorList<Scalar, Mem>& a, const dchag::TensorList<Scalar, Mem>& b) {
+void require_equal(const dchag::TensorList<Scalar, Mem>& a,
+                   const dchag::TensorList<Scalar, Mem>& b) {
   REQUIRE(a.size() == b.size());
   for (const auto& t : a) {
     INFO(t.name);
@@ -163,8 +164,9 @@ TEST_CASE("weights: save and load through a path", "[weights]") {
   dchag::CrossAttention<Exec, float> a(exec, {8, 2, dchag::Convention::climax}, 5);
   dchag::CrossAttention<Exec, float> b(exec, {8, 2, dchag::Convention::climax}, 6);
   fill_distinct(a.parameters(), 3);
-  const auto path = std::filesystem::temp_directory_path() /
-                    ("dchag_test_weights_" + std::to_string(std::random_device{}()) + ".safetensors");
+  const auto path =
+      std::filesystem::temp_directory_path() /
+      ("dchag_test_weights_" + std::to_string(std::random_device{}()) + ".safetensors");
   dchag::save_weights(path.string(), a.parameters(), {});
   dchag::load_weights(path.string(), b.parameters());
   std::filesystem::remove(path);
@@ -237,11 +239,16 @@ TEST_CASE("weights: a missing tensor is an error unless allow_missing", "[weight
     if (t.name != "var_agg.out_proj.bias") partial.push_back(t);
   const auto f = to_file(partial, {}, "partial.safetensors");
 
+  std::vector<std::vector<double>> unchanged;
+  for (const auto& t : b.parameters()) unchanged.push_back(file_order(t));
   const auto msg = load_error(f, b.parameters());
   CHECK_THAT(msg, Contains("dchag::load_weights"));
   CHECK_THAT(msg, Contains("'var_agg.out_proj.bias'"));
   CHECK_THAT(msg, Contains("partial.safetensors"));
   CHECK_THAT(msg, Contains("allow_missing"));
+  // Checked before anything is copied: the tensors listed before the missing one are untouched.
+  for (std::size_t i = 0; i < unchanged.size(); ++i)
+    CHECK(file_order(b.parameters()[i]) == unchanged[i]);
 
   const auto before = file_order(find(b.parameters(), "var_agg.out_proj.bias"));
   dchag::LoadOptions options;
@@ -250,7 +257,8 @@ TEST_CASE("weights: a missing tensor is an error unless allow_missing", "[weight
   for (const auto& t : b.parameters()) {
     INFO(t.name);
     const auto got = file_order(t);
-    const auto want = t.name == "var_agg.out_proj.bias" ? before : file_order(find(a.parameters(), t.name));
+    const auto want =
+        t.name == "var_agg.out_proj.bias" ? before : file_order(find(a.parameters(), t.name));
     CHECK(got == want);
   }
 }
@@ -350,7 +358,8 @@ TEST_CASE("weights: transposed tokenizer weights against the file layout [D, 1, 
     for (int kr = 0; kr < p; ++kr)
       for (int kc = 0; kc < p; ++kc) {
         INFO("d " << d << " kr " << kr << " kc " << kc);
-        REQUIRE(file_w[(d * p + kr) * p + kc] == mem(static_cast<std::size_t>((kr * p + kc) * D + d)));
+        REQUIRE(file_w[(d * p + kr) * p + kc] ==
+                mem(static_cast<std::size_t>((kr * p + kc) * D + d)));
       }
 
   // And back: a file made element by element in [D, 1, p, p] loads into the transposed layout,
@@ -367,7 +376,8 @@ TEST_CASE("weights: transposed tokenizer weights against the file layout [D, 1, 
   auto mem0 = Kokkos::create_mirror_view_and_copy(
       Kokkos::HostSpace(), find(params, "token_embeds.0.proj.weight").pieces[0].values);
   for (int d = 0; d < D; ++d)
-    for (int k = 0; k < pp; ++k) REQUIRE(mem0(static_cast<std::size_t>(k * D + d)) == conv[d * pp + k]);
+    for (int k = 0; k < pp; ++k)
+      REQUIRE(mem0(static_cast<std::size_t>(k * D + d)) == conv[d * pp + k]);
 
   // One image of one patch with a single 1 at (kr, kc): token[d] = conv[d, 0, kr, kc].
   for (int k = 0; k < pp; ++k) {

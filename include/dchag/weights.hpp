@@ -17,10 +17,10 @@
 /// A distributed model (where a rank holds only its own channels' tokenizer weights and
 /// `var_embed` rows) must therefore gather the pieces of all ranks before saving, or every rank
 /// writes a file that is partly zeros.
+#include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/error.hpp>
 #include <dchag/safetensors.hpp>
 #include <dchag/tensor.hpp>
-#include <dchag/detail/kokkos_compat.hpp>
 
 #include <Kokkos_Core.hpp>
 
@@ -96,9 +96,9 @@ void check_pieces(const char* where, const NamedTensor<Scalar, MemSpace>& t) {
   }
   for (const auto& p : t.pieces) {
     DCHAG_EXPECT(p.offset >= 0 && p.offset + std::int64_t(p.values.extent(0)) <= n, where,
-                 "tensor '", t.name, "' has a piece of ", p.values.extent(0), " elements at offset ",
-                 p.offset, ", expected it inside the ", n, " elements of shape ",
-                 safetensors::detail::shape_string(t.shape));
+                 "tensor '", t.name, "' has a piece of ", p.values.extent(0),
+                 " elements at offset ", p.offset, ", expected it inside the ", n,
+                 " elements of shape ", safetensors::detail::shape_string(t.shape));
   }
 }
 
@@ -111,8 +111,8 @@ inline std::int64_t transposed_index(std::int64_t k, std::int64_t R, std::int64_
 
 /// Copies every tensor of `params` from `file` (see the file comment for names and channels).
 /// Throws std::invalid_argument when a tensor or model channel is absent (unless
-/// `options.allow_missing`) or a shape differs from the file's; nothing is guaranteed about the
-/// values of tensors after the one that failed.
+/// `options.allow_missing`) or a shape differs from the file's. Everything is checked before the
+/// first value is copied, so a load that throws leaves the parameters as they were.
 template <class Scalar, class MemSpace>
 void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpace>& params,
                   const LoadOptions& options = {}) {
@@ -134,38 +134,44 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
       }
     }
     for (std::size_t c = 0; c < options.channel_names.size(); ++c) {
-      DCHAG_EXPECT(detail::index_of(options.channel_names, options.channel_names[c]) ==
-                       static_cast<int>(c),
-                   where, "channel_names[", c, "] = '", options.channel_names[c],
-                   "' appears twice, expected unique names");
+      DCHAG_EXPECT(
+          detail::index_of(options.channel_names, options.channel_names[c]) == static_cast<int>(c),
+          where, "channel_names[", c, "] = '", options.channel_names[c],
+          "' appears twice, expected unique names");
       file_of.push_back(detail::index_of(file_names, options.channel_names[c]));
     }
   }
-  const auto model_channel_name = [&](int c) {
+  const auto check_named = [&](int c) {
     DCHAG_EXPECT(c >= 0 && std::size_t(c) < options.channel_names.size(), where,
                  "the model has channel ", c, ", but options.channel_names has ",
                  options.channel_names.size(), " names, expected one per model channel");
-    return options.channel_names[c];
   };
   const auto missing_channel = [&](int c, const std::string& tensor) {
-    return detail::concat(where, ": model channel ", c, " '", model_channel_name(c),
-                          "' (tensor '", tensor, "') is not among the channels of '",
-                          file.source(), "' (", *file_channels, ")");
+    return std::invalid_argument(detail::concat(
+        where, ": model channel ", c, " '", options.channel_names[c], "' (tensor '", tensor,
+        "') is not among the channels of '", file.source(), "' (", *file_channels, ")"));
   };
 
+  // First every check, then every copy.
+  struct Step {
+    const NamedTensor<Scalar, MemSpace>* tensor;
+    std::string file_name;
+    bool remap_rows;  // var_embed by name: model row c <- file row file_of[c]
+  };
+  std::vector<Step> steps;
   for (const auto& t : params) {
     detail::check_pieces(where, t);
     std::string file_name = t.name;
     std::vector<std::int64_t> expected = t.shape;
-    bool remap_rows = false;  // var_embed by name: model row c <- file row file_of[c]
+    bool remap_rows = false;
     if (by_name) {
       if (auto te = detail::split_token_embed_name(t.name)) {
         const int c = te->first;
-        (void)model_channel_name(c);  // checks that c has a name
+        check_named(c);
         const int f = file_of[static_cast<std::size_t>(c)];
         if (f < 0) {
           if (options.allow_missing) continue;
-          throw std::invalid_argument(missing_channel(te->first, t.name));
+          throw missing_channel(c, t.name);
         }
         file_name = detail::token_embed_name(f, te->second);
       } else if (t.name == "var_embed") {
@@ -173,8 +179,18 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
                      shape_string(t.shape), ", expected [1, C, D]");
         DCHAG_EXPECT(std::size_t(t.shape[1]) == options.channel_names.size(), where,
                      "options.channel_names has ", options.channel_names.size(),
-                     " names, expected C = ", t.shape[1], " (var_embed is ",
-                     shape_string(t.shape), ")");
+                     " names, expected C = ", t.shape[1], " (var_embed is ", shape_string(t.shape),
+                     ")");
+        if (!options.allow_missing) {
+          for (const auto& piece : t.pieces) {
+            const std::int64_t D = t.shape[2], count = piece.values.extent(0);
+            for (std::int64_t c = piece.offset / D;
+                 count > 0 && c <= (piece.offset + count - 1) / D; ++c) {
+              if (file_of[static_cast<std::size_t>(c)] < 0)
+                throw missing_channel(static_cast<int>(c), t.name);
+            }
+          }
+        }
         expected = {1, std::int64_t(file_names.size()), t.shape[2]};
         remap_rows = true;
       }
@@ -188,28 +204,22 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
     }
     const auto& info = file.info(file_name);
     DCHAG_THROW_IF(info.shape != expected, where, "tensor '", file_name, "' in '", file.source(),
-                   "' has shape ", shape_string(info.shape), ", expected ",
-                   shape_string(expected),
+                   "' has shape ", shape_string(info.shape), ", expected ", shape_string(expected),
                    remap_rows ? " (one row per name in the file's \"channels\" metadata)" : "");
-    const std::vector<Scalar> values = file.values<Scalar>(file_name);
+    steps.push_back({&t, std::move(file_name), remap_rows});
+  }
 
+  for (const auto& step : steps) {
+    const auto& t = *step.tensor;
+    const std::vector<Scalar> values = file.values<Scalar>(step.file_name);
     const std::int64_t n = t.numel(), R = t.transposed_rows;
     for (const auto& piece : t.pieces) {
       auto host = Kokkos::create_mirror_view(piece.values);
       const std::int64_t count = piece.values.extent(0);
-      if (remap_rows) {
-        // Rows of a model channel missing from the file keep their values (allow_missing).
+      if (step.remap_rows) {
+        // Rows of model channels missing from the file keep their values (allow_missing).
         const std::int64_t D = t.shape[2];
-        bool all_present = true;
-        for (std::int64_t k = 0; k < count; ++k) {
-          const int c = static_cast<int>((piece.offset + k) / D);
-          if (file_of[c] < 0) {
-            if (!options.allow_missing)
-              throw std::invalid_argument(missing_channel(c, "var_embed"));
-            all_present = false;
-          }
-        }
-        if (!all_present) Kokkos::deep_copy(host, piece.values);
+        Kokkos::deep_copy(host, piece.values);
         for (std::int64_t k = 0; k < count; ++k) {
           const std::int64_t i = piece.offset + k;
           const int f = file_of[static_cast<std::size_t>(i / D)];
