@@ -10,3 +10,4 @@
 #include <dchag/positional_embedding.hpp>
 #include <dchag/tensor.hpp>
 #include <dchag/tokenizer.hpp>
+#include <dchag/weights.hpp>
