@@ -344,8 +344,12 @@ class DchagEmulation {
 
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::DchagEmulation::backward");
-    DCHAG_EXPECT(saved_.k == 1, "dchag::DchagEmulation::backward", "called before forward");
+    constexpr const char* where = "dchag::DchagEmulation::backward";
+    DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
     const std::size_t B = gathered_.extent(0), L = cfg_.patches(), D = cfg_.dim;
+    DCHAG_EXPECT(d_out.extent(0) == B && d_out.extent(1) == L && d_out.extent(2) == D, where,
+                 "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
+                 "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
     pos_.backward(exec, d_out);
     final_.backward(exec, gathered_, saved_, View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D),
                     d_gathered_);

@@ -52,16 +52,19 @@ class PartialAggregator {
     const Segments groups = group_segments();
     if (tree_ == 1) {
       apply_forward(exec, tokens, groups, out, saved_[0], true);
+      forwarded_ = true;
       return;
     }
     ensure_mid(tokens);
     apply_forward(exec, tokens, groups, mid_, saved_[0], true);
     apply_forward(exec, mid_, Segments::whole(tree_), out, saved_[1], false);
+    forwarded_ = true;
   }
 
   /// Accumulates parameter gradients and writes d_tokens from the forward's tokens and d_out.
   void backward(const ExecSpace& exec, const C4& tokens, const C4& d_out, const V4& d_tokens) {
     detail::ScopedRegion region("dchag::PartialAggregator::backward");
+    DCHAG_EXPECT(forwarded_, "dchag::PartialAggregator::backward", "called before forward");
     const Segments groups = group_segments();
     if (tree_ == 1) {
       apply_backward(exec, tokens, groups, d_out, d_tokens, saved_[0], true);
@@ -150,6 +153,7 @@ class PartialAggregator {
   std::optional<CrossAttention<ExecSpace, Scalar>> attention_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_[2];
   V4 mid_, d_mid_;
+  bool forwarded_ = false;
 };
 
 }  // namespace dchag

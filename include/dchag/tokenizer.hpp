@@ -55,7 +55,8 @@ class Tokenizer {
       const int c = owned_[s];
       DCHAG_EXPECT(c >= 0 && c < model_channels, where, "owned channel ", c,
                    " is out of range, expected 0 <= channel < ", model_channels);
-      DCHAG_EXPECT(slot_of_[c] < 0, where, "owned channel ", c, " is listed twice");
+      DCHAG_EXPECT(slot_of_[c] < 0, where, "owned channel ", c,
+                   " is listed twice, expected unique channel ids");
       slot_of_[c] = static_cast<int>(s);
     }
     const int n = static_cast<int>(owned_.size());
@@ -272,8 +273,9 @@ class Tokenizer {
       const int c = sel.channel_id[j], i = sel.image_index[j];
       DCHAG_EXPECT(c >= 0 && c < channels_, where, "channel id ", c, " at position ", j,
                    " is out of range, expected 0 <= id < C = ", channels_);
-      DCHAG_EXPECT(slot_of_[c] >= 0, where, "channel id ", c,
-                   " is not held by this tokenizer (it holds ", owned_.size(), " channels)");
+      DCHAG_EXPECT(slot_of_[c] >= 0, where, "channel id ", c, " at position ", j,
+                   " is not held by this tokenizer, expected one of its ", owned_.size(),
+                   " owned channels");
       DCHAG_EXPECT(!seen[c], where, "channel id ", c, " is selected twice, expected unique ids");
       seen[c] = 1;
       DCHAG_EXPECT(i >= 0 && std::size_t(i) < images.extent(1), where, "image index ", i,

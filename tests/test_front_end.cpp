@@ -1,0 +1,446 @@
+// Front ends: every gradient of the flat (ClimaX) front end and of the D-CHAG emulation against
+// central differences (double), the emulation with one group against the same modules composed by
+// hand, initialisation shared across ranks, and bad input.
+#include <catch2/catch.hpp>
+
+#include <dchag/aggregate.hpp>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "test_support.hpp"
+
+using namespace dchag_test;
+using dchag::ChannelSelection;
+using dchag::Convention;
+using dchag::DchagOptions;
+using dchag::FrontEndConfig;
+using dchag::PartialKind;
+using dchag::Segments;
+using dchag::Strategy;
+
+namespace {
+
+template <class T>
+using V3 = dchag::View3<T, Mem>;
+template <class T>
+using V4 = dchag::View4<T, Mem>;
+using Groups = std::vector<std::vector<int>>;
+
+constexpr Convention kConventions[] = {Convention::climax, Convention::artifact};
+constexpr Strategy kStrategies[] = {Strategy::pooled, Strategy::materialized};
+
+// Random parameters for gradient tests (see test_kernels.cpp): N(0, sd^2), sd = 0.3 for D <= 8;
+// wider models get sd = 0.3 sqrt(8 / D) so that scores stay O(1) and the softmax does not saturate.
+double param_sd(int D) { return D <= 8 ? 0.3 : 0.3 * std::sqrt(8.0 / D); }
+
+// Counts launches of the fused streaming kernel, to show that the pooled flat front end ran it.
+// Kokkos 3.4 has no getter for the callback, so a Kokkos Tools library loaded into this test
+// loses its parallel_for begin callback after the first counted forward.
+int g_stream_launches = 0;
+void count_launch(const char* name, std::uint32_t, std::uint64_t* id) {
+  *id = 0;
+  if (std::string(name) == "dchag::attention::stream_pool") ++g_stream_launches;
+}
+
+struct LaunchCounter {
+  LaunchCounter() {
+    g_stream_launches = 0;
+    Kokkos::Tools::Experimental::set_begin_parallel_for_callback(count_launch);
+  }
+  ~LaunchCounter() { Kokkos::Tools::Experimental::set_begin_parallel_for_callback(nullptr); }
+  LaunchCounter(const LaunchCounter&) = delete;
+  LaunchCounter& operator=(const LaunchCounter&) = delete;
+};
+
+// Finite differences over every parameter of a flat front end. `sel` empty: all channels.
+void fd_flat(const FrontEndConfig& cfg, int B, const std::vector<int>& sel_ids, bool from_full,
+             int expect_chunks) {
+  INFO("flat: C " << cfg.channels << ", D " << cfg.dim << ", heads " << cfg.heads << ", strategy "
+                  << dchag::to_string(cfg.strategy) << ", convention "
+                  << dchag::to_string(cfg.convention) << ", selection " << sel_ids.size()
+                  << (from_full ? " from the full image" : " own"));
+  Exec exec;
+  dchag::FlatFrontEnd<Exec, double> flat(exec, cfg);
+  fill_normal(flat.parameters(), cfg.seed + 1, param_sd(cfg.dim));
+  const int Cimg = sel_ids.empty() || from_full ? cfg.channels : int(sel_ids.size());
+  V4<double> images("images", B, Cimg, cfg.height, cfg.width);
+  V3<double> out("out", B, cfg.patches(), cfg.dim), g("g", B, cfg.patches(), cfg.dim);
+  fill_normal(images, cfg.seed + 2);
+  fill_normal(g, cfg.seed + 3);
+  const ChannelSelection sel =
+      from_full ? ChannelSelection::from_full_image(sel_ids) : ChannelSelection::own(sel_ids);
+  auto loss = [&] {
+    if (sel_ids.empty()) {
+      flat.forward(exec, images, out);
+    } else {
+      flat.forward(exec, images, sel, out);
+    }
+    exec.fence();
+    return dot(out, g);
+  };
+  flat.zero_gradients(exec);
+  {
+    LaunchCounter counter;
+    loss();
+    if (cfg.strategy == Strategy::pooled) {
+      // The fused path ran, in chunks where the execution space runs on the host.
+      INFO("stream_pool launches " << g_stream_launches);
+      CHECK(g_stream_launches >= 1);
+      if (Kokkos::SpaceAccessibility<Kokkos::HostSpace, Mem>::accessible)
+        CHECK(g_stream_launches == expect_chunks);
+    } else {
+      CHECK(g_stream_launches == 0);
+    }
+  }
+  flat.backward(exec, g);
+  exec.fence();
+  const auto rs = fd_check(flat.parameters(), flat.gradients(), loss);
+  for (const auto& r : rs) {
+    // Channels not in the selection get no gradient; every other tensor must.
+    bool selected = sel_ids.empty() || r.name.rfind("token_embeds.", 0) != 0;
+    for (int c : sel_ids)
+      selected = selected || r.name.rfind("token_embeds." + std::to_string(c) + ".", 0) == 0;
+    if (selected) require_live(rs, r.name);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("FlatFrontEnd backward matches finite differences", "[front_end][fd][flat]") {
+  SECTION("small, every convention and strategy") {
+    std::uint64_t seed = 1000;
+    for (const auto conv : kConventions) {
+      for (const auto strat : kStrategies) {
+        const FrontEndConfig cfg{4, 4, 6, 2, 8, 2, strat, conv, seed += 10};
+        fd_flat(cfg, 2, {}, false, 1);
+      }
+    }
+  }
+  SECTION("selections: a permuted subset, own images and picked from the full image") {
+    for (const auto strat : kStrategies) {
+      const FrontEndConfig cfg{6, 4, 4, 2, 8, 4, strat, Convention::climax, 1100};
+      fd_flat(cfg, 2, {5, 1, 3}, false, 1);
+      fd_flat(cfg, 1, {4, 0, 2, 5}, true, 1);
+    }
+  }
+  SECTION("wide enough that the pooled path streams 9 channels in chunks of 4, 4, 1") {
+    // Host chunk: 256 KiB of tokens / (B L D 8 bytes) = 262144 / (2 * 64 * 64 * 8) = 4 channels.
+    for (const auto strat : kStrategies) {
+      const FrontEndConfig cfg{9, 16, 16, 2, 64, 4, strat, Convention::climax, 1200};
+      fd_flat(cfg, 2, {}, false, 3);
+    }
+  }
+}
+
+namespace {
+
+void fd_dchag(PartialKind kind, int tree, Convention conv, Strategy strat, const Groups& groups,
+              std::uint64_t seed) {
+  int C = 0;
+  for (const auto& g : groups) C += int(g.size());
+  INFO("dchag: partial " << dchag::to_string(kind) << ", tree " << tree << ", convention "
+                         << dchag::to_string(conv) << ", strategy " << dchag::to_string(strat)
+                         << ", groups " << groups.size() << ", C " << C);
+  Exec exec;
+  const int B = 2, D = 8;
+  const FrontEndConfig cfg{C, 4, 6, 2, D, 2, strat, conv, seed};
+  dchag::DchagEmulation<Exec, double> emu(exec, cfg, {kind, tree}, groups);
+  fill_normal(emu.parameters(), seed + 1, param_sd(D));
+  V4<double> images("images", B, C, cfg.height, cfg.width);
+  V3<double> out("out", B, cfg.patches(), D), g("g", B, cfg.patches(), D);
+  fill_normal(images, seed + 2);
+  fill_normal(g, seed + 3);
+  auto loss = [&] {
+    emu.forward(exec, images, out);
+    exec.fence();
+    return dot(out, g);
+  };
+  emu.zero_gradients(exec);
+  loss();
+  emu.backward(exec, g);
+  exec.fence();
+  const auto rs = fd_check(emu.parameters(), emu.gradients(), loss);
+  for (int c = 0; c < C; ++c)
+    require_live(rs, "token_embeds." + std::to_string(c) + ".proj.weight");
+  require_live(rs, "var_embed");
+  require_live(rs, "pos_embed");
+  for (std::size_t r = 0; r < groups.size(); ++r) {
+    const std::string prefix = "partial." + std::to_string(r) + ".";
+    std::size_t seen = 0;
+    for (const auto& res : rs) seen += res.name.rfind(prefix, 0) == 0;
+    CHECK(seen >= 2);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("DchagEmulation backward matches finite differences", "[front_end][fd][dchag]") {
+  const Groups uneven = {{0, 1, 2}, {3, 4}, {5, 6}};
+  const Groups scattered = {{0, 3}, {1, 2, 4}};
+  SECTION("linear, no tree") {
+    fd_dchag(PartialKind::linear, 1, Convention::climax, Strategy::pooled, uneven, 2000);
+    fd_dchag(PartialKind::linear, 1, Convention::artifact, Strategy::materialized, scattered, 2010);
+  }
+  SECTION("linear, tree of 2 (groups of even size)") {
+    fd_dchag(PartialKind::linear, 2, Convention::climax, Strategy::materialized,
+             {{0, 1, 2, 3}, {4, 5}, {6, 7}}, 2020);
+    fd_dchag(PartialKind::linear, 2, Convention::artifact, Strategy::pooled, {{0, 3}, {1, 2, 4, 5}},
+             2030);
+  }
+  SECTION("cross-attention, trees of 1 and 2, every convention and strategy") {
+    std::uint64_t seed = 2100;
+    for (const auto conv : kConventions) {
+      for (const auto strat : kStrategies) {
+        for (const int tree : {1, 2}) {
+          fd_dchag(PartialKind::cross_attention, tree, conv, strat, uneven, seed += 10);
+          fd_dchag(PartialKind::cross_attention, tree, conv, strat, scattered, seed += 10);
+        }
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// D-CHAG with one group is tokenizer -> partial aggregation -> final cross-attention over the one
+// partial token -> positional embedding. The emulation runs exactly these kernels in this order
+// on the same numbers, so outputs and gradients are equal bit for bit (tolerance 0).
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+void compare_with_composition(PartialKind kind, int tree, Convention conv, Strategy strat,
+                              const std::vector<int>& channels, std::uint64_t seed) {
+  INFO("partial " << dchag::to_string(kind) << ", tree " << tree << ", convention "
+                  << dchag::to_string(conv) << ", strategy " << dchag::to_string(strat)
+                  << ", first channel " << channels.front());
+  Exec exec;
+  const int B = 2, C = int(channels.size()), p = 2, H = 4, W = 6, D = 8, L = (H / p) * (W / p);
+  const FrontEndConfig cfg{C, H, W, p, D, 2, strat, conv, seed};
+  dchag::DchagEmulation<Exec, double> emu(exec, cfg, {kind, tree}, {channels});
+  fill_normal(emu.parameters(), seed + 1, param_sd(D));
+
+  // The same stages by hand, built from another seed so that only the copy makes them agree.
+  dchag::Tokenizer<Exec, double> tok(exec, C, p, D, channels, seed + 7);
+  dchag::PartialAggregator<Exec, double> part(exec, kind, C, tree, cfg.attention(), seed + 7,
+                                              "partial.0.");
+  dchag::CrossAttention<Exec, double> fin(exec, cfg.attention(), seed + 7, "final.");
+  dchag::PositionalEmbedding<Exec, double> pos(exec, cfg.grid_h(), cfg.grid_w(), D);
+  auto hand_list = [&](bool grads) {
+    auto list = grads ? tok.gradients() : tok.parameters();
+    for (auto more : {grads ? part.gradients() : part.parameters(),
+                      grads ? fin.gradients("final.") : fin.parameters("final."),
+                      grads ? pos.gradients() : pos.parameters()})
+      list.insert(list.end(), more.begin(), more.end());
+    return list;
+  };
+  copy_by_name(emu.parameters(), hand_list(false));
+  require_same(emu.parameters(), hand_list(false), [](const std::string&) { return 0.0; });
+
+  V4<double> images("images", B, C, H, W);
+  V3<double> g("g", B, L, D), out_emu("out_emu", B, L, D), out_hand("out_hand", B, L, D);
+  fill_normal(images, seed + 2);
+  fill_normal(g, seed + 3);
+
+  emu.zero_gradients(exec);
+  emu.forward(exec, images, out_emu);
+  emu.backward(exec, g);
+
+  tok.zero_gradients(exec);
+  part.zero_gradients(exec);
+  fin.zero_gradients(exec);
+  pos.zero_gradients(exec);
+  V4<double> tokens("tokens", B, C, L, D), d_tokens("d_tokens", B, C, L, D);
+  V4<double> partial("partial", B, 1, L, D), d_partial("d_partial", B, 1, L, D);
+  const V4<double> out4(out_hand.data(), B, 1, L, D), g4(g.data(), B, 1, L, D);
+  typename dchag::CrossAttention<Exec, double>::Saved saved;
+  tok.forward(exec, images, ChannelSelection::from_full_image(channels), tokens);
+  part.forward(exec, tokens, partial);
+  fin.forward(exec, partial, Segments::whole(1), out4, saved);
+  pos.forward(exec, out_hand);
+  pos.backward(exec, g);
+  fin.backward(exec, partial, saved, g4, d_partial);
+  part.backward(exec, tokens, d_partial, d_tokens);
+  tok.backward(exec, d_tokens);
+  exec.fence();
+
+  CHECK(max_abs_diff(out_emu, out_hand) == 0.0);
+  CHECK(max_abs(to_host(out_emu)) > 0);
+  require_same(emu.gradients(), hand_list(true), [](const std::string&) { return 0.0; });
+}
+
+}  // namespace
+
+TEST_CASE("DchagEmulation with one group equals the stages composed by hand",
+          "[front_end][equivalence][dchag]") {
+  std::uint64_t seed = 3000;
+  for (const auto& channels :
+       {std::vector<int>{0, 1, 2, 3, 4, 5}, std::vector<int>{4, 2, 0, 5, 1, 3}}) {
+    for (const auto conv : kConventions) {
+      for (const auto strat : kStrategies) {
+        compare_with_composition(PartialKind::linear, 1, conv, strat, channels, seed += 10);
+        compare_with_composition(PartialKind::linear, 2, conv, strat, channels, seed += 10);
+        compare_with_composition(PartialKind::cross_attention, 1, conv, strat, channels,
+                                 seed += 10);
+        compare_with_composition(PartialKind::cross_attention, 4, conv, strat, channels,
+                                 seed += 10);
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Initialisation across front ends: what a rank holds does not depend on which rank it is.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Front ends built from one seed hold the same values for the same names",
+          "[front_end][init]") {
+  Exec exec;
+  const FrontEndConfig cfg{7, 4, 6, 2, 16, 4, Strategy::pooled, Convention::climax, 77};
+  dchag::FlatFrontEnd<Exec, float> a(exec, cfg), b(exec, cfg);
+  require_same(a.parameters(), b.parameters(), [](const std::string&) { return 0.0; });
+
+  // Every tokenizer weight, bias and var_embed row of the D-CHAG groups equals the flat one.
+  dchag::DchagEmulation<Exec, float> emu(exec, cfg, {PartialKind::cross_attention, 1},
+                                         {{0, 3, 6}, {1, 2}, {4, 5}});
+  const auto flat_params = a.parameters();
+  int compared = 0;
+  for (const auto& t : emu.parameters()) {
+    const auto* f = find(flat_params, t.name);
+    if (t.name.rfind("token_embeds.", 0) != 0 && t.name != "var_embed" && t.name != "pos_embed")
+      continue;
+    INFO(t.name);
+    REQUIRE(f != nullptr);
+    if (t.name == "var_embed") {
+      CHECK(file_order(t) == file_order(*f));  // pieces in group order here, channel order there
+    } else {
+      CHECK(held_values(t) == held_values(*f));
+    }
+    ++compared;
+  }
+  CHECK(compared == 2 * cfg.channels + 2);
+  // A D-CHAG group's pieces of var_embed sit at the rows of its channels.
+  const auto emu_params = emu.parameters();
+  const auto* e = find(emu_params, "var_embed");
+  REQUIRE(e->pieces.size() == std::size_t(cfg.channels));
+  const std::vector<int> order = {0, 3, 6, 1, 2, 4, 5};
+  for (std::size_t s = 0; s < order.size(); ++s)
+    CHECK(e->pieces[s].offset == std::int64_t(order[s]) * cfg.dim);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bad input
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Front ends reject bad input with a precise message", "[front_end][errors]") {
+  Exec exec;
+  const FrontEndConfig good{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+  const int B = 2, L = good.patches(), D = good.dim;
+
+  SECTION("configuration") {
+    FrontEndConfig cfg = good;
+    cfg.height = 5;
+    require_invalid(
+        [&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); },
+        {"dchag::FlatFrontEnd", "config.height is 5", "expected a positive multiple of patch = 2"});
+    cfg = good;
+    cfg.width = 7;
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, cfg, {}, {{0, 1, 2, 3, 4}});
+        },
+        {"dchag::DchagEmulation", "config.width is 7",
+         "expected a positive multiple of patch = 2"});
+    cfg = good;
+    cfg.heads = 3;
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); },
+                    {"dchag::FlatFrontEnd", "config.heads is 3", "expected a divisor of dim = 8"});
+  }
+
+  SECTION("FlatFrontEnd") {
+    for (const auto strat : kStrategies) {
+      FrontEndConfig cfg = good;
+      cfg.strategy = strat;
+      dchag::FlatFrontEnd<Exec, float> flat(exec, cfg);
+      V4<float> images("images", B, good.channels, good.height, good.width);
+      V3<float> out("out", B, L, D);
+      require_invalid([&] { flat.backward(exec, out); },
+                      {"dchag::FlatFrontEnd::backward", "before forward"});
+      V3<float> bad("bad", B, L, D + 1);
+      require_invalid([&] { flat.forward(exec, images, bad); },
+                      {"dchag::FlatFrontEnd::forward", "output is [2, 6, 9]",
+                       "expected [B, L, D] = [2, 6, 8]"});
+      require_invalid([&] { flat.forward(exec, images, ChannelSelection::own({}), out); },
+                      {"selection is empty", "expected at least one channel"});
+      require_invalid(
+          [&] {
+            flat.forward(exec, images, ChannelSelection::from_full_image({1, 7}), out);
+          },
+          {"channel id 7", "expected 0 <= id < C = 5"});
+      flat.forward(exec, images, out);
+      require_invalid([&] { flat.backward(exec, bad); },
+                      {"dchag::FlatFrontEnd::backward", "output is [2, 6, 9]",
+                       "expected [B, L, D] = [2, 6, 8]"});
+    }
+  }
+
+  SECTION("DchagEmulation groups") {
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, good, {}, {{0, 1}, {1, 2, 3, 4}});
+        },
+        {"dchag::DchagEmulation", "channel 1 is in two groups", "expected exactly one"});
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, good, {}, {{0, 1}, {2, 3}});
+        },
+        {"dchag::DchagEmulation", "channel 4 is in no group", "expected exactly one"});
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, good, {}, {{0, 1}, {}, {2, 3, 4}});
+        },
+        {"dchag::DchagEmulation", "group 1 holds no channel", "expected >= 1"});
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, good, {}, {{0, 1}, {2, 3, 5}});
+        },
+        {"dchag::DchagEmulation", "group 1 lists channel 5", "expected 0 <= channel < C = 5"});
+    require_invalid([&] { dchag::DchagEmulation<Exec, float>(exec, good, {}, {}); },
+                    {"dchag::DchagEmulation", "groups is empty", "expected at least one group"});
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, good, {PartialKind::linear, 2},
+                                             {{0, 1}, {2, 3, 4}});
+        },
+        {"dchag::PartialAggregator", "linear tree over 3 channels with tree = 2",
+         "expected tree to divide the channel count"});
+  }
+
+  SECTION("DchagEmulation forward and backward") {
+    dchag::DchagEmulation<Exec, float> emu(exec, good, {PartialKind::cross_attention, 1},
+                                           {{0, 1}, {2, 3, 4}});
+    V4<float> images("images", B, good.channels, good.height, good.width);
+    V3<float> out("out", B, L, D);
+    require_invalid([&] { emu.backward(exec, out); },
+                    {"dchag::DchagEmulation::backward", "before forward"});
+    {
+      V4<float> four("four", B, 4, good.height, good.width);
+      require_invalid(
+          [&] { emu.forward(exec, four, out); },
+          {"dchag::DchagEmulation::forward", "images.extent(1) is 4", "expected C = 5"});
+    }
+    {
+      V3<float> bad("bad", B, L + 1, D);
+      require_invalid(
+          [&] { emu.forward(exec, images, bad); },
+          {"dchag::DchagEmulation::forward", "out is [2, 7, 8]", "expected [B, L, D] = [2, 6, 8]"});
+    }
+    emu.forward(exec, images, out);
+    for (const auto& bad : {V3<float>("fewer", B - 1, L, D), V3<float>("wider", B, L, D + 1)}) {
+      require_invalid(
+          [&] { emu.backward(exec, bad); },
+          {"dchag::DchagEmulation::backward", "d_out is [", "expected [B, L, D] = [2, 6, 8]"});
+    }
+  }
+}
