@@ -99,8 +99,10 @@ for title, field, tfield in (("wall-clock", "real_time", "median_s"),
 print()
 for label, key, target in (("pooled forward", "forward", 10.0),
                            ("pooled forward+backward", "forward_backward", 5.0)):
-    speedup = torch[key]["median_s"] / dchag_median(key, "pooled", "real_time")
-    verdict = "met" if speedup >= target else f"missed by {target / speedup:.2f}x"
-    print(f"target {label} >= {target:g}x faster than PyTorch (wall-clock): "
-          f"{speedup:.2f}x, {verdict}")
+    for clock, field, tfield in (("wall-clock", "real_time", "median_s"),
+                                 ("process CPU", "cpu_time", "cpu_median_s")):
+        speedup = torch[key][tfield] / dchag_median(key, "pooled", field)
+        verdict = "met" if speedup >= target else f"missed by {target / speedup:.2f}x"
+        print(f"target {label} >= {target:g}x faster than PyTorch ({clock}): "
+              f"{speedup:.2f}x, {verdict}")
 EOF
