@@ -86,6 +86,43 @@ dchag::FrontEndConfig front_end_config(const Shape& s, dchag::Strategy strategy)
   return cfg;
 }
 
+/// High-water mark of Kokkos allocations (all memory spaces), from Kokkos Tools callbacks.
+struct AllocationTracker {
+  static inline std::int64_t current = 0;
+  static inline std::int64_t peak = 0;
+
+  static void on_allocate(Kokkos_Profiling_SpaceHandle, const char*, const void*,
+                          std::uint64_t size) {
+    current += static_cast<std::int64_t>(size);
+    if (current > peak) peak = current;
+  }
+  static void on_deallocate(Kokkos_Profiling_SpaceHandle, const char*, const void*,
+                            std::uint64_t size) {
+    current -= static_cast<std::int64_t>(size);
+  }
+  static void install() {
+    Kokkos::Tools::Experimental::set_allocate_data_callback(&on_allocate);
+    Kokkos::Tools::Experimental::set_deallocate_data_callback(&on_deallocate);
+  }
+};
+
+/// Peak bytes allocated through Kokkos from its construction on (parameters, activations,
+/// workspace and the benchmark's own inputs), the maximum over ranks.
+class PeakBytes {
+ public:
+  PeakBytes() : base_(AllocationTracker::current) { AllocationTracker::peak = base_; }
+  double bytes() const {
+    double peak = double(AllocationTracker::peak - base_);
+#ifdef DCHAG_ENABLE_MPI
+    MPI_Allreduce(MPI_IN_PLACE, &peak, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+#endif
+    return peak;
+  }
+
+ private:
+  std::int64_t base_;
+};
+
 /// Runs the timed loop: `op` once untimed (workspaces are allocated on first use), then once per
 /// iteration between two fences; the time of an iteration is the maximum over ranks.
 void timed_loop(benchmark::State& state, const Exec& exec, const std::function<void()>& op) {
@@ -104,10 +141,12 @@ void timed_loop(benchmark::State& state, const Exec& exec, const std::function<v
   }
 }
 
-/// flop/s, and bytes/s and items/s of the token tensor, all per iteration.
-void set_counters(benchmark::State& state, const Shape& s, double flops) {
+/// flop/s, and bytes/s and items/s of the token tensor, all per iteration; peak bytes.
+void set_counters(benchmark::State& state, const Shape& s, double flops, const PeakBytes& peak) {
   state.counters["flop/s"] =
       benchmark::Counter(flops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_bytes"] =
+      benchmark::Counter(peak.bytes(), benchmark::Counter::kDefaults, benchmark::Counter::kIs1024);
   state.SetBytesProcessed(state.iterations() * s.token_bytes<Scalar>());
   state.SetItemsProcessed(state.iterations() * s.tokens());
 }
@@ -116,6 +155,7 @@ void set_counters(benchmark::State& state, const Shape& s, double flops) {
 
 void tokenizer(benchmark::State& state, bool backward) {
   const Shape s = shape_of(state);
+  const PeakBytes peak;
   Exec exec;
   dchag::Tokenizer<Exec, Scalar> tok(exec, int(s.C), int(s.p), int(s.D), iota(s.C), 1);
   dchag::View4<Scalar, Mem> images("images", s.B, s.C, s.H, s.W);
@@ -124,17 +164,18 @@ void tokenizer(benchmark::State& state, bool backward) {
   const auto sel = dchag::ChannelSelection::own(iota(s.C));
   if (!backward) {
     timed_loop(state, exec, [&] { tok.forward(exec, images, sel, tokens); });
-    set_counters(state, s, dchag_bench::tokenizer_forward(s));
+    set_counters(state, s, dchag_bench::tokenizer_forward(s), peak);
   } else {
     tok.forward(exec, images, sel, tokens);
     fill(tokens, 3);  // stands in for d_tokens
     timed_loop(state, exec, [&] { tok.backward(exec, tokens); });
-    set_counters(state, s, dchag_bench::tokenizer_backward(s));
+    set_counters(state, s, dchag_bench::tokenizer_backward(s), peak);
   }
 }
 
 void cross_attention(benchmark::State& state, dchag::Strategy strategy, bool backward) {
   const Shape s = shape_of(state);
+  const PeakBytes peak;
   Exec exec;
   dchag::CrossAttention<Exec, Scalar> att(
       exec, {int(s.D), int(s.heads), dchag::Convention::climax, strategy}, 1, "var_agg");
@@ -145,19 +186,20 @@ void cross_attention(benchmark::State& state, dchag::Strategy strategy, bool bac
   const auto work = dchag_bench::flat_attention(s);
   if (!backward) {
     timed_loop(state, exec, [&] { att.forward(exec, x, out); });
-    set_counters(state, s, dchag_bench::attention_forward(pooled, work));
+    set_counters(state, s, dchag_bench::attention_forward(pooled, work), peak);
   } else {
     dchag::View4<Scalar, Mem> dx("dx", s.B, s.C, s.L(), s.D);
     dchag::View3<Scalar, Mem> d_out("d_out", s.B, s.L(), s.D);
     fill(d_out, 3);
     att.forward(exec, x, out);
     timed_loop(state, exec, [&] { att.backward(exec, x, d_out, dx); });
-    set_counters(state, s, dchag_bench::attention_backward(pooled, work));
+    set_counters(state, s, dchag_bench::attention_backward(pooled, work), peak);
   }
 }
 
 void flat_front_end(benchmark::State& state, dchag::Strategy strategy, bool backward) {
   const Shape s = shape_of(state);
+  const PeakBytes peak;
   Exec exec;
   dchag::FlatFrontEnd<Exec, Scalar> fe(exec, front_end_config(s, strategy));
   dchag::View4<Scalar, Mem> images("images", s.B, s.C, s.H, s.W);
@@ -166,7 +208,7 @@ void flat_front_end(benchmark::State& state, dchag::Strategy strategy, bool back
   const bool pooled = strategy == dchag::Strategy::pooled;
   if (!backward) {
     timed_loop(state, exec, [&] { fe.forward(exec, images, out); });
-    set_counters(state, s, dchag_bench::flat_forward(s, pooled));
+    set_counters(state, s, dchag_bench::flat_forward(s, pooled), peak);
   } else {
     dchag::View3<Scalar, Mem> d_out("d_out", s.B, s.L(), s.D);
     Kokkos::deep_copy(d_out, Scalar(1));  // the gradient of sum(out), as in the PyTorch script
@@ -175,12 +217,13 @@ void flat_front_end(benchmark::State& state, dchag::Strategy strategy, bool back
       fe.forward(exec, images, out);
       fe.backward(exec, d_out);
     });
-    set_counters(state, s, dchag_bench::flat_forward_backward(s, pooled));
+    set_counters(state, s, dchag_bench::flat_forward_backward(s, pooled), peak);
   }
 }
 
 void dchag_emulation(benchmark::State& state, dchag::PartialKind kind, int groups) {
   const Shape s = shape_of(state);
+  const PeakBytes peak;
   Exec exec;
   // Contiguous channel blocks (the paper's layout); the first C % P groups get one more.
   std::vector<std::vector<int>> lists(static_cast<std::size_t>(groups));
@@ -202,7 +245,8 @@ void dchag_emulation(benchmark::State& state, dchag::PartialKind kind, int group
   });
   set_counters(state, s,
                dchag_bench::dchag_forward_backward(s, groups, kind == dchag::PartialKind::linear,
-                                                   cfg.strategy == dchag::Strategy::pooled));
+                                                   cfg.strategy == dchag::Strategy::pooled),
+               peak);
   state.counters["groups"] = groups;
 }
 
@@ -361,6 +405,7 @@ int main(int argc, char** argv) {
         benchmark::AddCustomContext("mpi_ranks", std::to_string(ranks));
         benchmark::AddCustomContext("scalar", "float");
         benchmark::AddCustomContext("dchag_emulation_groups", std::to_string(groups));
+        AllocationTracker::install();
         register_all(shapes, groups);
         if (rank == 0) {
           benchmark::RunSpecifiedBenchmarks();
