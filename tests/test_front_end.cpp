@@ -63,6 +63,7 @@ void fd_flat(const FrontEndConfig& cfg, int B, const std::vector<int>& sel_ids, 
                   << (from_full ? " from the full image" : " own"));
   Exec exec;
   dchag::FlatFrontEnd<Exec, double> flat(exec, cfg);
+  if (expect_chunks > 1) flat.set_chunk_channels((cfg.channels + expect_chunks - 1) / expect_chunks);
   fill_normal(flat.parameters(), cfg.seed + 1, param_sd(cfg.dim));
   const int Cimg = sel_ids.empty() || from_full ? cfg.channels : int(sel_ids.size());
   V4<double> images("images", B, Cimg, cfg.height, cfg.width);
@@ -125,8 +126,7 @@ TEST_CASE("FlatFrontEnd backward matches finite differences", "[front_end][fd][f
       fd_flat(cfg, 1, {4, 0, 2, 5}, true, 1);
     }
   }
-  SECTION("wide enough that the pooled path streams 9 channels in chunks of 4, 4, 1") {
-    // Host chunk: 256 KiB of tokens / (B L D 8 bytes) = 262144 / (2 * 64 * 64 * 8) = 4 channels.
+  SECTION("the pooled path streams 9 channels in chunks of 3") {
     for (const auto strat : kStrategies) {
       const FrontEndConfig cfg{9, 16, 16, 2, 64, 4, strat, Convention::climax, 1200};
       fd_flat(cfg, 2, {}, false, 3);

@@ -226,6 +226,8 @@ class CrossAttention {
     auto run_max = s.run_max;
     auto run_sum = s.run_sum;
     constexpr bool on_host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
+    V3 e_chunk = workspace3(e_chunk_, "dchag::attention::chunk_weights", std::size_t(s.B) * L,
+                            std::size_t(n1 - n0), std::size_t(nh));
     Kokkos::parallel_for(
         "dchag::attention::stream_pool", Team(exec, s.B * L, Kokkos::AUTO),
         KOKKOS_LAMBDA(const Member& team) {
@@ -251,14 +253,41 @@ class CrossAttention {
             for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
             const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
             Scalar* zh = &z(h, pos, 0);
-            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] *= rescale; });
             Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
-            for (int n = n0; n < n1; ++n) {
-              const std::int64_t row = row0 + std::int64_t(n) * L;
-              const Scalar e = detail::exp(a(row, h) - mx);
-              sum += e;
-              const Scalar* xr = &x2(row, 0);
-              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] += e * xr[d]; });
+            if constexpr (on_host) {
+              // One lane: the weights first, then z in blocks of 16 values held in registers
+              // across the chunk's tokens (one store per block instead of one per token).
+              Scalar* e = &e_chunk(pos, 0, 0);
+              for (int n = n0; n < n1; ++n) {
+                e[(n - n0) * nh + h] = detail::exp(a(row0 + std::int64_t(n) * L, h) - mx);
+                sum += e[(n - n0) * nh + h];
+              }
+              constexpr int block = 32;
+              int d0 = 0;
+              for (; d0 + block <= D; d0 += block) {
+                Scalar acc[block];
+                for (int v = 0; v < block; ++v) acc[v] = zh[d0 + v] * rescale;
+                for (int n = n0; n < n1; ++n) {
+                  const Scalar w = e[(n - n0) * nh + h];
+                  const Scalar* xr = &x2(row0 + std::int64_t(n) * L, d0);
+                  for (int v = 0; v < block; ++v) acc[v] += w * xr[v];
+                }
+                for (int v = 0; v < block; ++v) zh[d0 + v] = acc[v];
+              }
+              for (int d = d0; d < D; ++d) {
+                Scalar acc = zh[d] * rescale;
+                for (int n = n0; n < n1; ++n) acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
+                zh[d] = acc;
+              }
+            } else {
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] *= rescale; });
+              for (int n = n0; n < n1; ++n) {
+                const std::int64_t row = row0 + std::int64_t(n) * L;
+                const Scalar e = detail::exp(a(row, h) - mx);
+                sum += e;
+                const Scalar* xr = &x2(row, 0);
+                Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] += e * xr[d]; });
+              }
             }
             team.team_barrier();  // every lane has read run_sum / run_max before they change
             Kokkos::single(Kokkos::PerTeam(team), [&]() {
@@ -269,7 +298,10 @@ class CrossAttention {
         });
   }
 
-  void stream_end(const ExecSpace& exec, Saved& s, const View4<Scalar, memory_space>& out) {
+  /// With `group`: each rank streamed its share of the inputs; the running statistics and the
+  /// pooled sums are merged exactly over the group (DESIGN 3.7).
+  void stream_end(const ExecSpace& exec, Saved& s, const View4<Scalar, memory_space>& out,
+                  const GroupReduce<Scalar, memory_space>* group = nullptr) {
     constexpr const char* where = "dchag::CrossAttention::stream_end";
     DCHAG_EXPECT(s.k == 1 && streamed_ == s.N, where, "stream covered ", streamed_, " of N = ",
                  s.N, " inputs, expected all");
@@ -277,9 +309,69 @@ class CrossAttention {
                      out.extent(2) == std::size_t(s.L) && out.extent(3) == std::size_t(cfg_.dim),
                  where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ", ",
                  out.extent(3), "], expected [B, 1, L, D] = [", s.B, ", 1, ", s.L, ", ", cfg_.dim, "]");
+    if (group) {
+      // Rescale each rank's pooled sums from its own running max to the group's.
+      const std::size_t P = std::size_t(s.B) * s.L;
+      const int D = cfg_.dim;
+      V2 local = workspace2(c_, "dchag::attention::c", P, std::size_t(cfg_.heads));
+      Kokkos::deep_copy(exec, local, s.run_max);
+      group->max(Unmanaged1<Scalar, memory_space>(s.run_max.data(), s.run_max.span()));
+      auto z = s.z;
+      auto run_max = s.run_max;
+      detail::for_each_row(
+          exec, "dchag::attention::stream_rescale", std::int64_t(cfg_.heads) * P, D,
+          KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+            const std::int64_t pos = r % std::int64_t(P), h = r / std::int64_t(P);
+            z(h, pos, d) *= detail::exp(local(pos, h) - run_max(pos, h));
+          });
+    }
     exponentiate(exec, s);
-    finish_pooled(exec, s, nullptr);
+    finish_pooled(exec, s, group);
     project_out(exec, s, out);
+  }
+
+  /// Chunked backward of a pooled forward, for callers that consume input gradients in chunks
+  /// (the fused front ends): backward_begin, then backward_chunk for consecutive input ranges
+  /// [n0, n1) covering [0, N), writing dx of those inputs [B, n1 - n0, L, D], then backward_end.
+  /// Same gradients as backward; the full dx never has to exist.
+  void backward_begin(const ExecSpace& exec, const Saved& saved,
+                      const View4<const Scalar, memory_space>& d_out,
+                      const GroupReduce<Scalar, memory_space>* group = nullptr) {
+    constexpr const char* where = "dchag::CrossAttention::backward_begin";
+    DCHAG_EXPECT(saved.k > 0 && cfg_.strategy == Strategy::pooled, where,
+                 "expected the saved state of a pooled forward");
+    const Segments seg{saved.host_offsets};
+    check_group(where, seg, group);
+    DCHAG_EXPECT(d_out.extent(0) == std::size_t(saved.B) && d_out.extent(1) == std::size_t(saved.k) &&
+                     d_out.extent(2) == std::size_t(saved.L) && d_out.extent(3) == std::size_t(cfg_.dim),
+                 where, "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2), ", ",
+                 d_out.extent(3), "], expected [B, k, L, D] = [", saved.B, ", ", saved.k, ", ", saved.L,
+                 ", ", cfg_.dim, "]");
+    back_project_out(exec, saved, d_out);
+    pooled_backward_begin(exec, saved, group != nullptr);
+    back_streamed_ = 0;
+  }
+  void backward_chunk(const ExecSpace& exec, const X4& x, const Saved& saved, int n0, int n1,
+                      const View4<Scalar, memory_space>& dx) {
+    constexpr const char* where = "dchag::CrossAttention::backward_chunk";
+    DCHAG_EXPECT(n0 == back_streamed_ && n1 > n0 && n1 <= saved.N, where, "chunk [", n0, ", ", n1,
+                 ") does not continue the backward at ", back_streamed_, " of N = ", saved.N);
+    DCHAG_EXPECT(x.extent(0) == std::size_t(saved.B) && x.extent(1) == std::size_t(saved.N) &&
+                     x.extent(2) == std::size_t(saved.L) && x.extent(3) == std::size_t(cfg_.dim),
+                 where, "x is not the input of the saved forward");
+    DCHAG_EXPECT(dx.extent(0) == std::size_t(saved.B) && dx.extent(1) == std::size_t(n1 - n0) &&
+                     dx.extent(2) == std::size_t(saved.L) && dx.extent(3) == std::size_t(cfg_.dim),
+                 where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ", dx.extent(3),
+                 "], expected [B, n1 - n0, L, D] = [", saved.B, ", ", n1 - n0, ", ", saved.L, ", ", cfg_.dim, "]");
+    back_streamed_ = n1;
+    pooled_token_grad(exec, x, saved, n0, n1, dx);
+  }
+  void backward_end(const ExecSpace& exec, const Saved& saved,
+                    const GroupReduce<Scalar, memory_space>* group = nullptr) {
+    DCHAG_EXPECT(back_streamed_ == saved.N, "dchag::CrossAttention::backward_end", "backward covered ",
+                 back_streamed_, " of N = ", saved.N, " inputs, expected all");
+    pooled_backward_end(exec, group);
+    back_query(exec);
   }
 
   void zero_gradients(const ExecSpace& exec) {
@@ -688,15 +780,25 @@ class CrossAttention {
   void backward_pooled(const ExecSpace& exec, const X4& x, const Saved& s,
                        const View4<Scalar, memory_space>& dx,
                        const GroupReduce<Scalar, memory_space>* group) {
-    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
-    const std::size_t M = std::size_t(s.B) * N * L, P = std::size_t(s.B) * k * L;
+    pooled_backward_begin(exec, s, group != nullptr);
+    pooled_token_grad(exec, x, s, 0, s.N, dx);
+    pooled_backward_end(exec, group);
+  }
+
+  // Pooled backward, the parts before the tokens: dbv, dWv (share), gz_h = Wv_h^T go_h and
+  // c[pos, h] = gz_h . z_h; zeroes du.
+  void pooled_backward_begin(const ExecSpace& exec, const Saved& s, bool group) {
+    const int L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const std::size_t P = std::size_t(s.B) * k * L;
     auto go = go_;
     column_sums(exec, go, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
     // What a group sums: du [heads, D] then this rank's dWv share [D, D], as one message.
     V1 shared = workspace1(shared_, "dchag::attention::group_grads", std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
-    auto du = Unmanaged2<Scalar, memory_space>(shared.data(), nh, D);
+    Kokkos::deep_copy(exec, Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)), Scalar(0));
     auto dwv = group ? Unmanaged2<Scalar, memory_space>(shared.data() + std::size_t(nh) * D, D, D)
                      : Unmanaged2<Scalar, memory_space>(&d_w_in_(2, 0, 0), D, D);
+    group_backward_ = group;
+    DCHAG_EXPECT(s.z.data() != nullptr, "dchag::CrossAttention::backward", "no pooled state saved");
     // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
     V3 goh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
     detail::for_each_row(
@@ -723,23 +825,34 @@ class CrossAttention {
           for (int r = h * hd; r < (h + 1) * hd; ++r) acc += go(pos, r) * (ocat(pos, r) - b_in(2, r));
           c(pos, h) = acc;
         });
-    // Per token: ds_h = a_h (gz_h . x - c_h); dx = sum_h a_h gz_h + ds_h u_h.
-    V2 ds = workspace2(ds_, "dchag::attention::ds", M, nh);
+    ensure(ds_, "dchag::attention::ds", std::size_t(s.B) * s.N * L, std::size_t(nh));
+  }
+
+  // Pooled backward for the tokens of inputs [n0, n1): ds_h = a_h (gz_h . x - c_h),
+  // dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), du += ds^T x.
+  void pooled_token_grad(const ExecSpace& exec, const X4& x, const Saved& s, int n0, int n1,
+                         const View4<Scalar, memory_space>& dx) {
+    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, nc = n1 - n0;
+    const std::size_t M = std::size_t(s.B) * N * L;
     auto x2 = as2(x.data(), M, D);
-    auto dx2 = as2(dx.data(), M, D);
+    auto dx2 = as2(dx.data(), std::size_t(s.B) * nc * L, D);
+    auto ds = ds_;
+    auto gz = gz_;
+    auto c = c_;
     auto a = s.a;
     auto u = u_;
     auto seg = s.segment;
     Kokkos::parallel_for(
-        "dchag::attention::pooled_token_grad", Team(exec, static_cast<int>(M), Kokkos::AUTO),
+        "dchag::attention::pooled_token_grad", Team(exec, s.B * nc * L, Kokkos::AUTO),
         KOKKOS_LAMBDA(const Member& team) {
-          const std::int64_t row = team.league_rank();
-          const int l = static_cast<int>(row % L);
-          const int n = static_cast<int>((row / L) % N);
-          const int b = static_cast<int>(row / (std::int64_t(L) * N));
+          const std::int64_t crow = team.league_rank();  // row of the chunk
+          const int l = static_cast<int>(crow % L);
+          const int n = n0 + static_cast<int>((crow / L) % nc);
+          const int b = static_cast<int>(crow / (std::int64_t(L) * nc));
+          const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
           const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
           const Scalar* xr = &x2(row, 0);
-          Scalar* dxr = &dx2(row, 0);
+          Scalar* dxr = &dx2(crow, 0);
           for (int h = 0; h < nh; ++h) {
             const Scalar t = detail::team_dot(team, &gz(h, pos, 0), xr, D);
             const Scalar ah = a(row, h);
@@ -754,17 +867,31 @@ class CrossAttention {
             });
           }
         });
-    // du = ds^T x, summed over the group with this rank's dWv share.
-    detail::gemm(exec, "T", "N", Scalar(1), ds, x2, Scalar(0), du);
+    auto du = Unmanaged2<Scalar, memory_space>(shared_.data(), nh, D);
+    for (int b = 0; b < s.B; ++b) {
+      const auto rows = Kokkos::make_pair((std::size_t(b) * N + n0) * L, (std::size_t(b) * N + n1) * L);
+      detail::gemm(exec, "T", "N", Scalar(1), Kokkos::subview(ds_, rows, Kokkos::ALL),
+                   Kokkos::subview(x2, rows, Kokkos::ALL), Scalar(1), du);
+    }
+  }
+
+  // Pooled backward after the tokens: group sums, then dWk_h = q_h (x) du_h / sqrt(hd) and
+  // dq_h = Wk_h du_h / sqrt(hd).
+  void pooled_backward_end(const ExecSpace& exec, const GroupReduce<Scalar, memory_space>* group) {
+    DCHAG_EXPECT((group != nullptr) == group_backward_, "dchag::CrossAttention::backward_end",
+                 "group given to backward_end does not match backward_begin");
+    const int D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    auto shared = shared_;
     if (group) {
       group->sum(Unmanaged1<Scalar, memory_space>(shared.data(), shared.span()));
       auto dw = d_w_in_;
+      const std::size_t off = std::size_t(nh) * D;
       detail::for_each_row(
           exec, "dchag::attention::add_value_grad", D, D, KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-            dw(2, r, d) += dwv(r, d);
+            dw(2, r, d) += shared(off + r * D + d);
           });
     }
-    // dWk_h = q_h (x) du_h / sqrt(hd) and dq_h = Wk_h du_h / sqrt(hd).
+    auto du = Unmanaged2<Scalar, memory_space>(shared.data(), nh, D);
     const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
     auto q = q_;
     auto dq = dq_;
@@ -923,9 +1050,10 @@ class CrossAttention {
   V2 u_, du_;
   V1 merge_, shared_;
   V2 go_, c_, ds_, dk_, dv_;
-  V3 oh_, gz_;
+  V3 oh_, gz_, e_chunk_;
   Saved own_saved_;
-  int streamed_ = 0;
+  int streamed_ = 0, back_streamed_ = 0;
+  bool group_backward_ = false;
   int head_begin_ = 0, head_end_ = 0;  // set to [0, heads) in the constructor
   bool out_bias_ = true;
 };

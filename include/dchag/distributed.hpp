@@ -106,7 +106,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
   e += Attention::estimate_application(cfg.attention(), B, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
   e.activations += token * J;  // tokens
-  e.workspace += token * J;    // d_tokens
+  e.workspace += tp ? token * J : detail::fused_chunk_bytes<typename ExecSpace::memory_space, Scalar>(B, L, D, J);
   if (tp) e.workspace += S * D;  // the query gradient before this call
   return e;
 }
@@ -203,8 +203,7 @@ class DistributedFrontEnd {
       }
       case Mode::exact_flat:
         ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
-        tokenizer_->forward(exec, images, sel, tokens_);
-        attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_, &reduce_);
+        detail::fused_pooled_forward(exec, *tokenizer_, *attention_, images, sel, tokens_, saved_, out4, &reduce_, 0);
         break;
       case Mode::tp_only:
         ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
@@ -246,9 +245,8 @@ class DistributedFrontEnd {
         break;
       }
       case Mode::exact_flat:
-        ensure(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
-        attention_->backward(exec, tokens_, saved_, d_out4, d_tokens_, &reduce_);
-        tokenizer_->backward(exec, d_tokens_);
+        // Token gradients are local: one chunk at a time, straight into the tokenizer.
+        detail::fused_pooled_backward(exec, *tokenizer_, *attention_, tokens_, saved_, d_out4, d_chunk_, &reduce_, 0);
         break;
       case Mode::tp_only: {
         ensure(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
@@ -393,7 +391,7 @@ class DistributedFrontEnd {
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   bool forwarded_ = false;
   V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;
-  View1<Scalar, memory_space> query_before_;
+  View1<Scalar, memory_space> query_before_, d_chunk_;
 };
 
 }  // namespace dchag

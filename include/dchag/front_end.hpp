@@ -13,6 +13,7 @@
 #include <dchag/tokenizer.hpp>
 
 #include <algorithm>
+#include <type_traits>
 #include <limits>
 #include <memory>
 #include <numeric>
@@ -78,6 +79,80 @@ void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, boo
           src(b, 0, l, d) = dst(b, slot, l, d);
         }
       });
+}
+
+/// Channels per chunk of the fused pooled front ends: about 512 KiB of tokens where the execution
+/// space runs on the host (a chunk stays in a core's L2 between being produced and consumed);
+/// every channel at once on devices, where launches cost more than cache misses.
+template <class MemSpace, class Scalar>
+int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels, int requested = 0) {
+  if (requested > 0) return std::min(requested, channels);
+  if constexpr (!Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemSpace>::accessible) {
+    return channels;
+  } else {
+    const std::size_t per_channel = B * L * D * sizeof(Scalar);
+    return static_cast<int>(std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
+  }
+}
+
+/// Fused pooled forward (DESIGN 3.8): tokenize a chunk of channels, fold it into the running
+/// softmax while it is in cache. `tokens` is kept for backward. With `group`, exact over ranks.
+template <class ExecSpace, class Scalar>
+void fused_pooled_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
+                          CrossAttention<ExecSpace, Scalar>& attention,
+                          const View4<const Scalar, typename ExecSpace::memory_space>& images,
+                          const ChannelSelection& sel, const View4<Scalar, typename ExecSpace::memory_space>& tokens,
+                          typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
+                          const View4<Scalar, typename ExecSpace::memory_space>& out,
+                          std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
+                          int requested_chunk) {
+  const int J = sel.size();
+  tokenizer.prepare(exec, images, sel, tokens);
+  attention.stream_begin(exec, tokens, saved);
+  const int chunk = fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(
+      tokens.extent(0), tokens.extent(2), tokens.extent(3), J, requested_chunk);
+  for (int j0 = 0; j0 < J; j0 += chunk) {
+    const int j1 = std::min(J, j0 + chunk);
+    tokenizer.project(exec, j0, j1, tokens);
+    attention.stream_chunk(exec, tokens, j0, j1, saved);
+  }
+  attention.stream_end(exec, saved, out, group);
+}
+
+/// Chunked pooled backward: token gradients of one chunk of channels at a time, consumed by the
+/// tokenizer at once, so the full d_tokens never exists. `d_chunk` is the chunk buffer.
+template <class ExecSpace, class Scalar>
+void fused_pooled_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
+                           CrossAttention<ExecSpace, Scalar>& attention,
+                           const View4<Scalar, typename ExecSpace::memory_space>& tokens,
+                           const typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
+                           const View4<const Scalar, typename ExecSpace::memory_space>& d_out,
+                           View1<Scalar, typename ExecSpace::memory_space>& d_chunk,
+                           std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
+                           int requested_chunk) {
+  using V4 = View4<Scalar, typename ExecSpace::memory_space>;
+  const std::size_t B = tokens.extent(0), L = tokens.extent(2), D = tokens.extent(3);
+  const int J = static_cast<int>(tokens.extent(1));
+  const int chunk = fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(B, L, D, J, requested_chunk);
+  if (d_chunk.extent(0) != B * chunk * L * D) {
+    d_chunk = View1<Scalar, typename ExecSpace::memory_space>(
+        Kokkos::view_alloc(std::string("dchag::fused::d_tokens_chunk"), Kokkos::WithoutInitializing),
+        B * chunk * L * D);
+  }
+  attention.backward_begin(exec, saved, d_out, group);
+  for (int j0 = 0; j0 < J; j0 += chunk) {
+    const int j1 = std::min(J, j0 + chunk);
+    const V4 dt(d_chunk.data(), B, j1 - j0, L, D);
+    attention.backward_chunk(exec, tokens, saved, j0, j1, dt);
+    tokenizer.backward(exec, dt, j0, j1);
+  }
+  attention.backward_end(exec, saved, group);
+}
+
+/// Bytes of the fused backward's chunk buffer.
+template <class MemSpace, class Scalar>
+std::int64_t fused_chunk_bytes(std::size_t B, std::size_t L, std::size_t D, int channels, int requested = 0) {
+  return std::int64_t(sizeof(Scalar)) * B * L * D * fused_chunk_channels<MemSpace, Scalar>(B, L, D, channels, requested);
 }
 
 /// One D-CHAG rank's local work: tokenize its channels, fold them to one partial token.
@@ -175,20 +250,10 @@ class FlatFrontEnd {
     if (tokens_.extent(0) != B || tokens_.extent(1) != J) {
       tokens_ = View4<Scalar, memory_space>(
           Kokkos::view_alloc(std::string("dchag::flat::tokens"), Kokkos::WithoutInitializing), B, J, L, D);
-      d_tokens_ = View4<Scalar, memory_space>(
-          Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing), B, J, L, D);
     }
     if (cfg_.strategy == Strategy::pooled) {
-      // Fused: tokenize a chunk of channels, fold it into the running softmax while in cache.
-      tokenizer_.prepare(exec, images, sel, tokens_);
-      attention_.stream_begin(exec, tokens_, saved_);
-      const int chunk = stream_chunk_channels(B, L, D);
-      for (int j0 = 0; j0 < int(J); j0 += chunk) {
-        const int j1 = std::min<int>(int(J), j0 + chunk);
-        tokenizer_.project(exec, j0, j1, tokens_);
-        attention_.stream_chunk(exec, tokens_, j0, j1, saved_);
-      }
-      attention_.stream_end(exec, saved_, as4(out));
+      detail::fused_pooled_forward(exec, tokenizer_, attention_, images, sel, tokens_, saved_, as4(out), nullptr,
+                                   chunk_channels_);
     } else {
       tokenizer_.forward(exec, images, sel, tokens_);
       attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
@@ -207,17 +272,36 @@ class FlatFrontEnd {
     DCHAG_EXPECT(saved_.k == 1, "dchag::FlatFrontEnd::backward", "called before forward");
     check_out("dchag::FlatFrontEnd::backward", tokens_.extent(0), d_out);
     pos_.backward(exec, d_out);
-    attention_.backward(exec, tokens_, saved_, as4(d_out), d_tokens_);
-    tokenizer_.backward(exec, d_tokens_);
+    if (cfg_.strategy == Strategy::pooled) {
+      detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out), d_chunk_, nullptr,
+                                    chunk_channels_);
+      return;
+    }
+    if (d_chunk_.extent(0) != tokens_.span()) {
+      d_chunk_ = View1<Scalar, memory_space>(
+          Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing), tokens_.span());
+    }
+    const View4<Scalar, memory_space> d_tokens(d_chunk_.data(), tokens_.extent(0), tokens_.extent(1),
+                                               tokens_.extent(2), tokens_.extent(3));
+    attention_.backward(exec, tokens_, saved_, as4(d_out), d_tokens);
+    tokenizer_.backward(exec, d_tokens);
   }
 
   void set_strategy(Strategy s) {
     cfg_.strategy = s;
     attention_.set_strategy(s);
   }
+  /// Channels per chunk of the fused pooled path (0: automatic, about 512 KiB of tokens on host
+  /// spaces, all channels on devices). A tuning knob; results do not depend on it.
+  void set_chunk_channels(int channels) {
+    DCHAG_EXPECT(channels >= 0, "dchag::FlatFrontEnd::set_chunk_channels", "channels is ", channels,
+                 ", expected >= 0");
+    chunk_channels_ = channels;
+  }
 
-  /// Bytes held for one training step on B images of `channels_in` channels (default: all C).
-  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1) {
+  /// Bytes held for one training step on B images of `channels_in` channels (default: all C),
+  /// with `chunk` channels per fused chunk (0: automatic).
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1, int chunk = 0) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
     const int J = channels_in < 0 ? cfg.channels : channels_in, L = cfg.patches();
     MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
@@ -226,10 +310,15 @@ class FlatFrontEnd {
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
     const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
     e.activations += tokens;
-    e.workspace += tokens;
+    // d_tokens: whole for materialized, one chunk at a time for the fused pooled backward.
+    e.workspace += cfg.strategy == Strategy::pooled
+                       ? detail::fused_chunk_bytes<memory_space, Scalar>(B, L, cfg.dim, J, chunk)
+                       : tokens;
     return e;
   }
-  MemoryEstimate memory_estimate(int B, int channels_in = -1) const { return estimate(cfg_, B, channels_in); }
+  MemoryEstimate memory_estimate(int B, int channels_in = -1) const {
+    return estimate(cfg_, B, channels_in, chunk_channels_);
+  }
   void zero_gradients(const ExecSpace& exec) {
     tokenizer_.zero_gradients(exec);
     attention_.zero_gradients(exec);
@@ -267,23 +356,14 @@ class FlatFrontEnd {
     return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
   }
 
-  // Channels per streamed chunk: about 256 KiB of tokens (a core's L2) where the execution space
-  // runs on the host; on devices one chunk, since launches cost more than cache misses there.
-  static int stream_chunk_channels(std::size_t B, std::size_t L, std::size_t D) {
-    if constexpr (!Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible) {
-      return std::numeric_limits<int>::max();
-    } else {
-      const std::size_t per_channel = B * L * D * sizeof(Scalar);
-      return static_cast<int>(std::max<std::size_t>(1, (std::size_t(256) << 10) / per_channel));
-    }
-  }
-
   FrontEndConfig cfg_;
   Tokenizer<ExecSpace, Scalar> tokenizer_;
   CrossAttention<ExecSpace, Scalar> attention_;
   PositionalEmbedding<ExecSpace, Scalar> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
-  View4<Scalar, memory_space> tokens_, d_tokens_;
+  View4<Scalar, memory_space> tokens_;
+  View1<Scalar, memory_space> d_chunk_;  // d_tokens, whole or one fused chunk
+  int chunk_channels_ = 0;
 };
 
 /// How D-CHAG folds each rank's channels.

@@ -177,34 +177,50 @@ class Tokenizer {
   /// Accumulates the gradients of the weights, biases and channel embeddings of the channels seen
   /// by the last forward, given d_tokens [B, J, L, D].
   void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_tokens) {
+    backward(exec, d_tokens, 0, J_);
+  }
+
+  /// The same for channels [j0, j1) of the last forward's selection only, given their d_tokens
+  /// [B, j1 - j0, L, D]: lets a caller consume token gradients chunk by chunk.
+  void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_tokens, int j0, int j1) {
     detail::ScopedRegion region("dchag::Tokenizer::backward");
-    const int B = B_, J = J_, L = L_, D = dim_;
-    DCHAG_EXPECT(J > 0, "dchag::Tokenizer::backward", "called before forward");
-    DCHAG_EXPECT(d_tokens.extent(0) == std::size_t(B) && d_tokens.extent(1) == std::size_t(J) &&
+    constexpr const char* where = "dchag::Tokenizer::backward";
+    const int B = B_, L = L_, D = dim_, nj = j1 - j0;
+    DCHAG_EXPECT(J_ > 0, where, "called before forward");
+    DCHAG_EXPECT(0 <= j0 && j0 < j1 && j1 <= J_, where, "channel range [", j0, ", ", j1,
+                 ") is not a non-empty range inside the forward's selection [0, ", J_, ")");
+    DCHAG_EXPECT(d_tokens.extent(0) == std::size_t(B) && d_tokens.extent(1) == std::size_t(nj) &&
                      d_tokens.extent(2) == std::size_t(L) && d_tokens.extent(3) == std::size_t(D),
-                 "dchag::Tokenizer::backward", "d_tokens is [", d_tokens.extent(0), ", ",
-                 d_tokens.extent(1), ", ", d_tokens.extent(2), ", ", d_tokens.extent(3),
-                 "], expected [B, J, L, D] = [", B, ", ", J, ", ", L, ", ", D, "]");
+                 where, "d_tokens is [", d_tokens.extent(0), ", ", d_tokens.extent(1), ", ",
+                 d_tokens.extent(2), ", ", d_tokens.extent(3), "], expected [B, J, L, D] = [", B,
+                 ", ", nj, ", ", L, ", ", D, "]");
     auto slot = slot_;
     auto d_bias = d_bias_;
     auto d_embed = d_embed_;
-    // Each (j, d) sums over (b, l) on its own; channel ids are unique, so slots do not collide.
+    // One team per channel sums its [B*L, D] block row by row (contiguous in d); channel ids are
+    // unique, so no two teams write the same slot.
+    using Team = Kokkos::TeamPolicy<ExecSpace>;
     Kokkos::parallel_for(
-        "dchag::tokenize::d_bias", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(J) * D),
-        KOKKOS_LAMBDA(const std::int64_t i) {
-          const int d = static_cast<int>(i % D);
-          const int j = static_cast<int>(i / D);
-          Scalar acc = 0;
-          for (int b = 0; b < B; ++b)
-            for (int l = 0; l < L; ++l) acc += d_tokens(b, j, l, d);
-          d_bias(slot(j), d) += acc;
-          d_embed(slot(j), d) += acc;
+        "dchag::tokenize::d_bias", Team(exec, nj, Kokkos::AUTO),
+        KOKKOS_LAMBDA(const typename Team::member_type& team) {
+          const int jj = team.league_rank();
+          Scalar* db = &d_bias(slot(j0 + jj), 0);
+          Scalar* de = &d_embed(slot(j0 + jj), 0);
+          for (int b = 0; b < B; ++b) {
+            for (int l = 0; l < L; ++l) {
+              const Scalar* g = &d_tokens(b, jj, l, 0);
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
+                db[d] += g[d];
+                de[d] += g[d];
+              });
+            }
+          }
         });
-    for (int j = 0; j < J; ++j) {
+    for (int j = j0; j < j1; ++j) {
       auto dw = Kokkos::subview(d_weight_, slot_host_[j], Kokkos::ALL, Kokkos::ALL);
       for (int b = 0; b < B; ++b) {
         auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
-        auto dt = Kokkos::subview(d_tokens, b, j, Kokkos::ALL, Kokkos::ALL);
+        auto dt = Kokkos::subview(d_tokens, b, j - j0, Kokkos::ALL, Kokkos::ALL);
         detail::gemm(exec, "T", "N", Scalar(1), pa, dt, Scalar(1), dw);
       }
     }

@@ -58,9 +58,10 @@ KOKKOS_INLINE_FUNCTION Scalar lane_dot(const Scalar* a, const Scalar* b, int n) 
     for (int u = 0; u < width; ++u) part[u] += a[i + u] * b[i + u];
   }
   for (; i < n; ++i) part[i % width] += a[i] * b[i];
-  Scalar sum = 0;
-  for (int u = 0; u < width; ++u) sum += part[u];
-  return sum;
+  for (int half = width / 2; half >= 1; half /= 2) {  // tree, vectorizable
+    for (int u = 0; u < half; ++u) part[u] += part[u + half];
+  }
+  return part[0];
 }
 
 }  // namespace dchag::detail
