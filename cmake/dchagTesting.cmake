@@ -18,6 +18,14 @@ function(dchag_enable_warnings target)
     $<$<CXX_COMPILER_ID:GNU,Clang,AppleClang,IntelLLVM>:-Wall -Wextra -Wpedantic>)
 endfunction()
 
+# Executables that measure speed: vector instructions of this CPU (the kernels' inner loops are
+# written to vectorize; without this only the baseline ISA is used).
+function(dchag_enable_native_arch target)
+  if(DCHAG_ENABLE_NATIVE_ARCH)
+    target_compile_options(${target} PRIVATE $<$<CXX_COMPILER_ID:GNU,Clang,IntelLLVM>:-march=native>)
+  endif()
+endfunction()
+
 # Running as root inside containers is the common case on CI; Open MPI refuses it unless told.
 set(DCHAG_TEST_ENVIRONMENT "OMPI_ALLOW_RUN_AS_ROOT=1;OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1")
 
