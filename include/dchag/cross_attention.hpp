@@ -216,6 +216,11 @@ class CrossAttention {
     DCHAG_EXPECT(n0 == streamed_ && n1 > n0 && n1 <= s.N, "dchag::CrossAttention::stream_chunk",
                  "chunk [", n0, ", ", n1, ") does not continue the stream at ", streamed_,
                  " of N = ", s.N);
+    DCHAG_EXPECT(x.extent(0) == std::size_t(s.B) && x.extent(1) == std::size_t(s.N) &&
+                     x.extent(2) == std::size_t(s.L) && x.extent(3) == std::size_t(cfg_.dim),
+                 "dchag::CrossAttention::stream_chunk", "x is [", x.extent(0), ", ", x.extent(1), ", ",
+                 x.extent(2), ", ", x.extent(3), "], expected the view given to stream_begin [", s.B,
+                 ", ", s.N, ", ", s.L, ", ", cfg_.dim, "]");
     streamed_ = n1;
     const int N = s.N, L = s.L, D = cfg_.dim, nh = cfg_.heads;
     const std::size_t M = std::size_t(s.B) * N * L;
@@ -842,6 +847,7 @@ class CrossAttention {
     auto a = s.a;
     auto u = u_;
     auto seg = s.segment;
+    constexpr bool on_host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
     Kokkos::parallel_for(
         "dchag::attention::pooled_token_grad", Team(exec, s.B * nc * L, Kokkos::AUTO),
         KOKKOS_LAMBDA(const Member& team) {
@@ -854,7 +860,13 @@ class CrossAttention {
           const Scalar* xr = &x2(row, 0);
           Scalar* dxr = &dx2(crow, 0);
           for (int h = 0; h < nh; ++h) {
-            const Scalar t = detail::team_dot(team, &gz(h, pos, 0), xr, D);
+            Scalar t;
+            if constexpr (on_host) {
+              t = team.team_size() == 1 ? detail::lane_dot(&gz(h, pos, 0), xr, D)
+                                        : detail::team_dot(team, &gz(h, pos, 0), xr, D);
+            } else {
+              t = detail::team_dot(team, &gz(h, pos, 0), xr, D);
+            }
             const Scalar ah = a(row, h);
             const Scalar dsh = ah * (t - c(pos, h));
             Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(row, h) = dsh; });
