@@ -200,6 +200,7 @@ class CrossAttention {
   /// Online softmax keeps only a running max and sum per position and head, so each chunk of
   /// tokens is read once, while still in cache. Same result and Saved state as forward.
   void stream_begin(const ExecSpace& exec, const X4& x, Saved& saved) {
+    detail::ScopedRegion region("dchag::CrossAttention::stream_begin");
     constexpr const char* where = "dchag::CrossAttention::stream_begin";
     DCHAG_EXPECT(cfg_.strategy == Strategy::pooled, where, "strategy is ",
                  to_string(cfg_.strategy), ", expected pooled");
@@ -213,6 +214,7 @@ class CrossAttention {
   }
 
   void stream_chunk(const ExecSpace& exec, const X4& x, int n0, int n1, Saved& s) {
+    detail::ScopedRegion region("dchag::CrossAttention::stream_chunk");
     DCHAG_EXPECT(n0 == streamed_ && n1 > n0 && n1 <= s.N, "dchag::CrossAttention::stream_chunk",
                  "chunk [", n0, ", ", n1, ") does not continue the stream at ", streamed_,
                  " of N = ", s.N);
@@ -307,6 +309,7 @@ class CrossAttention {
   /// pooled sums are merged exactly over the group (DESIGN 3.7).
   void stream_end(const ExecSpace& exec, Saved& s, const View4<Scalar, memory_space>& out,
                   const GroupReduce<Scalar, memory_space>* group = nullptr) {
+    detail::ScopedRegion region("dchag::CrossAttention::stream_end");
     constexpr const char* where = "dchag::CrossAttention::stream_end";
     DCHAG_EXPECT(s.k == 1 && streamed_ == s.N, where, "stream covered ", streamed_, " of N = ",
                  s.N, " inputs, expected all");
@@ -342,6 +345,7 @@ class CrossAttention {
   void backward_begin(const ExecSpace& exec, const Saved& saved,
                       const View4<const Scalar, memory_space>& d_out,
                       const GroupReduce<Scalar, memory_space>* group = nullptr) {
+    detail::ScopedRegion region("dchag::CrossAttention::backward_begin");
     constexpr const char* where = "dchag::CrossAttention::backward_begin";
     DCHAG_EXPECT(saved.k > 0 && cfg_.strategy == Strategy::pooled, where,
                  "expected the saved state of a pooled forward");
@@ -358,6 +362,7 @@ class CrossAttention {
   }
   void backward_chunk(const ExecSpace& exec, const X4& x, const Saved& saved, int n0, int n1,
                       const View4<Scalar, memory_space>& dx) {
+    detail::ScopedRegion region("dchag::CrossAttention::backward_chunk");
     constexpr const char* where = "dchag::CrossAttention::backward_chunk";
     DCHAG_EXPECT(n0 == back_streamed_ && n1 > n0 && n1 <= saved.N, where, "chunk [", n0, ", ", n1,
                  ") does not continue the backward at ", back_streamed_, " of N = ", saved.N);
@@ -373,6 +378,7 @@ class CrossAttention {
   }
   void backward_end(const ExecSpace& exec, const Saved& saved,
                     const GroupReduce<Scalar, memory_space>* group = nullptr) {
+    detail::ScopedRegion region("dchag::CrossAttention::backward_end");
     DCHAG_EXPECT(back_streamed_ == saved.N, "dchag::CrossAttention::backward_end", "backward covered ",
                  back_streamed_, " of N = ", saved.N, " inputs, expected all");
     pooled_backward_end(exec, group);

@@ -25,6 +25,7 @@ class PositionalEmbedding {
 
   /// out [B, L, D] += pos.
   void forward(const ExecSpace& exec, const View3<Scalar, memory_space>& out) const {
+    detail::ScopedRegion region("dchag::PositionalEmbedding::forward");
     check("dchag::PositionalEmbedding::forward", out.extent(1), out.extent(2));
     const int L = pos_.extent(0), D = pos_.extent(1);
     auto pos = pos_;
@@ -37,6 +38,7 @@ class PositionalEmbedding {
 
   /// d_pos += sum over the batch of d_out [B, L, D] (the gradient passes through unchanged).
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
+    detail::ScopedRegion region("dchag::PositionalEmbedding::backward");
     check("dchag::PositionalEmbedding::backward", d_out.extent(1), d_out.extent(2));
     const int B = d_out.extent(0), D = pos_.extent(1);
     auto d_pos = d_pos_;

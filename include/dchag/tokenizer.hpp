@@ -100,6 +100,7 @@ class Tokenizer {
   /// First half of forward: validates, records the selection and extracts the patches.
   void prepare(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
+    detail::ScopedRegion region("dchag::Tokenizer::prepare");
     check_forward(images, sel, tokens);
     const int B = static_cast<int>(images.extent(0));
     const int J = sel.size();
@@ -144,6 +145,7 @@ class Tokenizer {
   /// Second half of forward, for channels [j0, j1) of the selection only: tokens of those
   /// channels from the patches that `prepare` extracted. Lets a caller stream channel chunks.
   void project(const ExecSpace& exec, int j0, int j1, const View4<Scalar, memory_space>& tokens) {
+    detail::ScopedRegion region("dchag::Tokenizer::project");
     const int B = B_, L = L_, D = dim_;
     DCHAG_EXPECT(0 <= j0 && j0 <= j1 && j1 <= J_, "dchag::Tokenizer::project", "channel range [",
                  j0, ", ", j1, ") is not inside the prepared selection [0, ", J_, ")");
