@@ -403,6 +403,16 @@ int main(int argc, char** argv) {
         benchmark::AddCustomContext("OPENBLAS_NUM_THREADS", blas_threads ? blas_threads : "unset");
         benchmark::AddCustomContext("dchag_version", DCHAG_BENCH_VERSION);
         benchmark::AddCustomContext("mpi_ranks", std::to_string(ranks));
+#ifdef DCHAG_ENABLE_MPI
+        {
+          char library[MPI_MAX_LIBRARY_VERSION_STRING] = {};
+          int length = 0;
+          MPI_Get_library_version(library, &length);
+          std::string first_line(library, static_cast<std::size_t>(length));
+          first_line = first_line.substr(0, first_line.find_first_of("\n,"));
+          benchmark::AddCustomContext("mpi_library", first_line);
+        }
+#endif
         benchmark::AddCustomContext("scalar", "float");
         benchmark::AddCustomContext("dchag_emulation_groups", std::to_string(groups));
         AllocationTracker::install();
