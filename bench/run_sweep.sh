@@ -35,13 +35,13 @@ ranks=${SWEEP_RANKS:-1 2 4}
 export OMP_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 oversubscribe=()
-"$MPIEXEC" --version 2>/dev/null | grep -qi "open mpi" && oversubscribe=(--oversubscribe)
+"$MPIEXEC" --version 2>&1 | grep -qiE "open ?mpi|openrte" && oversubscribe=(--oversubscribe)
 
 mkdir -p "$out_dir"
 info=$out_dir/run_info.txt
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "host: $(uname -srm), $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //')"
+  echo "host: $(uname -srm), $(getconf _NPROCESSORS_ONLN) cores, $(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ //')"
   echo "git: $(git -C "$here" rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "load before: $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null)"
 } >"$info"
