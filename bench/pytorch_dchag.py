@@ -20,7 +20,7 @@ safetensors file, and then, in the same run:
      workspace: every Kokkos allocation after the inputs);
   4. checks agreement: the output and every parameter gradient of dchag (float32) and of PyTorch
      (float32) against PyTorch in float64 on the same weights, error = max|x - ref| / max|ref| per
-     tensor. Tolerances: 1e-4 for the output, 1e-3 for the gradients (see TOLERANCE).
+     tensor, within tolerances derived from the float32 error bound (see tolerances()).
 Prints Markdown tables; exits with status 1 when an agreement check fails. The PyTorch modules
 reuse tests/golden/make_goldens.py (safetensors writer/reader, ClimaX aggregation, the D-CHAG
 artifact cross-attention's math).
@@ -40,13 +40,21 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 
-# float32 unit roundoff u = 2^-24 = 6.0e-8. The output's longest reductions are the softmax-weighted
-# sum over C channels (500) and dot products of length D (256) and p*p (64): n*u <= 3e-5, hence
-# 1e-4 with margin. The gradients of the shared weights sum over every position and channel (the
-# key/query weights of the flat aggregation: B*L*C = 32,000 terms at the flagship configuration):
-# worst case n*u = 1.9e-3, a random-walk estimate sqrt(n)*u = 1e-5; 1e-3 sits between the two.
-# The measured errors of PyTorch's own float32 run against float64 are printed beside dchag's.
-TOLERANCE = {"out": 1e-4, "grad": 1e-3}
+# Tolerances from the float32 error bound of a sum of n terms, |error| <= n*u*sum|terms| with
+# u = 2^-24 (6.0e-8), times 2 for the stages that follow one another:
+#   output:    the longest forward reduction is over max(C, D, p*p) terms (the softmax-weighted sum
+#              over the channels, the projections, the tokenizer): 2*500*u = 6.0e-5 at the flagship;
+#   gradients: the weights every position and channel share (the key/query/value projections, the
+#              partial weights) sum over B*L*max(C, D) terms: 2*64*500*u = 3.8e-3 at the flagship.
+# Both compare with max|ref| of the tensor, not with sum|terms|: a tensor whose gradient cancels
+# (a bias summed over every position) could exceed them without a bug, so the errors of PyTorch's
+# own float32 run against float64 are printed beside dchag's.
+U32 = 2.0 ** -24
+
+
+def tolerances(a, C):
+    L = (a.H // a.p) * (a.W // a.p)
+    return {"out": 2 * max(C, a.D, a.p * a.p) * U32, "grad": 2 * a.B * L * max(C, a.D) * U32}
 
 
 def parse_args():
@@ -330,11 +338,26 @@ def rel_err(x, ref):
     return (x - ref).abs().max().item() / (scale if scale > 0 else 1.0)
 
 
-def agreement(out, grads, ref_out, ref_grads):
-    """Output error and the worst gradient error (with its tensor's name)."""
-    worst = max(((rel_err(grads[n], ref_grads[n]), n) for n in ref_grads), key=lambda t: t[0])
-    missing = [n for n in ref_grads if n not in grads]
-    return {"out_err": rel_err(out, ref_out), "grad_err": worst[0], "grad_worst": worst[1], "missing": missing}
+def errors(out, grads, ref_out, ref_grads):
+    """Per-tensor errors against the float64 reference: {"out": e, <parameter name>: e of its
+    gradient, ...}; a gradient missing from `grads` counts as infinitely wrong."""
+    e = {"out": rel_err(out, ref_out)}
+    for n, r in ref_grads.items():
+        e[n] = rel_err(grads[n], r) if n in grads else float("inf")
+    return e
+
+
+def judge(err, torch_err, tol):
+    """Every tensor within its tolerance: the bound of tolerances(), or 10x PyTorch float32's own
+    error where that is larger (a tensor whose exact value cancels, e.g. a bias gradient summed over
+    every position, is further from float64 in any float32 evaluation). Returns the output's error,
+    the gradient closest to its tolerance, and whether everything passed."""
+    allowed = {n: max(tol["out" if n == "out" else "grad"], 10 * torch_err[n]) for n in err}
+    worst = max((n for n in err if n != "out"), key=lambda n: err[n] / allowed[n])
+    return {"out_err": err["out"], "out_allowed": allowed["out"], "grad_worst": worst,
+            "grad_err": err[worst], "grad_allowed": allowed[worst],
+            "agree": all(err[n] <= allowed[n] for n in err),
+            "missing": [n for n in err if err[n] == float("inf")]}
 
 
 def run_dchag(a, path, strategy, out_path):
@@ -383,17 +406,16 @@ def main():
         row = {"model": name, "C": C, "groups": a.groups if name != "flat" else 1,
                "torch": torch_times(model, images, grad_out, a),
                "torch_memory": torch_memory(model, images, grad_out),
-               "torch_agreement": agreement(t_out, t_grads, ref_out, ref_grads)}
+               "torch_errors": errors(t_out, t_grads, ref_out, ref_grads)}
         for strategy in ("pooled", "materialized"):
             out_path = os.path.join(workdir, f"{name}.{strategy}.out.safetensors")
             d = run_dchag(a, path, strategy, out_path)
             values, _ = G.read_safetensors(out_path)
             grads = {k[len("grad."):]: v for k, v in values.items() if k.startswith("grad.")}
-            d["agreement"] = agreement(values["out"], grads, ref_out, ref_grads)
-            ok = (d["agreement"]["out_err"] <= TOLERANCE["out"] and d["agreement"]["grad_err"] <= TOLERANCE["grad"]
-                  and not d["agreement"]["missing"])
-            d["agree"] = ok
-            failed |= not ok
+            d["tolerance"] = tolerances(a, C)
+            d["agreement"] = judge(errors(values["out"], grads, ref_out, ref_grads), row["torch_errors"],
+                                   d["tolerance"])
+            failed |= not d["agreement"]["agree"]
             row[strategy] = d
         results.append(row)
         print(f"{name}: done", file=sys.stderr, flush=True)
@@ -430,18 +452,19 @@ def report(results):
               f"| {m['peak_bytes'] / mib:.1f} | ({m['saved_bytes'] / mib:.1f}) | {po['peak_bytes'] / mib:.1f} "
               f"| {ma['peak_bytes'] / mib:.1f} | {m['peak_bytes'] / po['peak_bytes']:.2f}x "
               f"| {m['peak_bytes'] / ma['peak_bytes']:.2f}x |")
-    print(f"\nAgreement with PyTorch float64 on the same weights: max|x - ref| / max|ref| per tensor "
-          f"(tolerance: output {TOLERANCE['out']:g}, gradients {TOLERANCE['grad']:g})\n")
-    print("| model | run | output | worst gradient | (tensor) | within tolerance |")
-    print("|---|---|---:|---:|---|---|")
+    print("\nAgreement with PyTorch float64 on the same weights: max|x - ref| / max|ref| per tensor, "
+          "and the tolerance it is held to\n")
+    print("| model | run | output (tolerance) | closest gradient to its tolerance | error (tolerance) | passed |")
+    print("|---|---|---:|---|---:|---|")
     for r in results:
-        ta = r["torch_agreement"]
-        print(f"| {r['model']} | PyTorch float32 | {ta['out_err']:.2e} | {ta['grad_err']:.2e} | {ta['grad_worst']} | (reference) |")
+        te = r["torch_errors"]
+        worst = max((n for n in te if n != "out"), key=lambda n: te[n])
+        print(f"| {r['model']} | PyTorch float32 | {te['out']:.2e} | {worst} (largest) | {te[worst]:.2e} | reference |")
         for s in ("pooled", "materialized"):
             d = r[s]["agreement"]
-            missing = f", missing {len(d['missing'])}" if d["missing"] else ""
-            print(f"| {r['model']} | dchag {s} | {d['out_err']:.2e} | {d['grad_err']:.2e} | {d['grad_worst']} "
-                  f"| {'yes' if r[s]['agree'] else 'NO'}{missing} |")
+            missing = f", {len(d['missing'])} gradients missing" if d["missing"] else ""
+            print(f"| {r['model']} | dchag {s} | {d['out_err']:.2e} ({d['out_allowed']:.1e}) | {d['grad_worst']} "
+                  f"| {d['grad_err']:.2e} ({d['grad_allowed']:.1e}) | {'yes' if d['agree'] else 'NO'}{missing} |")
 
 
 if __name__ == "__main__":
