@@ -1,0 +1,163 @@
+#!/usr/bin/env python3
+"""Turns dchag_sweep's JSON lines into gnuplot data files and Markdown tables (standard library only).
+
+    python3 bench/sweep_data.py SWEEP_JSONL OUT_DIR
+
+Writes into OUT_DIR:
+  vsC.<mode>.<strategy>.dat   at the largest P in the file: C, peak MiB/rank, estimate MiB/rank,
+                              forward ms, forward+backward ms
+  vsP.<mode>.<strategy>.dat   at the largest C: P, peak MiB/rank, estimate MiB/rank, forward ms,
+                              forward+backward ms
+  series.gp                   gnuplot arrays naming those files, titles and line styles
+                              (plot_sweep.gp loads it)
+  tables.md                   the tables of bench/README.md's memory and throughput study
+Several lines for one (mode, strategy, C, P) (a re-run appended to the file): the last one wins.
+"""
+import json
+import math
+import sys
+
+MIB = 1 << 20
+# Plot and table order; titles as in the paper (TP-only baseline, D-CHAG-L, D-CHAG-C).
+SERIES = [
+    ("tp_only", "materialized", "TP-only (materialized)"),
+    ("dchag_linear", "pooled", "D-CHAG-L, pooled"),
+    ("dchag_linear", "materialized", "D-CHAG-L, materialized"),
+    ("dchag_xattn", "pooled", "D-CHAG-C, pooled"),
+    ("dchag_xattn", "materialized", "D-CHAG-C, materialized"),
+    ("exact_flat", "pooled", "exact flat, pooled"),
+    ("flat", "pooled", "flat (1 process), pooled"),
+    ("flat", "materialized", "flat (1 process), materialized"),
+]
+
+
+def load(path):
+    runs = {}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                sys.exit(f"sweep_data.py: {path}:{n}: not JSON ({e})")
+            r["peak_MiB"] = r["peak_bytes_per_rank"] / MIB
+            r["est_MiB"] = r["estimate_bytes_per_rank"] / MIB
+            runs[(r["mode"], r["strategy"], r["C"], r["P"])] = r
+    if not runs:
+        sys.exit(f"sweep_data.py: {path} holds no run")
+    return runs
+
+
+def row(r):
+    return (r["peak_MiB"], r["est_MiB"], r["fwd_ms"], r["fwdbwd_ms"])
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    runs, out = load(sys.argv[1]), sys.argv[2]
+    Ps = sorted({k[3] for k in runs})
+    Cs = sorted({k[2] for k in runs})
+    Pmax, Cmax = Ps[-1], Cs[-1]
+    present = [s for s in SERIES if any(k[0] == s[0] and k[1] == s[1] for k in runs)]
+
+    # gnuplot arrays: the series with data in each figure, their titles and line styles.
+    colours = {"tp_only": "#d62728", "dchag_linear": "#1f77b4", "dchag_xattn": "#2ca02c",
+               "exact_flat": "#9467bd", "flat": "#7f7f7f"}
+    gp = [f"Pmax = {Pmax}", f"Cmax = {Cmax}"]
+    for fig, keyfn, xs in (("vsC", lambda m, s, x: (m, s, x, Pmax), Cs),
+                           ("vsP", lambda m, s, x: (m, s, Cmax, x), Ps)):
+        shown, low = [], float("inf")
+        for mode, strat, title in present:
+            rows = [(x, runs[keyfn(mode, strat, x)]) for x in xs if keyfn(mode, strat, x) in runs]
+            if not rows:
+                continue
+            with open(f"{out}/{fig}.{mode}.{strat}.dat", "w") as f:
+                f.write("# x peak_MiB estimate_MiB fwd_ms fwdbwd_ms\n")
+                for x, r in rows:
+                    f.write("%d %.3f %.3f %.3f %.3f\n" % ((x,) + row(r)))
+            shown.append((mode, strat, title))
+            low = min([low] + [r["peak_MiB"] for _, r in rows])
+        # A power of 2 a factor 4 below the lowest memory: room for the key under the lines.
+        gp.append(f"{fig}_ymin = {2.0 ** math.floor(math.log2(low / 4)):g}")
+        quote = lambda v: '"' + v + '"'
+        gp.append(f"array {fig}_file[{len(shown)}] = [" +
+                  ", ".join(quote(f"{fig}.{m}.{s}.dat") for m, s, _ in shown) + "]")
+        gp.append(f"array {fig}_title[{len(shown)}] = [" + ", ".join(quote(t) for _, _, t in shown) + "]")
+        gp.append(f"array {fig}_colour[{len(shown)}] = [" + ", ".join(quote(colours[m]) for m, _, _ in shown) + "]")
+        gp.append(f"array {fig}_dash[{len(shown)}] = [" +
+                  ", ".join("1" if s == "pooled" else "2" for _, s, _ in shown) + "]")
+    with open(f"{out}/series.gp", "w") as f:
+        f.write("\n".join(gp) + "\n")
+
+    any_run = next(iter(runs.values()))
+    cfg = "B={B}, {H}x{W}, p={p}, D={D}, {heads} heads, {scalar}, {reps} timed steps, map {map}, tree {tree}".format(
+        **any_run)
+    md = [f"Configuration: {cfg}. Memory: peak bytes per rank (MemoryTracker high-water mark, "
+          "max over ranks), MiB. Time: median over steps of the max over ranks, ms.", ""]
+
+    def table(title, P, field, fmt):
+        cols = [s for s in present if any((s[0], s[1], C, P) in runs for C in Cs)]
+        md.append(f"{title}")
+        md.append("")
+        md.append("| C | " + " | ".join(s[2] for s in cols) + " |")
+        md.append("|---:|" + "---:|" * len(cols))
+        for C in Cs:
+            cells = []
+            for s in cols:
+                r = runs.get((s[0], s[1], C, P))
+                cells.append(fmt % r[field] if r else "")
+            md.append(f"| {C} | " + " | ".join(cells) + " |")
+        md.append("")
+
+    # Memory and time vs C at the largest P.
+    table(f"Peak memory per rank, MiB, P = {Pmax}", Pmax, "peak_MiB", "%.1f")
+    table(f"Forward + backward step time, ms, P = {Pmax}", Pmax, "fwdbwd_ms", "%.1f")
+    table(f"Forward time, ms, P = {Pmax}", Pmax, "fwd_ms", "%.1f")
+
+    # Ratios to TP-only at the largest C and P.
+    base = runs.get(("tp_only", "materialized", Cmax, Pmax))
+    if base:
+        md.append(f"Relative to TP-only at C = {Cmax}, P = {Pmax}")
+        md.append("")
+        md.append("| mode | strategy | peak MiB/rank | memory vs TP-only | fwd+bwd ms | speed-up vs TP-only |")
+        md.append("|---|---|---:|---:|---:|---:|")
+        for mode, strat, title in present:
+            r = runs.get((mode, strat, Cmax, Pmax))
+            if r:
+                md.append(f"| {mode} | {strat} | {r['peak_MiB']:.1f} | "
+                          f"{100 * r['peak_MiB'] / base['peak_MiB']:.1f}% "
+                          f"({100 * (r['peak_MiB'] / base['peak_MiB'] - 1):+.0f}%) | {r['fwdbwd_ms']:.1f} | "
+                          f"{base['fwdbwd_ms'] / r['fwdbwd_ms']:.2f}x |")
+        md.append("")
+
+    # P scaling at the largest C.
+    md.append(f"Scaling with P at C = {Cmax}: peak MiB/rank (estimate) and forward + backward ms")
+    md.append("")
+    md.append("| mode | strategy | " + " | ".join(f"P={P} MiB" for P in Ps) + " | "
+              + " | ".join(f"P={P} ms" for P in Ps) + " |")
+    md.append("|---|---|" + "---:|" * (2 * len(Ps)))
+    for mode, strat, title in present:
+        rs = [runs.get((mode, strat, Cmax, P)) for P in Ps]
+        if not any(rs):
+            continue
+        mem = [f"{r['peak_MiB']:.1f} ({r['est_MiB']:.1f})" if r else "" for r in rs]
+        tim = [f"{r['fwdbwd_ms']:.1f}" if r else "" for r in rs]
+        md.append(f"| {mode} | {strat} | " + " | ".join(mem) + " | " + " | ".join(tim) + " |")
+    md.append("")
+
+    # How far the estimates are from the measurement.
+    worst = max(runs.values(), key=lambda r: abs(r["est_MiB"] / r["peak_MiB"] - 1))
+    md.append(f"Estimate vs measured peak, all {len(runs)} runs: largest deviation "
+              f"{100 * (worst['est_MiB'] / worst['peak_MiB'] - 1):+.2f}% ({worst['mode']} {worst['strategy']} "
+              f"C={worst['C']} P={worst['P']}: estimate {worst['est_MiB']:.2f} MiB, measured "
+              f"{worst['peak_MiB']:.2f} MiB).")
+    md.append("")
+    with open(f"{out}/tables.md", "w") as f:
+        f.write("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
