@@ -235,8 +235,12 @@ class CrossAttention {
     constexpr bool on_host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
     V3 e_chunk = workspace3(e_chunk_, "dchag::attention::chunk_weights", std::size_t(s.B) * L,
                             std::size_t(n1 - n0), std::size_t(nh));
+    // The host branch below is written for one thread per team (each team member would redo
+    // the whole position and race on z); Kokkos does not promise that AUTO means one on every
+    // host backend, so ask for it.
+    const Team policy = on_host ? Team(exec, s.B * L, 1) : Team(exec, s.B * L, Kokkos::AUTO);
     Kokkos::parallel_for(
-        "dchag::attention::stream_pool", Team(exec, s.B * L, Kokkos::AUTO),
+        "dchag::attention::stream_pool", policy,
         KOKKOS_LAMBDA(const Member& team) {
           const int pos = team.league_rank();
           const std::int64_t row0 = std::int64_t(pos / L) * N * L + pos % L;
