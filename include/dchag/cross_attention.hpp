@@ -417,9 +417,9 @@ class CrossAttention {
     const std::int64_t M = std::int64_t(B) * N * L, P = std::int64_t(B) * k * L;
     const std::int64_t Dr = heads_held * (D / nh);
     MemoryEstimate e;
-    e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (M * nh + P * D);
+    e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (M * nh + P * D + 2 * P * nh);
     if (cfg.strategy == Strategy::pooled) {
-      e.activations += S * (nh * P * D + 2 * P * nh);
+      e.activations += S * nh * P * D;
       // oh, go, gz, c, ds, the group-summed gradients (du, dWv share) and the merge buffer.
       e.workspace = S * (P * D + P * D + nh * P * D + P * nh + M * nh + nh * D + (group ? D * D : 0));
       e.communication = group ? S * P * (D + nh) : 0;
@@ -504,10 +504,10 @@ class CrossAttention {
     }
     ensure(s.a, "dchag::attention::a", M, std::size_t(nh));
     ensure(s.ocat, "dchag::attention::ocat", P, std::size_t(D));
+    ensure(s.run_max, "dchag::attention::run_max", P, std::size_t(nh));
+    ensure(s.run_sum, "dchag::attention::run_sum", P, std::size_t(nh));
     if (cfg_.strategy == Strategy::pooled) {
       ensure(s.z, "dchag::attention::z", std::size_t(nh), P, std::size_t(D));
-      ensure(s.run_max, "dchag::attention::run_max", P, std::size_t(nh));
-      ensure(s.run_sum, "dchag::attention::run_sum", P, std::size_t(nh));
       s.kmat = V2();
       s.vmat = V2();
     } else {
@@ -515,8 +515,6 @@ class CrossAttention {
       ensure(s.kmat, "dchag::attention::k", M, Dr);
       ensure(s.vmat, "dchag::attention::v", M, Dr);
       s.z = V3();
-      s.run_max = V2();
-      s.run_sum = V2();
     }
     s.B = B;
     s.N = N;
@@ -545,29 +543,6 @@ class CrossAttention {
           Scalar acc = 0;
           for (int r = h * hd; r < (h + 1) * hd; ++r) acc += w(1, r, d) * q(r);
           u(h, d) = acc * scale;
-        });
-  }
-
-  // Softmax over each segment for heads [h0, h1), in place on s.a (which holds scores on entry).
-  void softmax(const ExecSpace& exec, const Saved& s, int h0, int h1) const {
-    const int N = s.N, L = s.L, k = s.k;
-    auto a = s.a;
-    auto off = s.offsets;
-    detail::for_each_row(
-        exec, "dchag::attention::softmax", std::int64_t(s.B) * k * L, h1 - h0,
-        KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
-          const int h = h0 + hh;
-          const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
-          const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
-          Scalar m = a(row0 + std::int64_t(off(j)) * L, h);
-          for (int n = off(j) + 1; n < off(j + 1); ++n) m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
-          Scalar sum = 0;
-          for (int n = off(j); n < off(j + 1); ++n) {
-            Scalar& v = a(row0 + std::int64_t(n) * L, h);
-            v = detail::exp(v - m);
-            sum += v;
-          }
-          for (int n = off(j); n < off(j + 1); ++n) a(row0 + std::int64_t(n) * L, h) /= sum;
         });
   }
 
@@ -609,6 +584,21 @@ class CrossAttention {
             sum += v;
           }
           run_sum(pos, h) = sum;
+        });
+  }
+
+  // Softmax weights from the numerators: a[row, h] /= run_sum[pos(row), h], heads [h0, h1).
+  void normalize_weights(const ExecSpace& exec, const Saved& s, int h0, int h1) const {
+    const int N = s.N, L = s.L, k = s.k;
+    auto a = s.a;
+    auto run_sum = s.run_sum;
+    auto seg = s.segment;
+    detail::for_each_row(
+        exec, "dchag::attention::normalize_weights", std::int64_t(s.B) * N * L, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
+          const std::int64_t bn = row / L;
+          const std::int64_t pos = ((bn / N) * k + seg(bn % N)) * L + row % L;
+          a(row, h0 + hh) /= run_sum(pos, h0 + hh);
         });
   }
 
@@ -655,7 +645,7 @@ class CrossAttention {
   // ocat[pos, h-block] = y_h / sum_h + bv_h.
   void finish_pooled(const ExecSpace& exec, const Saved& s,
                      const GroupReduce<Scalar, memory_space>* group) {
-    const int N = s.N, L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    const int L = s.L, k = s.k, D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
     const std::size_t P = std::size_t(s.B) * k * L;
     V3 oh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
     for (int h = 0; h < nh; ++h) {
@@ -685,14 +675,7 @@ class CrossAttention {
     auto z = s.z;
     auto ocat = s.ocat;
     auto b_in = b_in_;
-    auto seg = s.segment;
-    detail::for_each_row(
-        exec, "dchag::attention::normalize_weights", std::int64_t(s.B) * N * L, nh,
-        KOKKOS_LAMBDA(const std::int64_t row, const int h) {
-          const std::int64_t bn = row / L;
-          const std::int64_t pos = ((bn / N) * k + seg(bn % N)) * L + row % L;
-          a(row, h) /= run_sum(pos, h);
-        });
+    normalize_weights(exec, s, 0, nh);
     detail::for_each_row(
         exec, "dchag::attention::normalize_pool", std::int64_t(nh) * P, D,
         KOKKOS_LAMBDA(const std::int64_t r, const int d) {
@@ -732,7 +715,9 @@ class CrossAttention {
           for (int c = (h - h0) * hd; c < (h - h0 + 1) * hd; ++c) acc += q(r0 + c) * K(row, c);
           a(row, h) = acc * scale;
         });
-    softmax(exec, s, h0, h1);
+    segment_max(exec, s, s.run_max, h0, h1);
+    exponentiate(exec, s, h0, h1);
+    normalize_weights(exec, s, h0, h1);
     auto ocat = s.ocat;
     auto off = s.offsets;
     detail::for_each_row(
