@@ -78,7 +78,8 @@ Options parse(int argc, char** argv) {
   }
   if (o.in.empty()) {
     throw std::invalid_argument(
-        "usage: dchag_run IN.safetensors [--strategy pooled|materialized] [--reps N] [--out OUT.safetensors]");
+        "usage: dchag_run IN.safetensors [--strategy pooled|materialized] [--reps N] [--out "
+        "OUT.safetensors]");
   }
   return o;
 }
@@ -95,12 +96,15 @@ int meta_int(const dchag::safetensors::File& f, const char* key) {
 /// A flat device view with the values of tensor `name`, which must have shape `shape`.
 dchag::View1<Scalar, Mem> read_tensor(const dchag::safetensors::File& f, const std::string& name,
                                       const std::vector<std::int64_t>& shape) {
-  if (!f.contains(name)) throw std::invalid_argument(f.source() + ": tensor '" + name + "' is missing");
+  if (!f.contains(name))
+    throw std::invalid_argument(f.source() + ": tensor '" + name + "' is missing");
   if (f.info(name).shape != shape) {
-    throw std::invalid_argument(f.source() + ": tensor '" + name + "' does not have the shape the metadata gives");
+    throw std::invalid_argument(f.source() + ": tensor '" + name +
+                                "' does not have the shape the metadata gives");
   }
   const std::vector<Scalar> values = f.values<Scalar>(name);
-  dchag::View1<Scalar, Mem> v(Kokkos::view_alloc("dchag_run::" + name, Kokkos::WithoutInitializing), values.size());
+  dchag::View1<Scalar, Mem> v(Kokkos::view_alloc("dchag_run::" + name, Kokkos::WithoutInitializing),
+                              values.size());
   auto host = Kokkos::create_mirror_view(v);
   std::copy(values.begin(), values.end(), host.data());
   Kokkos::deep_copy(v, host);
@@ -121,8 +125,8 @@ struct Times {
 
 /// One warm-up step, then `reps` timed steps; the model's forward is `forward()`.
 template <class Model, class Forward>
-Times run_steps(const Exec& exec, Model& model, Forward forward, const dchag::View3<Scalar, Mem>& d_out,
-                int reps) {
+Times run_steps(const Exec& exec, Model& model, Forward forward,
+                const dchag::View3<Scalar, Mem>& d_out, int reps) {
   Times t;
   for (int s = 0; s <= reps; ++s) {
     model.zero_gradients(exec);
@@ -151,7 +155,8 @@ int run(const Options& o) {
   const auto file = dchag::safetensors::File::read(o.in);
   const std::string kind = meta(file, "kind");
   if (kind != "flat" && kind != "dchag") {
-    throw std::invalid_argument(o.in + ": metadata \"kind\" is '" + kind + "', expected flat or dchag");
+    throw std::invalid_argument(o.in + ": metadata \"kind\" is '" + kind +
+                                "', expected flat or dchag");
   }
   dchag::FrontEndConfig cfg;
   cfg.channels = meta_int(file, "C");
@@ -191,12 +196,14 @@ int run(const Options& o) {
     dchag::FlatFrontEnd<Exec, Scalar> model(exec, cfg);
     dchag::load_weights(file, model.parameters());
     estimate = model.memory_estimate(B);
-    t = run_steps(exec, model, [&] { model.forward(exec, images, out); }, d_out, o.reps);
+    t = run_steps(
+        exec, model, [&] { model.forward(exec, images, out); }, d_out, o.reps);
     save(model);
   } else {
     partial = meta(file, "partial");
     if (partial != "linear" && partial != "xattn") {
-      throw std::invalid_argument(o.in + ": metadata \"partial\" is '" + partial + "', expected linear or xattn");
+      throw std::invalid_argument(o.in + ": metadata \"partial\" is '" + partial +
+                                  "', expected linear or xattn");
     }
     groups = meta_int(file, "groups");
     if (meta(file, "map") != "blocks" || meta_int(file, "tree") != 1) {
@@ -206,23 +213,29 @@ int run(const Options& o) {
     std::vector<std::vector<int>> lists;
     for (int r = 0; r < groups; ++r) lists.push_back(map.channels_of(r));
     dchag::DchagOptions options;
-    options.partial = partial == "linear" ? dchag::PartialKind::linear : dchag::PartialKind::cross_attention;
+    options.partial =
+        partial == "linear" ? dchag::PartialKind::linear : dchag::PartialKind::cross_attention;
     dchag::DchagEmulation<Exec, Scalar> model(exec, cfg, options, lists);
     dchag::load_weights(file, model.parameters());
     estimate = model.memory_estimate(B);
-    t = run_steps(exec, model, [&] { model.forward(exec, images, out); }, d_out, o.reps);
+    t = run_steps(
+        exec, model, [&] { model.forward(exec, images, out); }, d_out, o.reps);
     save(model);
   }
   const std::int64_t peak = tracker.peak_bytes();
   if (!o.out.empty()) writer.write(o.out);
 
   std::printf(
-      "{\"impl\":\"dchag\",\"kind\":\"%s\",\"partial\":\"%s\",\"groups\":%d,\"strategy\":\"%s\",\"C\":%d,\"B\":%d,"
-      "\"H\":%d,\"W\":%d,\"p\":%d,\"D\":%d,\"heads\":%d,\"reps\":%d,\"fwd_ms\":%.3f,\"fwdbwd_ms\":%.3f,"
-      "\"fwd_cpu_ms\":%.3f,\"fwdbwd_cpu_ms\":%.3f,\"peak_bytes\":%lld,\"estimate_bytes\":%lld,\"exec\":\"%s\"}\n",
-      kind.c_str(), partial.c_str(), groups, std::string(dchag::to_string(o.strategy)).c_str(), C, B, cfg.height,
-      cfg.width, cfg.patch, D, cfg.heads, o.reps, median(t.fwd), median(t.fwdbwd), median(t.fwd_cpu),
-      median(t.fwdbwd_cpu), static_cast<long long>(peak), static_cast<long long>(estimate.total()), Exec::name());
+      "{\"impl\":\"dchag\",\"kind\":\"%s\",\"partial\":\"%s\",\"groups\":%d,\"strategy\":\"%s\","
+      "\"C\":%d,\"B\":%d,"
+      "\"H\":%d,\"W\":%d,\"p\":%d,\"D\":%d,\"heads\":%d,\"reps\":%d,\"fwd_ms\":%.3f,\"fwdbwd_ms\":%"
+      ".3f,"
+      "\"fwd_cpu_ms\":%.3f,\"fwdbwd_cpu_ms\":%.3f,\"peak_bytes\":%lld,\"estimate_bytes\":%lld,"
+      "\"exec\":\"%s\"}\n",
+      kind.c_str(), partial.c_str(), groups, std::string(dchag::to_string(o.strategy)).c_str(), C,
+      B, cfg.height, cfg.width, cfg.patch, D, cfg.heads, o.reps, median(t.fwd), median(t.fwdbwd),
+      median(t.fwd_cpu), median(t.fwdbwd_cpu), static_cast<long long>(peak),
+      static_cast<long long>(estimate.total()), Exec::name());
   return 0;
 }
 

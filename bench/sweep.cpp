@@ -16,9 +16,9 @@
 #include <dchag/distributed.hpp>
 #include <dchag/memory.hpp>
 
+#include <mpi.h>
 #include <Kokkos_Core.hpp>
 #include <Kokkos_Random.hpp>
-#include <mpi.h>
 
 #include <algorithm>
 #include <charconv>
@@ -41,7 +41,8 @@ struct UsageError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-const char* const kUsage = R"(dchag_sweep: memory per rank and step time of the front end modes (DESIGN 8)
+const char* const kUsage =
+    R"(dchag_sweep: memory per rank and step time of the front end modes (DESIGN 8)
 
   mpiexec -n P dchag_sweep [options]
 
@@ -69,21 +70,30 @@ constexpr Kind kKinds[] = {Kind::tp_only, Kind::dchag_linear, Kind::dchag_xattn,
 
 const char* name_of(Kind k) {
   switch (k) {
-    case Kind::tp_only: return "tp_only";
-    case Kind::dchag_linear: return "dchag_linear";
-    case Kind::dchag_xattn: return "dchag_xattn";
-    case Kind::exact_flat: return "exact_flat";
-    case Kind::flat: return "flat";
+    case Kind::tp_only:
+      return "tp_only";
+    case Kind::dchag_linear:
+      return "dchag_linear";
+    case Kind::dchag_xattn:
+      return "dchag_xattn";
+    case Kind::exact_flat:
+      return "exact_flat";
+    case Kind::flat:
+      return "flat";
   }
   return "?";
 }
 
 dchag::Mode mode_of(Kind k) {
   switch (k) {
-    case Kind::tp_only: return dchag::Mode::tp_only;
-    case Kind::dchag_linear: return dchag::Mode::dchag_linear;
-    case Kind::dchag_xattn: return dchag::Mode::dchag_xattn;
-    default: return dchag::Mode::exact_flat;
+    case Kind::tp_only:
+      return dchag::Mode::tp_only;
+    case Kind::dchag_linear:
+      return dchag::Mode::dchag_linear;
+    case Kind::dchag_xattn:
+      return dchag::Mode::dchag_xattn;
+    default:
+      return dchag::Mode::exact_flat;
   }
 }
 
@@ -143,8 +153,9 @@ int positive(const std::string& opt, const std::string& v) {
 Options parse(int argc, char** argv) {
   // Pass 1: collect --key value / --key=value; pass 2: defaults, then the preset, then the keys.
   std::vector<std::pair<std::string, std::string>> given;
-  const std::vector<std::string> known = {"--mode", "--strategy", "--C", "--B", "--H", "--W", "--p", "--D",
-                                          "--heads", "--reps", "--tree", "--map", "--scalar", "--preset"};
+  const std::vector<std::string> known = {"--mode", "--strategy", "--C",      "--B",     "--H",
+                                          "--W",    "--p",        "--D",      "--heads", "--reps",
+                                          "--tree", "--map",      "--scalar", "--preset"};
   Options o;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i], v;
@@ -169,9 +180,9 @@ Options parse(int argc, char** argv) {
     o.preset = true;
     apply_paper_preset(o);
   }
-  const std::map<std::string, int*> ints = {{"--B", &o.B},         {"--H", &o.H},       {"--W", &o.W},
-                                            {"--p", &o.p},         {"--D", &o.D},       {"--heads", &o.heads},
-                                            {"--reps", &o.reps},   {"--tree", &o.tree}};
+  const std::map<std::string, int*> ints = {
+      {"--B", &o.B}, {"--H", &o.H},         {"--W", &o.W},       {"--p", &o.p},
+      {"--D", &o.D}, {"--heads", &o.heads}, {"--reps", &o.reps}, {"--tree", &o.tree}};
   for (const auto& [k, v] : given) {
     if (auto it = ints.find(k); it != ints.end()) {
       *it->second = positive(k, v);
@@ -185,7 +196,8 @@ Options parse(int argc, char** argv) {
         const auto it = std::find_if(std::begin(kKinds), std::end(kKinds),
                                      [&](Kind kind) { return m == name_of(kind); });
         if (it == std::end(kKinds)) {
-          throw UsageError("--mode is '" + m + "', expected tp_only, dchag_linear, dchag_xattn, exact_flat or flat");
+          throw UsageError("--mode is '" + m +
+                           "', expected tp_only, dchag_linear, dchag_xattn, exact_flat or flat");
         }
         o.modes.push_back(*it);
       }
@@ -202,10 +214,12 @@ Options parse(int argc, char** argv) {
         }
       }
     } else if (k == "--map") {
-      if (v != "blocks" && v != "round_robin") throw UsageError("--map is '" + v + "', expected blocks or round_robin");
+      if (v != "blocks" && v != "round_robin")
+        throw UsageError("--map is '" + v + "', expected blocks or round_robin");
       o.round_robin = v == "round_robin";
     } else if (k == "--scalar") {
-      if (v != "float" && v != "double") throw UsageError("--scalar is '" + v + "', expected float or double");
+      if (v != "float" && v != "double")
+        throw UsageError("--scalar is '" + v + "', expected float or double");
       o.is_double = v == "double";
     }
   }
@@ -214,7 +228,8 @@ Options parse(int argc, char** argv) {
                      " must be multiples of --p " + std::to_string(o.p));
   }
   if (o.D % o.heads != 0) {
-    throw UsageError("--D " + std::to_string(o.D) + " must be a multiple of --heads " + std::to_string(o.heads));
+    throw UsageError("--D " + std::to_string(o.D) + " must be a multiple of --heads " +
+                     std::to_string(o.heads));
   }
   return o;
 }
@@ -236,8 +251,8 @@ std::vector<Run> plan(const Options& o, int P) {
   std::vector<Run> runs;
   for (int C : o.channels) {
     if (C < P) {
-      throw UsageError("--C " + std::to_string(C) + " is fewer channels than the " + std::to_string(P) +
-                       " ranks; every rank must hold at least one channel");
+      throw UsageError("--C " + std::to_string(C) + " is fewer channels than the " +
+                       std::to_string(P) + " ranks; every rank must hold at least one channel");
     }
     const auto map = channel_map(o, C, P);
     for (Kind k : o.modes) {
@@ -249,16 +264,18 @@ std::vector<Run> plan(const Options& o, int P) {
         continue;
       }
       if (k == Kind::tp_only && o.heads < P) {
-        throw UsageError("tp_only splits --heads " + std::to_string(o.heads) + " over " + std::to_string(P) +
-                         " ranks, expected heads >= ranks");
+        throw UsageError("tp_only splits --heads " + std::to_string(o.heads) + " over " +
+                         std::to_string(P) + " ranks, expected heads >= ranks");
       }
       if (is_dchag(k)) {
         for (int r = 0; r < P; ++r) {
           const int held = static_cast<int>(map.channels_of(r).size());
           if (o.tree > held || (k == Kind::dchag_linear && held % o.tree != 0)) {
-            throw UsageError("--tree " + std::to_string(o.tree) + " does not fit rank " + std::to_string(r) + "'s " +
-                             std::to_string(held) + " channels at C = " + std::to_string(C) +
-                             (k == Kind::dchag_linear ? " (dchag_linear needs a divisor)" : " (needs tree <= channels)"));
+            throw UsageError("--tree " + std::to_string(o.tree) + " does not fit rank " +
+                             std::to_string(r) + "'s " + std::to_string(held) +
+                             " channels at C = " + std::to_string(C) +
+                             (k == Kind::dchag_linear ? " (dchag_linear needs a divisor)"
+                                                      : " (needs tree <= channels)"));
           }
         }
       }
@@ -388,21 +405,23 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
 void print_json(const Run& run, const Options& o, int P, const Result& r) {
   const auto& e = r.estimate;
   std::printf(
-      "{\"mode\":\"%s\",\"strategy\":\"%s\",\"scalar\":\"%s\",\"C\":%d,\"P\":%d,\"B\":%d,\"H\":%d,\"W\":%d,"
+      "{\"mode\":\"%s\",\"strategy\":\"%s\",\"scalar\":\"%s\",\"C\":%d,\"P\":%d,\"B\":%d,\"H\":%d,"
+      "\"W\":%d,"
       "\"p\":%d,\"D\":%d,\"heads\":%d,\"tree\":%d,\"map\":\"%s\",\"reps\":%d,"
       "\"peak_bytes_per_rank\":%lld,\"peak_bytes_min_rank\":%lld,\"estimate_bytes_per_rank\":%lld,"
       "\"estimate\":{\"rank\":%d,\"parameters\":%lld,\"gradients\":%lld,\"activations\":%lld,"
       "\"workspace\":%lld,\"communication\":%lld},\"input_bytes_per_rank\":%lld,"
       "\"fwd_ms\":%.3f,\"fwdbwd_ms\":%.3f,\"fwd_ms_min\":%.3f,\"fwdbwd_ms_min\":%.3f,"
       "\"exec\":\"%s\",\"kokkos_version\":%d}\n",
-      name_of(run.kind), std::string(dchag::to_string(run.strategy)).c_str(), o.is_double ? "double" : "float",
-      run.C, P, o.B, o.H, o.W, o.p, o.D, o.heads, is_dchag(run.kind) ? o.tree : 1,
-      o.round_robin ? "round_robin" : "blocks", o.reps, static_cast<long long>(r.peak_max),
-      static_cast<long long>(r.peak_min), static_cast<long long>(e.total()), r.estimate_rank,
-      static_cast<long long>(e.parameters), static_cast<long long>(e.gradients),
-      static_cast<long long>(e.activations), static_cast<long long>(e.workspace),
-      static_cast<long long>(e.communication), static_cast<long long>(r.input_bytes), r.fwd_ms, r.fwdbwd_ms,
-      r.fwd_ms_min, r.fwdbwd_ms_min, Exec::name(), KOKKOS_VERSION);
+      name_of(run.kind), std::string(dchag::to_string(run.strategy)).c_str(),
+      o.is_double ? "double" : "float", run.C, P, o.B, o.H, o.W, o.p, o.D, o.heads,
+      is_dchag(run.kind) ? o.tree : 1, o.round_robin ? "round_robin" : "blocks", o.reps,
+      static_cast<long long>(r.peak_max), static_cast<long long>(r.peak_min),
+      static_cast<long long>(e.total()), r.estimate_rank, static_cast<long long>(e.parameters),
+      static_cast<long long>(e.gradients), static_cast<long long>(e.activations),
+      static_cast<long long>(e.workspace), static_cast<long long>(e.communication),
+      static_cast<long long>(r.input_bytes), r.fwd_ms, r.fwdbwd_ms, r.fwd_ms_min, r.fwdbwd_ms_min,
+      Exec::name(), KOKKOS_VERSION);
   std::fflush(stdout);
 }
 
@@ -421,18 +440,23 @@ int sweep(int argc, char** argv) {
   }
   const dchag::Communicator comm(MPI_COMM_WORLD);
   if (rank == 0) {
-    std::fprintf(stderr, "dchag_sweep: %d runs on %d rank(s), %s, %s, B=%d %dx%d p=%d D=%d heads=%d, %d reps\n",
-                 int(runs.size()), P, Exec::name(), o.is_double ? "double" : "float", o.B, o.H, o.W, o.p, o.D,
-                 o.heads, o.reps);
+    std::fprintf(
+        stderr,
+        "dchag_sweep: %d runs on %d rank(s), %s, %s, B=%d %dx%d p=%d D=%d heads=%d, %d reps\n",
+        int(runs.size()), P, Exec::name(), o.is_double ? "double" : "float", o.B, o.H, o.W, o.p,
+        o.D, o.heads, o.reps);
   }
   for (std::size_t i = 0; i < runs.size(); ++i) {
     const Run& run = runs[i];
     const Result r = o.is_double ? run_one<double>(run, o, comm) : run_one<float>(run, o, comm);
     if (rank == 0) {
       print_json(run, o, P, r);
-      std::fprintf(stderr, "[%zu/%zu] %s %s C=%d P=%d: fwd+bwd %.1f ms (fwd %.1f ms), peak %.1f MiB/rank, %.1f s\n",
-                   i + 1, runs.size(), name_of(run.kind), std::string(dchag::to_string(run.strategy)).c_str(),
-                   run.C, P, r.fwdbwd_ms, r.fwd_ms, double(r.peak_max) / (1 << 20), r.run_s);
+      std::fprintf(
+          stderr,
+          "[%zu/%zu] %s %s C=%d P=%d: fwd+bwd %.1f ms (fwd %.1f ms), peak %.1f MiB/rank, %.1f s\n",
+          i + 1, runs.size(), name_of(run.kind),
+          std::string(dchag::to_string(run.strategy)).c_str(), run.C, P, r.fwdbwd_ms, r.fwd_ms,
+          double(r.peak_max) / (1 << 20), r.run_s);
     }
   }
   return 0;

@@ -45,7 +45,8 @@ Result run(dchag::Mode mode, dchag::Strategy strategy, const dchag::FrontEndConf
   // reads only its channels, except tp_only, which tokenizes all of them everywhere.
   dchag::View4<Scalar, Mem> images("images", B, cfg.channels, cfg.height, cfg.width);
   Kokkos::parallel_for(
-      "demo::fill", Kokkos::RangePolicy<Exec>(exec, 0, images.span()), KOKKOS_LAMBDA(const std::size_t i) {
+      "demo::fill", Kokkos::RangePolicy<Exec>(exec, 0, images.span()),
+      KOKKOS_LAMBDA(const std::size_t i) {
         images.data()[i] = Scalar(((i * 2654435761u) % 1000) / 500.0 - 1.0);
       });
   dchag::View3<Scalar, Mem> out("out", B, L, cfg.dim), d_out("d_out", B, L, cfg.dim);
@@ -59,7 +60,8 @@ Result run(dchag::Mode mode, dchag::Strategy strategy, const dchag::FrontEndConf
     fe.forward(exec, images, out, dchag::ImageInput::full_image);
     fe.backward(exec, d_out);
     exec.fence();
-    double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+    double ms =
+        std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
     MPI_Allreduce(MPI_IN_PLACE, &ms, 1, MPI_DOUBLE, MPI_MAX, comm.comm());
     times.push_back(ms);
   }
@@ -106,8 +108,9 @@ int main(int argc, char** argv) {
                          Case{dchag::Mode::exact_flat, dchag::Strategy::pooled}}) {
       const Result r = run(c.mode, c.strategy, cfg, comm, steps);
       if (comm.rank() == 0) {
-        std::printf("%-13s %-13s %16.6f %14.2f %16.1f\n", std::string(dchag::to_string(c.mode)).c_str(),
-                    std::string(dchag::to_string(c.strategy)).c_str(), r.checksum, r.step_ms, r.peak_mib);
+        std::printf(
+            "%-13s %-13s %16.6f %14.2f %16.1f\n", std::string(dchag::to_string(c.mode)).c_str(),
+            std::string(dchag::to_string(c.strategy)).c_str(), r.checksum, r.step_ms, r.peak_mib);
       }
     }
   } catch (const std::exception& e) {

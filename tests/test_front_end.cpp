@@ -63,7 +63,8 @@ void fd_flat(const FrontEndConfig& cfg, int B, const std::vector<int>& sel_ids, 
                   << (from_full ? " from the full image" : " own"));
   Exec exec;
   dchag::FlatFrontEnd<Exec, double> flat(exec, cfg);
-  if (expect_chunks > 1) flat.set_chunk_channels((cfg.channels + expect_chunks - 1) / expect_chunks);
+  if (expect_chunks > 1)
+    flat.set_chunk_channels((cfg.channels + expect_chunks - 1) / expect_chunks);
   fill_normal(flat.parameters(), cfg.seed + 1, param_sd(cfg.dim));
   const int Cimg = sel_ids.empty() || from_full ? cfg.channels : int(sel_ids.size());
   V4<double> images("images", B, Cimg, cfg.height, cfg.width);

@@ -9,11 +9,11 @@
 /// Forward saves what backward needs in a `Saved` object owned by the caller, so one module can be
 /// applied several times (the local tree of DESIGN 3.3 shares one module across levels).
 #include <dchag/config.hpp>
+#include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
-#include <dchag/detail/kokkos_compat.hpp>
-#include <dchag/detail/loops.hpp>
 
 #include <cstdint>
 #include <string>
@@ -67,13 +67,13 @@ class CrossAttention {
   /// What one forward keeps for its backward.
   struct Saved {
     int B = 0, N = 0, L = 0, k = 0;
-    View1<int, memory_space> offsets;    // [k+1]
-    View1<int, memory_space> segment;    // [N]: segment of each input
-    View2<Scalar, memory_space> a;       // [B*N*L, heads] softmax weights
-    View3<Scalar, memory_space> z;       // pooled: [heads, P, D] attention-pooled tokens
-    View2<Scalar, memory_space> kmat;    // materialized: [B*N*L, D]
-    View2<Scalar, memory_space> vmat;    // materialized: [B*N*L, D]
-    View2<Scalar, memory_space> ocat;    // [P, D] heads' outputs before out-projection
+    View1<int, memory_space> offsets;              // [k+1]
+    View1<int, memory_space> segment;              // [N]: segment of each input
+    View2<Scalar, memory_space> a;                 // [B*N*L, heads] softmax weights
+    View3<Scalar, memory_space> z;                 // pooled: [heads, P, D] attention-pooled tokens
+    View2<Scalar, memory_space> kmat;              // materialized: [B*N*L, D]
+    View2<Scalar, memory_space> vmat;              // materialized: [B*N*L, D]
+    View2<Scalar, memory_space> ocat;              // [P, D] heads' outputs before out-projection
     View2<Scalar, memory_space> run_max, run_sum;  // pooled: [P, heads] softmax max and sum
     std::vector<int> host_offsets;
   };
@@ -123,8 +123,8 @@ class CrossAttention {
   /// output and gradients are this rank's share, to be summed over the group.
   void set_head_range(int begin, int end, bool out_bias) {
     constexpr const char* where = "dchag::CrossAttention::set_head_range";
-    DCHAG_EXPECT(0 <= begin && begin < end && end <= cfg_.heads, where, "heads [", begin, ", ",
-                 end, ") is not a non-empty range inside [0, ", cfg_.heads, ")");
+    DCHAG_EXPECT(0 <= begin && begin < end && end <= cfg_.heads, where, "heads [", begin, ", ", end,
+                 ") is not a non-empty range inside [0, ", cfg_.heads, ")");
     DCHAG_EXPECT(cfg_.strategy == Strategy::materialized || (begin == 0 && end == cfg_.heads),
                  where, "a head share needs the materialized strategy, strategy is ",
                  to_string(cfg_.strategy));
@@ -166,8 +166,8 @@ class CrossAttention {
     DCHAG_EXPECT(saved.k > 0, where, "saved state is empty, expected the state of a forward");
     const Segments seg{saved.host_offsets};
     check_group(where, seg, group);
-    check_shapes(where, x, seg, d_out.extent(0), d_out.extent(1), d_out.extent(2),
-                 d_out.extent(3), "d_out");
+    check_shapes(where, x, seg, d_out.extent(0), d_out.extent(1), d_out.extent(2), d_out.extent(3),
+                 "d_out");
     DCHAG_EXPECT(x.extent(0) == std::size_t(saved.B) && x.extent(1) == std::size_t(saved.N) &&
                      x.extent(2) == std::size_t(saved.L),
                  where, "x is not the input of the saved forward");
@@ -188,8 +188,7 @@ class CrossAttention {
   void forward(const ExecSpace& exec, const X4& x, const View3<Scalar, memory_space>& out) {
     forward(exec, x, Segments::whole(static_cast<int>(x.extent(1))), as4(out), own_saved_);
   }
-  void backward(const ExecSpace& exec, const X4& x,
-                const View3<const Scalar, memory_space>& d_out,
+  void backward(const ExecSpace& exec, const X4& x, const View3<const Scalar, memory_space>& d_out,
                 const View4<Scalar, memory_space>& dx) {
     backward(exec, x, own_saved_, as4(d_out), dx);
   }
@@ -202,8 +201,8 @@ class CrossAttention {
   void stream_begin(const ExecSpace& exec, const X4& x, Saved& saved) {
     detail::ScopedRegion region("dchag::CrossAttention::stream_begin");
     constexpr const char* where = "dchag::CrossAttention::stream_begin";
-    DCHAG_EXPECT(cfg_.strategy == Strategy::pooled, where, "strategy is ",
-                 to_string(cfg_.strategy), ", expected pooled");
+    DCHAG_EXPECT(cfg_.strategy == Strategy::pooled, where, "strategy is ", to_string(cfg_.strategy),
+                 ", expected pooled");
     const Segments seg = Segments::whole(static_cast<int>(x.extent(1)));
     check_shapes(where, x, seg, x.extent(0), 1, x.extent(2), x.extent(3), "out");
     prepare(exec, x, seg, saved);
@@ -220,9 +219,10 @@ class CrossAttention {
                  " of N = ", s.N);
     DCHAG_EXPECT(x.extent(0) == std::size_t(s.B) && x.extent(1) == std::size_t(s.N) &&
                      x.extent(2) == std::size_t(s.L) && x.extent(3) == std::size_t(cfg_.dim),
-                 "dchag::CrossAttention::stream_chunk", "x is [", x.extent(0), ", ", x.extent(1), ", ",
-                 x.extent(2), ", ", x.extent(3), "], expected the view given to stream_begin [", s.B,
-                 ", ", s.N, ", ", s.L, ", ", cfg_.dim, "]");
+                 "dchag::CrossAttention::stream_chunk", "x is [", x.extent(0), ", ", x.extent(1),
+                 ", ", x.extent(2), ", ", x.extent(3),
+                 "], expected the view given to stream_begin [", s.B, ", ", s.N, ", ", s.L, ", ",
+                 cfg_.dim, "]");
     streamed_ = n1;
     const int N = s.N, L = s.L, D = cfg_.dim, nh = cfg_.heads;
     const std::size_t M = std::size_t(s.B) * N * L;
@@ -232,7 +232,8 @@ class CrossAttention {
     auto z = s.z;
     auto run_max = s.run_max;
     auto run_sum = s.run_sum;
-    constexpr bool on_host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
+    constexpr bool on_host =
+        Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
     V3 e_chunk = workspace3(e_chunk_, "dchag::attention::chunk_weights", std::size_t(s.B) * L,
                             std::size_t(n1 - n0), std::size_t(nh));
     // The host branch below is written for one thread per team (each team member would redo
@@ -240,8 +241,7 @@ class CrossAttention {
     // host backend, so ask for it.
     const Team policy = on_host ? Team(exec, s.B * L, 1) : Team(exec, s.B * L, Kokkos::AUTO);
     Kokkos::parallel_for(
-        "dchag::attention::stream_pool", policy,
-        KOKKOS_LAMBDA(const Member& team) {
+        "dchag::attention::stream_pool", policy, KOKKOS_LAMBDA(const Member& team) {
           const int pos = team.league_rank();
           const std::int64_t row0 = std::int64_t(pos / L) * N * L + pos % L;
           // Scores of this chunk while its tokens are in cache: s[row, h] = x[row] . u_h.
@@ -287,17 +287,20 @@ class CrossAttention {
               }
               for (int d = d0; d < D; ++d) {
                 Scalar acc = zh[d] * rescale;
-                for (int n = n0; n < n1; ++n) acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
+                for (int n = n0; n < n1; ++n)
+                  acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
                 zh[d] = acc;
               }
             } else {
-              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] *= rescale; });
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                                   [&](const int d) { zh[d] *= rescale; });
               for (int n = n0; n < n1; ++n) {
                 const std::int64_t row = row0 + std::int64_t(n) * L;
                 const Scalar e = detail::exp(a(row, h) - mx);
                 sum += e;
                 const Scalar* xr = &x2(row, 0);
-                Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] += e * xr[d]; });
+                Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                                     [&](const int d) { zh[d] += e * xr[d]; });
               }
             }
             team.team_barrier();  // every lane has read run_sum / run_max before they change
@@ -315,12 +318,13 @@ class CrossAttention {
                   const GroupReduce<Scalar, memory_space>* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::stream_end");
     constexpr const char* where = "dchag::CrossAttention::stream_end";
-    DCHAG_EXPECT(s.k == 1 && streamed_ == s.N, where, "stream covered ", streamed_, " of N = ",
-                 s.N, " inputs, expected all");
+    DCHAG_EXPECT(s.k == 1 && streamed_ == s.N, where, "stream covered ", streamed_, " of N = ", s.N,
+                 " inputs, expected all");
     DCHAG_EXPECT(out.extent(0) == std::size_t(s.B) && out.extent(1) == 1 &&
                      out.extent(2) == std::size_t(s.L) && out.extent(3) == std::size_t(cfg_.dim),
                  where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ", ",
-                 out.extent(3), "], expected [B, 1, L, D] = [", s.B, ", 1, ", s.L, ", ", cfg_.dim, "]");
+                 out.extent(3), "], expected [B, 1, L, D] = [", s.B, ", 1, ", s.L, ", ", cfg_.dim,
+                 "]");
     if (group) {
       // Rescale each rank's pooled sums from its own running max to the group's.
       const std::size_t P = std::size_t(s.B) * s.L;
@@ -355,11 +359,12 @@ class CrossAttention {
                  "expected the saved state of a pooled forward");
     const Segments seg{saved.host_offsets};
     check_group(where, seg, group);
-    DCHAG_EXPECT(d_out.extent(0) == std::size_t(saved.B) && d_out.extent(1) == std::size_t(saved.k) &&
-                     d_out.extent(2) == std::size_t(saved.L) && d_out.extent(3) == std::size_t(cfg_.dim),
-                 where, "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2), ", ",
-                 d_out.extent(3), "], expected [B, k, L, D] = [", saved.B, ", ", saved.k, ", ", saved.L,
-                 ", ", cfg_.dim, "]");
+    DCHAG_EXPECT(
+        d_out.extent(0) == std::size_t(saved.B) && d_out.extent(1) == std::size_t(saved.k) &&
+            d_out.extent(2) == std::size_t(saved.L) && d_out.extent(3) == std::size_t(cfg_.dim),
+        where, "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2), ", ",
+        d_out.extent(3), "], expected [B, k, L, D] = [", saved.B, ", ", saved.k, ", ", saved.L,
+        ", ", cfg_.dim, "]");
     back_project_out(exec, saved, d_out);
     pooled_backward_begin(exec, saved, group != nullptr);
     back_streamed_ = 0;
@@ -375,16 +380,17 @@ class CrossAttention {
                  where, "x is not the input of the saved forward");
     DCHAG_EXPECT(dx.extent(0) == std::size_t(saved.B) && dx.extent(1) == std::size_t(n1 - n0) &&
                      dx.extent(2) == std::size_t(saved.L) && dx.extent(3) == std::size_t(cfg_.dim),
-                 where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ", dx.extent(3),
-                 "], expected [B, n1 - n0, L, D] = [", saved.B, ", ", n1 - n0, ", ", saved.L, ", ", cfg_.dim, "]");
+                 where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
+                 dx.extent(3), "], expected [B, n1 - n0, L, D] = [", saved.B, ", ", n1 - n0, ", ",
+                 saved.L, ", ", cfg_.dim, "]");
     back_streamed_ = n1;
     pooled_token_grad(exec, x, saved, n0, n1, dx);
   }
   void backward_end(const ExecSpace& exec, const Saved& saved,
                     const GroupReduce<Scalar, memory_space>* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::backward_end");
-    DCHAG_EXPECT(back_streamed_ == saved.N, "dchag::CrossAttention::backward_end", "backward covered ",
-                 back_streamed_, " of N = ", saved.N, " inputs, expected all");
+    DCHAG_EXPECT(back_streamed_ == saved.N, "dchag::CrossAttention::backward_end",
+                 "backward covered ", back_streamed_, " of N = ", saved.N, " inputs, expected all");
     pooled_backward_end(exec, group);
     back_query(exec);
   }
@@ -421,7 +427,8 @@ class CrossAttention {
     if (cfg.strategy == Strategy::pooled) {
       e.activations += S * nh * P * D;
       // oh, go, gz, c, ds, the group-summed gradients (du, dWv share) and the merge buffer.
-      e.workspace = S * (P * D + P * D + nh * P * D + P * nh + M * nh + nh * D + (group ? D * D : 0));
+      e.workspace =
+          S * (P * D + P * D + nh * P * D + P * nh + M * nh + nh * D + (group ? D * D : 0));
       e.communication = group ? S * P * (D + nh) : 0;
     } else {
       e.activations += S * 2 * M * Dr;
@@ -466,16 +473,16 @@ class CrossAttention {
                  "], expected every extent >= 1");
     DCHAG_EXPECT(seg.count() >= 1 && seg.offsets.front() == 0 &&
                      seg.total() == static_cast<int>(x.extent(1)),
-                 where, "segments cover ", seg.total(), " inputs, expected x.extent(1) = ",
-                 x.extent(1));
+                 where, "segments cover ", seg.total(),
+                 " inputs, expected x.extent(1) = ", x.extent(1));
     for (int j = 0; j < seg.count(); ++j) {
       DCHAG_EXPECT(seg.size(j) >= 1, where, "segment ", j, " is empty, expected >= 1 input");
     }
     DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) && o2 == x.extent(2) &&
                      o3 == x.extent(3),
                  where, out_name, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
-                 "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ",
-                 x.extent(2), ", ", x.extent(3), "]");
+                 "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ", x.extent(2),
+                 ", ", x.extent(3), "]");
   }
 
   void check_group(const char* where, const Segments& seg,
@@ -558,7 +565,8 @@ class CrossAttention {
           const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
           const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
           Scalar m = a(row0 + std::int64_t(off(j)) * L, h);
-          for (int n = off(j) + 1; n < off(j + 1); ++n) m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
+          for (int n = off(j) + 1; n < off(j + 1); ++n)
+            m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
           run_max(pos, h) = m;
         });
   }
@@ -633,7 +641,8 @@ class CrossAttention {
             for (int h = 0; h < nh; ++h) {
               const Scalar c = a(row, h);
               Scalar* zh = &z(h, pos, 0);
-              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] += c * xr[d]; });
+              Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                                   [&](const int d) { zh[d] += c * xr[d]; });
             }
           }
         });
@@ -651,19 +660,22 @@ class CrossAttention {
     for (int h = 0; h < nh; ++h) {
       auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
       auto wv = Kokkos::subview(w_in_, 2, Kokkos::make_pair(h * hd, (h + 1) * hd), Kokkos::ALL);
-      detail::gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0), Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL));
+      detail::gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0),
+                   Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL));
     }
     auto run_sum = s.run_sum;
     if (group) {
       // One message: [P, D] projected sums then [P, heads] softmax denominators.
       V1 merged = workspace1(merge_, "dchag::attention::merge", P * (D + nh));
       detail::for_each_row(
-          exec, "dchag::attention::pack", P, D + nh, KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+          exec, "dchag::attention::pack", P, D + nh,
+          KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
             merged(pos * (D + nh) + c) = c < D ? oh(c / hd, pos, c % hd) : run_sum(pos, c - D);
           });
       group->sum(Unmanaged1<Scalar, memory_space>(merged.data(), merged.span()));
       detail::for_each_row(
-          exec, "dchag::attention::unpack", P, D + nh, KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+          exec, "dchag::attention::unpack", P, D + nh,
+          KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
             if (c < D) {
               oh(c / hd, pos, c % hd) = merged(pos * (D + nh) + c);
             } else {
@@ -699,17 +711,21 @@ class CrossAttention {
     auto V = s.vmat;
     auto b_in = b_in_;
     detail::for_each_row(
-        exec, "dchag::attention::kv_bias", M, Dr, KOKKOS_LAMBDA(const std::int64_t row, const int c) {
+        exec, "dchag::attention::kv_bias", M, Dr,
+        KOKKOS_LAMBDA(const std::int64_t row, const int c) {
           K(row, c) = b_in(1, r0 + c);
           V(row, c) = b_in(2, r0 + c);
         });
     const auto rows = Kokkos::make_pair(r0, r0 + Dr);
-    detail::gemm(exec, "N", "T", Scalar(1), x2, Kokkos::subview(w_in_, 1, rows, Kokkos::ALL), Scalar(1), K);
-    detail::gemm(exec, "N", "T", Scalar(1), x2, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL), Scalar(1), V);
+    detail::gemm(exec, "N", "T", Scalar(1), x2, Kokkos::subview(w_in_, 1, rows, Kokkos::ALL),
+                 Scalar(1), K);
+    detail::gemm(exec, "N", "T", Scalar(1), x2, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL),
+                 Scalar(1), V);
     auto a = s.a;
     auto q = q_;
     detail::for_each_row(
-        exec, "dchag::attention::scores", M, h1 - h0, KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
+        exec, "dchag::attention::scores", M, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
           const int h = h0 + hh;
           Scalar acc = 0;
           for (int c = (h - h0) * hd; c < (h - h0 + 1) * hd; ++c) acc += q(r0 + c) * K(row, c);
@@ -721,7 +737,8 @@ class CrossAttention {
     auto ocat = s.ocat;
     auto off = s.offsets;
     detail::for_each_row(
-        exec, "dchag::attention::weighted_values", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+        exec, "dchag::attention::weighted_values", P, D,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
           if (r < r0 || r >= r0 + Dr) {
             ocat(pos, r) = 0;  // another rank's heads
             return;
@@ -747,7 +764,8 @@ class CrossAttention {
     auto bo = b_out_;
     const bool with_bias = out_bias_;
     detail::for_each_row(
-        exec, "dchag::attention::out_bias", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int d) {
+        exec, "dchag::attention::out_bias", P, D,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int d) {
           out2(pos, d) = with_bias ? bo(d) : Scalar(0);
         });
     detail::gemm(exec, "N", "T", Scalar(1), s.ocat, w_out_, Scalar(1), out2);
@@ -793,8 +811,11 @@ class CrossAttention {
     auto go = go_;
     column_sums(exec, go, Kokkos::subview(d_b_in_, 2, Kokkos::ALL));
     // What a group sums: du [heads, D] then this rank's dWv share [D, D], as one message.
-    V1 shared = workspace1(shared_, "dchag::attention::group_grads", std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
-    Kokkos::deep_copy(exec, Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)), Scalar(0));
+    V1 shared = workspace1(shared_, "dchag::attention::group_grads",
+                           std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
+    Kokkos::deep_copy(
+        exec, Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)),
+        Scalar(0));
     auto dwv = group ? Unmanaged2<Scalar, memory_space>(shared.data() + std::size_t(nh) * D, D, D)
                      : Unmanaged2<Scalar, memory_space>(&d_w_in_(2, 0, 0), D, D);
     group_backward_ = group;
@@ -802,7 +823,8 @@ class CrossAttention {
     // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
     V3 goh = workspace3(oh_, "dchag::attention::oh", nh, P, hd);
     detail::for_each_row(
-        exec, "dchag::attention::split_heads", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+        exec, "dchag::attention::split_heads", P, D,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
           goh(r / hd, pos, r % hd) = go(pos, r);
         });
     V3 gz = workspace3(gz_, "dchag::attention::gz", nh, P, D);
@@ -820,9 +842,11 @@ class CrossAttention {
     auto ocat = s.ocat;
     auto b_in = b_in_;
     detail::for_each_row(
-        exec, "dchag::attention::gz_dot_z", P, nh, KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
+        exec, "dchag::attention::gz_dot_z", P, nh,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
           Scalar acc = 0;
-          for (int r = h * hd; r < (h + 1) * hd; ++r) acc += go(pos, r) * (ocat(pos, r) - b_in(2, r));
+          for (int r = h * hd; r < (h + 1) * hd; ++r)
+            acc += go(pos, r) * (ocat(pos, r) - b_in(2, r));
           c(pos, h) = acc;
         });
     ensure(ds_, "dchag::attention::ds", std::size_t(s.B) * s.N * L, std::size_t(nh));
@@ -842,7 +866,8 @@ class CrossAttention {
     auto a = s.a;
     auto u = u_;
     auto seg = s.segment;
-    constexpr bool on_host = Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
+    constexpr bool on_host =
+        Kokkos::SpaceAccessibility<Kokkos::HostSpace, memory_space>::accessible;
     Kokkos::parallel_for(
         "dchag::attention::pooled_token_grad", Team(exec, s.B * nc * L, Kokkos::AUTO),
         KOKKOS_LAMBDA(const Member& team) {
@@ -876,7 +901,8 @@ class CrossAttention {
         });
     auto du = Unmanaged2<Scalar, memory_space>(shared_.data(), nh, D);
     for (int b = 0; b < s.B; ++b) {
-      const auto rows = Kokkos::make_pair((std::size_t(b) * N + n0) * L, (std::size_t(b) * N + n1) * L);
+      const auto rows =
+          Kokkos::make_pair((std::size_t(b) * N + n0) * L, (std::size_t(b) * N + n1) * L);
       detail::gemm(exec, "T", "N", Scalar(1), Kokkos::subview(ds_, rows, Kokkos::ALL),
                    Kokkos::subview(x2, rows, Kokkos::ALL), Scalar(1), du);
     }
@@ -894,7 +920,8 @@ class CrossAttention {
       auto dw = d_w_in_;
       const std::size_t off = std::size_t(nh) * D;
       detail::for_each_row(
-          exec, "dchag::attention::add_value_grad", D, D, KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          exec, "dchag::attention::add_value_grad", D, D,
+          KOKKOS_LAMBDA(const std::int64_t r, const int d) {
             dw(2, r, d) += shared(off + r * D + d);
           });
     }
@@ -928,7 +955,8 @@ class CrossAttention {
     // c[pos, h] = go_h . o_h  (o_h without the out-projection; bv is inside V).
     V2 c = workspace2(c_, "dchag::attention::c", P, nh);
     detail::for_each_row(
-        exec, "dchag::attention::go_dot_o", P, h1 - h0, KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+        exec, "dchag::attention::go_dot_o", P, h1 - h0,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
           const int h = h0 + hh;
           Scalar acc = 0;
           for (int r = h * hd; r < (h + 1) * hd; ++r) acc += go(pos, r) * ocat(pos, r);
@@ -965,17 +993,22 @@ class CrossAttention {
         "dchag::attention::query_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
           Scalar acc = 0;
           if (r >= r0 && r < r0 + Dr) {
-            for (std::int64_t row = 0; row < std::int64_t(M); ++row) acc += dsv(row, r / hd) * K(row, r - r0);
+            for (std::int64_t row = 0; row < std::int64_t(M); ++row)
+              acc += dsv(row, r / hd) * K(row, r - r0);
           }
           dq(r) = acc * scale;
         });
     auto x2 = as2(x.data(), M, D);
     auto dx2 = as2(dx.data(), M, D);
     const auto rows = Kokkos::make_pair(r0, r0 + Dr);
-    detail::gemm(exec, "N", "N", Scalar(1), dK, Kokkos::subview(w_in_, 1, rows, Kokkos::ALL), Scalar(0), dx2);
-    detail::gemm(exec, "N", "N", Scalar(1), dV, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL), Scalar(1), dx2);
-    detail::gemm(exec, "T", "N", Scalar(1), dK, x2, Scalar(1), Kokkos::subview(d_w_in_, 1, rows, Kokkos::ALL));
-    detail::gemm(exec, "T", "N", Scalar(1), dV, x2, Scalar(1), Kokkos::subview(d_w_in_, 2, rows, Kokkos::ALL));
+    detail::gemm(exec, "N", "N", Scalar(1), dK, Kokkos::subview(w_in_, 1, rows, Kokkos::ALL),
+                 Scalar(0), dx2);
+    detail::gemm(exec, "N", "N", Scalar(1), dV, Kokkos::subview(w_in_, 2, rows, Kokkos::ALL),
+                 Scalar(1), dx2);
+    detail::gemm(exec, "T", "N", Scalar(1), dK, x2, Scalar(1),
+                 Kokkos::subview(d_w_in_, 1, rows, Kokkos::ALL));
+    detail::gemm(exec, "T", "N", Scalar(1), dV, x2, Scalar(1),
+                 Kokkos::subview(d_w_in_, 2, rows, Kokkos::ALL));
     column_sums(exec, dK, Kokkos::subview(d_b_in_, 1, rows));
     column_sums(exec, dV, Kokkos::subview(d_b_in_, 2, rows));
   }
@@ -1030,9 +1063,11 @@ class CrossAttention {
     TensorList<Scalar, memory_space> list;
     if (cfg_.convention == Convention::climax) {
       list.push_back(whole<Scalar, memory_space>(prefix + "var_query", {1, 1, D}, qv));
-      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.in_proj_weight", {3 * D, D}, w_in));
+      list.push_back(
+          whole<Scalar, memory_space>(prefix + "var_agg.in_proj_weight", {3 * D, D}, w_in));
       list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.in_proj_bias", {3 * D}, b_in));
-      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.out_proj.weight", {D, D}, w_out));
+      list.push_back(
+          whole<Scalar, memory_space>(prefix + "var_agg.out_proj.weight", {D, D}, w_out));
       list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.out_proj.bias", {D}, b_out));
     } else {
       auto kv = Unmanaged1<Scalar, memory_space>(w_in.data() + D * D, 2 * D * D);

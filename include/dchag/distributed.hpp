@@ -27,10 +27,14 @@ enum class Mode { dchag_linear, dchag_xattn, exact_flat, tp_only };
 
 constexpr std::string_view to_string(Mode m) {
   switch (m) {
-    case Mode::dchag_linear: return "dchag_linear";
-    case Mode::dchag_xattn: return "dchag_xattn";
-    case Mode::exact_flat: return "exact_flat";
-    case Mode::tp_only: return "tp_only";
+    case Mode::dchag_linear:
+      return "dchag_linear";
+    case Mode::dchag_xattn:
+      return "dchag_xattn";
+    case Mode::exact_flat:
+      return "exact_flat";
+    case Mode::tp_only:
+      return "tp_only";
   }
   return "?";
 }
@@ -71,7 +75,8 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
     for (const auto& p : t.pieces) {
       auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p.values);
       const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
-      for (std::size_t i = 0; i < host.span() * sizeof(Scalar); ++i) h = (h ^ bytes[i]) * 0x100000001b3ull;
+      for (std::size_t i = 0; i < host.span() * sizeof(Scalar); ++i)
+        h = (h ^ bytes[i]) * 0x100000001b3ull;
     }
   }
   return h;
@@ -82,8 +87,8 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
 /// Bytes rank `rank` holds for one training step of `mode` on B images (DESIGN 5), without
 /// allocating anything. Measured high-water marks (MemoryTracker) agree within a few percent.
 template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace>
-MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map, int rank,
-                               int B, int tree = 1) {
+MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map,
+                               int rank, int B, int tree = 1) {
   using Attention = CrossAttention<ExecSpace, Scalar>;
   cfg.validate("dchag::estimate_memory");
   const int P = map.ranks(), L = cfg.patches(), D = cfg.dim;
@@ -92,7 +97,8 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   MemoryEstimate e = PositionalEmbedding<ExecSpace, Scalar>::estimate(L, D);
   e += Attention::estimate_module(cfg.attention());
   if (mode == Mode::dchag_linear || mode == Mode::dchag_xattn) {
-    const auto kind = mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
+    const auto kind =
+        mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
     e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg, Cr, kind, tree, B);
     e += Attention::estimate_application(cfg.attention(), B, P, L, 1, cfg.heads, false);
     e.activations += token * (P + 1);  // gathered, partial
@@ -106,7 +112,9 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
   e += Attention::estimate_application(cfg.attention(), B, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
   e.activations += token * J;  // tokens
-  e.workspace += tp ? token * J : detail::fused_chunk_bytes<typename ExecSpace::memory_space, Scalar>(B, L, D, J);
+  e.workspace +=
+      tp ? token * J
+         : detail::fused_chunk_bytes<typename ExecSpace::memory_space, Scalar>(B, L, D, J);
   if (tp) e.workspace += S * D;  // the query gradient before this call
   return e;
 }
@@ -145,11 +153,13 @@ class DistributedFrontEnd {
     channels_ = map.channels_of(rank);
     pos_.emplace(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim);
     if (is_dchag()) {
-      const PartialKind kind = mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
+      const PartialKind kind =
+          mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
       stage_.emplace(exec, cfg, channels_, kind, tree, "partial." + std::to_string(rank) + ".");
       attention_.emplace(exec, cfg.attention(), cfg.seed, "final.");
     } else {
-      const std::vector<int> held = mode == Mode::tp_only ? detail::iota_ids(cfg.channels) : channels_;
+      const std::vector<int> held =
+          mode == Mode::tp_only ? detail::iota_ids(cfg.channels) : channels_;
       tokenizer_.emplace(exec, cfg.channels, cfg.patch, cfg.dim, held, cfg.seed);
       attention_.emplace(exec, cfg.attention(), cfg.seed, "var_agg");
       if (mode == Mode::tp_only) {
@@ -203,7 +213,8 @@ class DistributedFrontEnd {
       }
       case Mode::exact_flat:
         ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
-        detail::fused_pooled_forward(exec, *tokenizer_, *attention_, images, sel, tokens_, saved_, out4, &reduce_, 0);
+        detail::fused_pooled_forward(exec, *tokenizer_, *attention_, images, sel, tokens_, saved_,
+                                     out4, &reduce_, 0);
         break;
       case Mode::tp_only:
         ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
@@ -246,7 +257,8 @@ class DistributedFrontEnd {
       }
       case Mode::exact_flat:
         // Token gradients are local: one chunk at a time, straight into the tokenizer.
-        detail::fused_pooled_backward(exec, *tokenizer_, *attention_, tokens_, saved_, d_out4, d_chunk_, &reduce_, 0);
+        detail::fused_pooled_backward(exec, *tokenizer_, *attention_, tokens_, saved_, d_out4,
+                                      d_chunk_, &reduce_, 0);
         break;
       case Mode::tp_only: {
         ensure(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
@@ -257,14 +269,17 @@ class DistributedFrontEnd {
         attention_->backward(exec, tokens_, saved_, d_out4, d_tokens_);
         auto before = query_before_;
         Kokkos::parallel_for(
-            "dchag::distributed::query_share", Kokkos::RangePolicy<ExecSpace>(exec, 0, d_query.extent(0)),
+            "dchag::distributed::query_share",
+            Kokkos::RangePolicy<ExecSpace>(exec, 0, d_query.extent(0)),
             KOKKOS_LAMBDA(const int i) { d_query(i) -= before(i); });
         allreduce_sum(exec, comm_, d_query);
         Kokkos::parallel_for(
-            "dchag::distributed::query_total", Kokkos::RangePolicy<ExecSpace>(exec, 0, d_query.extent(0)),
+            "dchag::distributed::query_total",
+            Kokkos::RangePolicy<ExecSpace>(exec, 0, d_query.extent(0)),
             KOKKOS_LAMBDA(const int i) { d_query(i) += before(i); });
         // Tensor parallelism's input all-reduce: every head share adds to every token's gradient.
-        allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(d_tokens_.data(), d_tokens_.span()));
+        allreduce_sum(exec, comm_,
+                      Unmanaged1<Scalar, memory_space>(d_tokens_.data(), d_tokens_.span()));
         tokenizer_->backward(exec, d_tokens_);
         break;
       }
@@ -324,9 +339,11 @@ class DistributedFrontEnd {
                  " holds ", held, " channels, expected a multiple of tree = ", tree_,
                  " (the linear tree shares one weight vector across groups)");
     DCHAG_EXPECT(mode_ != Mode::exact_flat || cfg_.strategy == Strategy::pooled, where,
-                 "exact_flat needs the pooled strategy, config.strategy is ", to_string(cfg_.strategy));
+                 "exact_flat needs the pooled strategy, config.strategy is ",
+                 to_string(cfg_.strategy));
     DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.strategy == Strategy::materialized, where,
-                 "tp_only is the materialized baseline, config.strategy is ", to_string(cfg_.strategy));
+                 "tp_only is the materialized baseline, config.strategy is ",
+                 to_string(cfg_.strategy));
     DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.heads >= comm_.size(), where, "tp_only splits ",
                  cfg_.heads, " heads over ", comm_.size(), " ranks, expected heads >= ranks");
   }
@@ -340,19 +357,22 @@ class DistributedFrontEnd {
                  ", expected ", full ? "C = " : "this rank's channel count ", want);
     DCHAG_EXPECT(mode_ != Mode::tp_only || full || comm_.size() == 1, where,
                  "tp_only tokenizes every channel on every rank: pass ImageInput::full_image");
-    DCHAG_EXPECT(images.extent(2) == std::size_t(cfg_.height) && images.extent(3) == std::size_t(cfg_.width),
-                 where, "images is [.., .., ", images.extent(2), ", ", images.extent(3),
-                 "], expected H x W = ", cfg_.height, " x ", cfg_.width);
+    DCHAG_EXPECT(
+        images.extent(2) == std::size_t(cfg_.height) && images.extent(3) == std::size_t(cfg_.width),
+        where, "images is [.., .., ", images.extent(2), ", ", images.extent(3),
+        "], expected H x W = ", cfg_.height, " x ", cfg_.width);
     DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is 0, expected a batch >= 1");
-    DCHAG_EXPECT(out.extent(0) == images.extent(0) && out.extent(1) == std::size_t(cfg_.patches()) &&
-                     out.extent(2) == std::size_t(cfg_.dim),
-                 where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-                 "], expected [B, L, D] = [", images.extent(0), ", ", cfg_.patches(), ", ", cfg_.dim, "]");
+    DCHAG_EXPECT(
+        out.extent(0) == images.extent(0) && out.extent(1) == std::size_t(cfg_.patches()) &&
+            out.extent(2) == std::size_t(cfg_.dim),
+        where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
+        "], expected [B, L, D] = [", images.extent(0), ", ", cfg_.patches(), ", ", cfg_.dim, "]");
   }
 
   ChannelSelection selection(ImageInput input) const {
     const std::vector<int>& ids = mode_ == Mode::tp_only ? tokenizer_->owned_channels() : channels_;
-    return input == ImageInput::full_image ? ChannelSelection::from_full_image(ids) : ChannelSelection::own(ids);
+    return input == ImageInput::full_image ? ChannelSelection::from_full_image(ids)
+                                           : ChannelSelection::own(ids);
   }
 
   template <class V, class... Ext>
@@ -385,8 +405,8 @@ class DistributedFrontEnd {
   detail::CommunicatorReduce<ExecSpace, Scalar> reduce_;
   std::vector<int> channels_;
   std::optional<detail::ChannelStage<ExecSpace, Scalar>> stage_;  // D-CHAG modes
-  std::optional<Tokenizer<ExecSpace, Scalar>> tokenizer_;        // exact_flat, tp_only
-  std::optional<CrossAttention<ExecSpace, Scalar>> attention_;   // final or flat aggregation
+  std::optional<Tokenizer<ExecSpace, Scalar>> tokenizer_;         // exact_flat, tp_only
+  std::optional<CrossAttention<ExecSpace, Scalar>> attention_;    // final or flat aggregation
   std::optional<PositionalEmbedding<ExecSpace, Scalar>> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   bool forwarded_ = false;

@@ -27,11 +27,11 @@ std::string concat(const Parts&... parts) {
 }  // namespace dchag
 
 /// Throws std::invalid_argument("where: message") when `cond` holds. `...` is streamed.
-#define DCHAG_THROW_IF(cond, where, ...)                                          \
-  do {                                                                            \
-    if (cond) {                                                                   \
+#define DCHAG_THROW_IF(cond, where, ...)                                              \
+  do {                                                                                \
+    if (cond) {                                                                       \
       throw std::invalid_argument(::dchag::detail::concat(where, ": ", __VA_ARGS__)); \
-    }                                                                             \
+    }                                                                                 \
   } while (false)
 
 /// Throws std::invalid_argument unless `cond` holds.

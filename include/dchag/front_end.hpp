@@ -13,11 +13,11 @@
 #include <dchag/tokenizer.hpp>
 
 #include <algorithm>
-#include <type_traits>
 #include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace dchag {
@@ -85,27 +85,30 @@ void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, boo
 /// space runs on the host (a chunk stays in a core's L2 between being produced and consumed);
 /// every channel at once on devices, where launches cost more than cache misses.
 template <class MemSpace, class Scalar>
-int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels, int requested = 0) {
+int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels,
+                         int requested = 0) {
   if (requested > 0) return std::min(requested, channels);
   if constexpr (!Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemSpace>::accessible) {
     return channels;
   } else {
     const std::size_t per_channel = B * L * D * sizeof(Scalar);
-    return static_cast<int>(std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
+    return static_cast<int>(
+        std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
   }
 }
 
 /// Fused pooled forward (DESIGN 3.8): tokenize a chunk of channels, fold it into the running
 /// softmax while it is in cache. `tokens` is kept for backward. With `group`, exact over ranks.
 template <class ExecSpace, class Scalar>
-void fused_pooled_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
-                          CrossAttention<ExecSpace, Scalar>& attention,
-                          const View4<const Scalar, typename ExecSpace::memory_space>& images,
-                          const ChannelSelection& sel, const View4<Scalar, typename ExecSpace::memory_space>& tokens,
-                          typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
-                          const View4<Scalar, typename ExecSpace::memory_space>& out,
-                          std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
-                          int requested_chunk) {
+void fused_pooled_forward(
+    const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
+    CrossAttention<ExecSpace, Scalar>& attention,
+    const View4<const Scalar, typename ExecSpace::memory_space>& images,
+    const ChannelSelection& sel, const View4<Scalar, typename ExecSpace::memory_space>& tokens,
+    typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
+    const View4<Scalar, typename ExecSpace::memory_space>& out,
+    std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
+    int requested_chunk) {
   const int J = sel.size();
   tokenizer.prepare(exec, images, sel, tokens);
   attention.stream_begin(exec, tokens, saved);
@@ -122,21 +125,24 @@ void fused_pooled_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& t
 /// Chunked pooled backward: token gradients of one chunk of channels at a time, consumed by the
 /// tokenizer at once, so the full d_tokens never exists. `d_chunk` is the chunk buffer.
 template <class ExecSpace, class Scalar>
-void fused_pooled_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
-                           CrossAttention<ExecSpace, Scalar>& attention,
-                           const View4<Scalar, typename ExecSpace::memory_space>& tokens,
-                           const typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
-                           const View4<const Scalar, typename ExecSpace::memory_space>& d_out,
-                           View1<Scalar, typename ExecSpace::memory_space>& d_chunk,
-                           std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
-                           int requested_chunk) {
+void fused_pooled_backward(
+    const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
+    CrossAttention<ExecSpace, Scalar>& attention,
+    const View4<Scalar, typename ExecSpace::memory_space>& tokens,
+    const typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
+    const View4<const Scalar, typename ExecSpace::memory_space>& d_out,
+    View1<Scalar, typename ExecSpace::memory_space>& d_chunk,
+    std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
+    int requested_chunk) {
   using V4 = View4<Scalar, typename ExecSpace::memory_space>;
   const std::size_t B = tokens.extent(0), L = tokens.extent(2), D = tokens.extent(3);
   const int J = static_cast<int>(tokens.extent(1));
-  const int chunk = fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(B, L, D, J, requested_chunk);
+  const int chunk =
+      fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(B, L, D, J, requested_chunk);
   if (d_chunk.extent(0) != B * chunk * L * D) {
     d_chunk = View1<Scalar, typename ExecSpace::memory_space>(
-        Kokkos::view_alloc(std::string("dchag::fused::d_tokens_chunk"), Kokkos::WithoutInitializing),
+        Kokkos::view_alloc(std::string("dchag::fused::d_tokens_chunk"),
+                           Kokkos::WithoutInitializing),
         B * chunk * L * D);
   }
   attention.backward_begin(exec, saved, d_out, group);
@@ -151,8 +157,10 @@ void fused_pooled_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& 
 
 /// Bytes of the fused backward's chunk buffer.
 template <class MemSpace, class Scalar>
-std::int64_t fused_chunk_bytes(std::size_t B, std::size_t L, std::size_t D, int channels, int requested = 0) {
-  return std::int64_t(sizeof(Scalar)) * B * L * D * fused_chunk_channels<MemSpace, Scalar>(B, L, D, channels, requested);
+std::int64_t fused_chunk_bytes(std::size_t B, std::size_t L, std::size_t D, int channels,
+                               int requested = 0) {
+  return std::int64_t(sizeof(Scalar)) * B * L * D *
+         fused_chunk_channels<MemSpace, Scalar>(B, L, D, channels, requested);
 }
 
 /// One D-CHAG rank's local work: tokenize its channels, fold them to one partial token.
@@ -165,7 +173,8 @@ class ChannelStage {
   ChannelStage(const ExecSpace& exec, const FrontEndConfig& cfg, std::vector<int> channels,
                PartialKind kind, int tree, const std::string& name)
       : tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, channels, cfg.seed),
-        partial_(exec, kind, static_cast<int>(channels.size()), tree, cfg.attention(), cfg.seed, name),
+        partial_(exec, kind, static_cast<int>(channels.size()), tree, cfg.attention(), cfg.seed,
+                 name),
         channels_(std::move(channels)) {}
 
   const std::vector<int>& channels() const { return channels_; }
@@ -175,10 +184,12 @@ class ChannelStage {
                const ChannelSelection& sel, const V4& partial) {
     const std::size_t B = images.extent(0), L = partial.extent(2), D = partial.extent(3);
     if (tokens_.extent(0) != B || tokens_.extent(2) != L) {
-      tokens_ = V4(Kokkos::view_alloc(std::string("dchag::stage::tokens"), Kokkos::WithoutInitializing),
-                   B, channels_.size(), L, D);
-      d_tokens_ = V4(Kokkos::view_alloc(std::string("dchag::stage::d_tokens"), Kokkos::WithoutInitializing),
-                     B, channels_.size(), L, D);
+      tokens_ =
+          V4(Kokkos::view_alloc(std::string("dchag::stage::tokens"), Kokkos::WithoutInitializing),
+             B, channels_.size(), L, D);
+      d_tokens_ =
+          V4(Kokkos::view_alloc(std::string("dchag::stage::d_tokens"), Kokkos::WithoutInitializing),
+             B, channels_.size(), L, D);
     }
     tokenizer_.forward(exec, images, sel, tokens_);
     partial_.forward(exec, tokens_, partial);
@@ -205,10 +216,13 @@ class ChannelStage {
     return list;
   }
   /// Tokenizer, partial aggregator and the token buffers for `channels` channels.
-  static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind, int tree, int B) {
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind,
+                                 int tree, int B) {
     const int L = cfg.patches();
-    MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
-    e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L);
+    MemoryEstimate e =
+        Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
+    e +=
+        PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L);
     const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * cfg.dim;
     e.activations += tokens;  // tokens
     e.workspace += tokens;    // d_tokens
@@ -234,7 +248,8 @@ class FlatFrontEnd {
 
   FlatFrontEnd(const ExecSpace& exec, const FrontEndConfig& cfg)
       : cfg_(validated(cfg)),
-        tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, detail::iota_ids(cfg.channels), cfg.seed),
+        tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, detail::iota_ids(cfg.channels),
+                   cfg.seed),
         attention_(exec, cfg.attention(), cfg.seed, "var_agg"),
         pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {}
 
@@ -249,11 +264,12 @@ class FlatFrontEnd {
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
     if (tokens_.extent(0) != B || tokens_.extent(1) != J) {
       tokens_ = View4<Scalar, memory_space>(
-          Kokkos::view_alloc(std::string("dchag::flat::tokens"), Kokkos::WithoutInitializing), B, J, L, D);
+          Kokkos::view_alloc(std::string("dchag::flat::tokens"), Kokkos::WithoutInitializing), B, J,
+          L, D);
     }
     if (cfg_.strategy == Strategy::pooled) {
-      detail::fused_pooled_forward(exec, tokenizer_, attention_, images, sel, tokens_, saved_, as4(out), nullptr,
-                                   chunk_channels_);
+      detail::fused_pooled_forward(exec, tokenizer_, attention_, images, sel, tokens_, saved_,
+                                   as4(out), nullptr, chunk_channels_);
     } else {
       tokenizer_.forward(exec, images, sel, tokens_);
       attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
@@ -263,7 +279,8 @@ class FlatFrontEnd {
   /// All C channels, in model order.
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
-    forward(exec, images, ChannelSelection::own(detail::iota_ids(static_cast<int>(images.extent(1)))), out);
+    forward(exec, images,
+            ChannelSelection::own(detail::iota_ids(static_cast<int>(images.extent(1)))), out);
   }
 
   /// Accumulates every parameter gradient from d_out [B, L, D] of the last forward.
@@ -273,16 +290,18 @@ class FlatFrontEnd {
     check_out("dchag::FlatFrontEnd::backward", tokens_.extent(0), d_out);
     pos_.backward(exec, d_out);
     if (cfg_.strategy == Strategy::pooled) {
-      detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out), d_chunk_, nullptr,
-                                    chunk_channels_);
+      detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out),
+                                    d_chunk_, nullptr, chunk_channels_);
       return;
     }
     if (d_chunk_.extent(0) != tokens_.span()) {
       d_chunk_ = View1<Scalar, memory_space>(
-          Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing), tokens_.span());
+          Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing),
+          tokens_.span());
     }
-    const View4<Scalar, memory_space> d_tokens(d_chunk_.data(), tokens_.extent(0), tokens_.extent(1),
-                                               tokens_.extent(2), tokens_.extent(3));
+    const View4<Scalar, memory_space> d_tokens(d_chunk_.data(), tokens_.extent(0),
+                                               tokens_.extent(1), tokens_.extent(2),
+                                               tokens_.extent(3));
     attention_.backward(exec, tokens_, saved_, as4(d_out), d_tokens);
     tokenizer_.backward(exec, d_tokens);
   }
@@ -301,10 +320,12 @@ class FlatFrontEnd {
 
   /// Bytes held for one training step on B images of `channels_in` channels (default: all C),
   /// with `chunk` channels per fused chunk (0: automatic).
-  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1, int chunk = 0) {
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1,
+                                 int chunk = 0) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
     const int J = channels_in < 0 ? cfg.channels : channels_in, L = cfg.patches();
-    MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
+    MemoryEstimate e =
+        Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
     e += Attention::estimate_module(cfg.attention());
     e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
@@ -389,7 +410,8 @@ class DchagEmulation {
         pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {
     for (std::size_t r = 0; r < groups.size(); ++r) {
       stages_.push_back(std::make_unique<detail::ChannelStage<ExecSpace, Scalar>>(
-          exec, cfg, groups[r], options.partial, options.tree, "partial." + std::to_string(r) + "."));
+          exec, cfg, groups[r], options.partial, options.tree,
+          "partial." + std::to_string(r) + "."));
     }
   }
 
@@ -415,7 +437,8 @@ class DchagEmulation {
       partial_ = make("dchag::emulation::partial", 1);
     }
     for (std::size_t r = 0; r < P; ++r) {
-      stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()), partial_);
+      stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()),
+                          partial_);
       detail::copy_slot(exec, partial_, gathered_, static_cast<int>(r), true);
     }
     final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_);
@@ -431,8 +454,8 @@ class DchagEmulation {
                  "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
                  "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
     pos_.backward(exec, d_out);
-    final_.backward(exec, gathered_, saved_, View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D),
-                    d_gathered_);
+    final_.backward(exec, gathered_, saved_,
+                    View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D), d_gathered_);
     for (std::size_t r = 0; r < stages_.size(); ++r) {
       // partial_ is free again after forward: reuse it for this group's gradient slice.
       detail::copy_slot(exec, partial_, d_gathered_, static_cast<int>(r), false);
@@ -452,15 +475,15 @@ class DchagEmulation {
     const int P = groups(), L = cfg_.patches();
     MemoryEstimate e;
     for (const auto& st : stages_) {
-      e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg_, int(st->channels().size()), options_.partial,
-                                                             options_.tree, B);
+      e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg_, int(st->channels().size()),
+                                                             options_.partial, options_.tree, B);
     }
     e += Attention::estimate_module(cfg_.attention());
     e += Attention::estimate_application(cfg_.attention(), B, P, L, 1, cfg_.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);
     const std::int64_t token = std::int64_t(sizeof(Scalar)) * B * L * cfg_.dim;
     e.activations += token * (P + 1);  // gathered, partial
-    e.workspace += token * P;           // d_gathered
+    e.workspace += token * P;          // d_gathered
     return e;
   }
   void zero_gradients(const ExecSpace& exec) {
@@ -483,7 +506,8 @@ class DchagEmulation {
       for (int c : groups[r]) {
         DCHAG_EXPECT(c >= 0 && c < cfg.channels, where, "group ", r, " lists channel ", c,
                      ", expected 0 <= channel < C = ", cfg.channels);
-        DCHAG_EXPECT(seen[c]++ == 0, where, "channel ", c, " is in two groups, expected exactly one");
+        DCHAG_EXPECT(seen[c]++ == 0, where, "channel ", c,
+                     " is in two groups, expected exactly one");
       }
     }
     for (int c = 0; c < cfg.channels; ++c) {
@@ -494,7 +518,8 @@ class DchagEmulation {
 
   TensorList<Scalar, memory_space> named(bool grads) const {
     TensorList<Scalar, memory_space> list;
-    for (const auto& st : stages_) detail::merge_into(list, grads ? st->gradients() : st->parameters());
+    for (const auto& st : stages_)
+      detail::merge_into(list, grads ? st->gradients() : st->parameters());
     detail::append(list, grads ? final_.gradients("final.") : final_.parameters("final."));
     detail::append(list, grads ? pos_.gradients() : pos_.parameters());
     return list;

@@ -39,7 +39,8 @@ template <class V>
 void copy_from_host(const V& v, const std::vector<double>& values) {
   auto h = Kokkos::create_mirror_view(v);
   auto* p = h.data();
-  for (std::size_t i = 0; i < values.size(); ++i) p[i] = static_cast<typename V::value_type>(values[i]);
+  for (std::size_t i = 0; i < values.size(); ++i)
+    p[i] = static_cast<typename V::value_type>(values[i]);
   Kokkos::deep_copy(v, h);
 }
 
@@ -86,7 +87,8 @@ template <class V>
 void init_uniform(const V& v, double bound, std::uint64_t seed, std::string_view name) {
   const std::uint64_t stream = detail::hash_name(name);
   std::vector<double> values(v.span());
-  for (std::size_t i = 0; i < values.size(); ++i) values[i] = bound * detail::uniform_at(seed, stream, i);
+  for (std::size_t i = 0; i < values.size(); ++i)
+    values[i] = bound * detail::uniform_at(seed, stream, i);
   detail::copy_from_host(v, values);
 }
 
@@ -96,7 +98,8 @@ template <class V>
 void init_sincos_rows(const V& v, const std::vector<int>& row_ids) {
   const int dim = static_cast<int>(v.extent(1));
   std::vector<double> values(v.span());
-  for (std::size_t r = 0; r < row_ids.size(); ++r) detail::sincos_1d(row_ids[r], dim, &values[r * dim]);
+  for (std::size_t r = 0; r < row_ids.size(); ++r)
+    detail::sincos_1d(row_ids[r], dim, &values[r * dim]);
   detail::copy_from_host(v, values);
 }
 

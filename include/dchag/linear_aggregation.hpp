@@ -4,11 +4,11 @@
 /// with one weight per input position inside a segment (shared by all segments) and one scalar
 /// bias. Segments must all hold n inputs.
 #include <dchag/cross_attention.hpp>
+#include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
-#include <dchag/detail/kokkos_compat.hpp>
-#include <dchag/detail/loops.hpp>
 
 #include <string>
 
@@ -38,8 +38,8 @@ class LinearAggregation {
   int inputs() const { return n_; }
 
   /// y [B, k, L, D] from x [B, k*n, L, D] split into k segments of n inputs.
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& x, const Segments& seg,
-               const View4<Scalar, memory_space>& y) const {
+  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& x,
+               const Segments& seg, const View4<Scalar, memory_space>& y) const {
     detail::ScopedRegion region("dchag::LinearAggregation::forward");
     check("dchag::LinearAggregation::forward", x, seg, y.extent(0), y.extent(1), y.extent(2),
           y.extent(3), "y");
@@ -102,7 +102,8 @@ class LinearAggregation {
     Scalar total = 0;
     auto dy_flat = Unmanaged1<const Scalar, memory_space>(dy.data(), dy.span());
     Kokkos::parallel_reduce(
-        "dchag::linear::bias_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(dy.span())),
+        "dchag::linear::bias_grad",
+        Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(dy.span())),
         KOKKOS_LAMBDA(const std::int64_t t, Scalar& acc) { acc += dy_flat(t); }, total);
     auto db = d_bias_;
     Kokkos::parallel_for(
@@ -137,7 +138,8 @@ class LinearAggregation {
 
  private:
   void check(const char* where, const View4<const Scalar, memory_space>& x, const Segments& seg,
-             std::size_t o0, std::size_t o1, std::size_t o2, std::size_t o3, const char* out) const {
+             std::size_t o0, std::size_t o1, std::size_t o2, std::size_t o3,
+             const char* out) const {
     DCHAG_EXPECT(seg.count() >= 1 && seg.total() == static_cast<int>(x.extent(1)), where,
                  "segments cover ", seg.total(), " inputs, expected x.extent(1) = ", x.extent(1));
     for (int j = 0; j < seg.count(); ++j) {
@@ -146,8 +148,9 @@ class LinearAggregation {
     }
     DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) && o2 == x.extent(2) &&
                      o3 == x.extent(3),
-                 where, out, " is [", o0, ", ", o1, ", ", o2, ", ", o3, "], expected [B, k, L, D] = [",
-                 x.extent(0), ", ", seg.count(), ", ", x.extent(2), ", ", x.extent(3), "]");
+                 where, out, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
+                 "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ", x.extent(2),
+                 ", ", x.extent(3), "]");
   }
 
   int n_;

@@ -3,8 +3,8 @@
 /// counted through Kokkos Tools allocation callbacks. Works on Kokkos 3.4 and 4.x, any backend.
 /// The callbacks are process-wide: while a MemoryTracker is active, no other Kokkos tool receives
 /// allocation events (a tool loaded with KOKKOS_TOOLS_LIBS gets them back when it is destroyed).
-#include <dchag/error.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/error.hpp>
 
 #include <atomic>
 #include <cstdint>

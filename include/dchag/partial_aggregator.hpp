@@ -24,15 +24,17 @@ class PartialAggregator {
   /// `inputs` channels folded by `kind` with a k = `tree` group local tree (1: no tree).
   /// `name` is the prefix of the parameter names and keys their seed streams.
   PartialAggregator(const ExecSpace& exec, PartialKind kind, int inputs, int tree,
-                    AttentionConfig attention, std::uint64_t seed = 0, std::string name = "partial.")
+                    AttentionConfig attention, std::uint64_t seed = 0,
+                    std::string name = "partial.")
       : kind_(kind), inputs_(inputs), tree_(tree), name_(std::move(name)) {
     constexpr const char* where = "dchag::PartialAggregator";
     DCHAG_EXPECT(inputs >= 1, where, "inputs is ", inputs, ", expected >= 1");
     DCHAG_EXPECT(tree >= 1 && tree <= inputs, where, "tree is ", tree,
                  ", expected 1 <= tree <= inputs = ", inputs);
     if (kind == PartialKind::linear) {
-      DCHAG_EXPECT(inputs % tree == 0, where, "linear tree over ", inputs, " channels with tree = ",
-                   tree, ", expected tree to divide the channel count (groups share one weight vector)");
+      DCHAG_EXPECT(inputs % tree == 0, where, "linear tree over ", inputs,
+                   " channels with tree = ", tree,
+                   ", expected tree to divide the channel count (groups share one weight vector)");
       group_.emplace(exec, inputs / tree, seed, name_ + "weight");
       if (tree > 1) top_.emplace(exec, tree, seed, name_ + "top_weight");
     } else {
@@ -88,8 +90,8 @@ class PartialAggregator {
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
 
   /// Memory for `inputs` channels folded with a k = `tree` local tree, B x L positions.
-  static MemoryEstimate estimate(PartialKind kind, int inputs, int tree, const AttentionConfig& attention,
-                                 int B, int L) {
+  static MemoryEstimate estimate(PartialKind kind, int inputs, int tree,
+                                 const AttentionConfig& attention, int B, int L) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
     MemoryEstimate e;
     if (kind == PartialKind::linear) {
@@ -97,12 +99,17 @@ class PartialAggregator {
       if (tree > 1) e += LinearAggregation<ExecSpace, Scalar>::estimate(tree);
     } else {
       e += Attention::estimate_module(attention);
-      const MemoryEstimate level0 = Attention::estimate_application(attention, B, inputs, L, tree, attention.heads, false);
+      const MemoryEstimate level0 =
+          Attention::estimate_application(attention, B, inputs, L, tree, attention.heads, false);
       e.activations += level0.activations;
       e.workspace += level0.workspace;  // the larger level; scratch is reused by the other
-      if (tree > 1) e.activations += Attention::estimate_application(attention, B, tree, L, 1, attention.heads, false).activations;
+      if (tree > 1)
+        e.activations +=
+            Attention::estimate_application(attention, B, tree, L, 1, attention.heads, false)
+                .activations;
     }
-    if (tree > 1) e.workspace += 2 * std::int64_t(sizeof(Scalar)) * B * tree * L * attention.dim;  // mid, d_mid
+    if (tree > 1)
+      e.workspace += 2 * std::int64_t(sizeof(Scalar)) * B * tree * L * attention.dim;  // mid, d_mid
     return e;
   }
 

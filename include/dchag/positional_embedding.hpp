@@ -2,11 +2,11 @@
 /// Learned positional embedding added to the aggregated tokens (DESIGN 3.5): out[b, l, :] +=
 /// pos[l, :], initialised with the 2-D sin-cos embedding of the patch grid. Name: `pos_embed`
 /// [1, L, D].
+#include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
-#include <dchag/detail/kokkos_compat.hpp>
-#include <dchag/detail/loops.hpp>
 
 namespace dchag {
 

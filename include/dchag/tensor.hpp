@@ -35,7 +35,7 @@ using Unmanaged4 =
 template <class Scalar, class MemSpace>
 struct NamedTensor {
   struct Piece {
-    std::int64_t offset;                 ///< first element in the file tensor (row-major)
+    std::int64_t offset;                  ///< first element in the file tensor (row-major)
     Unmanaged1<Scalar, MemSpace> values;  ///< device memory of these elements
   };
   std::string name;
@@ -64,7 +64,9 @@ struct MemoryEstimate {
   std::int64_t activations = 0;    ///< what forward keeps for backward
   std::int64_t workspace = 0;      ///< scratch reused across calls
   std::int64_t communication = 0;  ///< receive buffers of collectives
-  std::int64_t total() const { return parameters + gradients + activations + workspace + communication; }
+  std::int64_t total() const {
+    return parameters + gradients + activations + workspace + communication;
+  }
   MemoryEstimate& operator+=(const MemoryEstimate& o) {
     parameters += o.parameters;
     gradients += o.gradients;
@@ -83,8 +85,8 @@ namespace detail {
 /// A whole View as a one-piece named tensor with the given file shape.
 template <class Scalar, class MemSpace, class V>
 NamedTensor<Scalar, MemSpace> whole(std::string name, std::vector<std::int64_t> shape, const V& v) {
-  return {std::move(name), std::move(shape),
-          {{0, Unmanaged1<Scalar, MemSpace>(v.data(), v.span())}}};
+  return {
+      std::move(name), std::move(shape), {{0, Unmanaged1<Scalar, MemSpace>(v.data(), v.span())}}};
 }
 
 /// Appends `more` to `list`, merging the pieces of tensors that share a name.

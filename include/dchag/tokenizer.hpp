@@ -1,14 +1,15 @@
 #pragma once
 /// Per-channel patch tokenizer with channel embedding (DESIGN 3.1):
-///   token[b, j, l, :] = Wt_c . patch(b, j, l) + bt_c + E_c,   c = the global id of input channel j.
+///   token[b, j, l, :] = Wt_c . patch(b, j, l) + bt_c + E_c,   c = the global id of input channel
+///   j.
 /// Equivalent to ClimaX's `Conv2d(1, D, p, stride=p)` per channel followed by
 /// `flatten(2).transpose(1, 2)` and `+ var_embed[c]`. A tokenizer holds the weights of the channels
 /// it owns only (all of them on one rank, its own under D-CHAG).
+#include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
-#include <dchag/detail/kokkos_compat.hpp>
-#include <dchag/detail/loops.hpp>
 
 #include <cstdint>
 #include <string>
@@ -46,10 +47,12 @@ class Tokenizer {
             std::uint64_t seed = 0)
       : channels_(model_channels), patch_(patch), dim_(dim), owned_(std::move(owned)) {
     constexpr const char* where = "dchag::Tokenizer";
-    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels, ", expected >= 1");
+    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels,
+                 ", expected >= 1");
     DCHAG_EXPECT(patch >= 1, where, "patch is ", patch, ", expected >= 1");
     DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
-    DCHAG_EXPECT(!owned_.empty(), where, "owned channel list is empty, expected at least one channel");
+    DCHAG_EXPECT(!owned_.empty(), where,
+                 "owned channel list is empty, expected at least one channel");
     slot_of_.assign(model_channels, -1);
     for (std::size_t s = 0; s < owned_.size(); ++s) {
       const int c = owned_[s];
@@ -184,7 +187,8 @@ class Tokenizer {
 
   /// The same for channels [j0, j1) of the last forward's selection only, given their d_tokens
   /// [B, j1 - j0, L, D]: lets a caller consume token gradients chunk by chunk.
-  void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_tokens, int j0, int j1) {
+  void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_tokens, int j0,
+                int j1) {
     detail::ScopedRegion region("dchag::Tokenizer::backward");
     constexpr const char* where = "dchag::Tokenizer::backward";
     const int B = B_, L = L_, D = dim_, nj = j1 - j0;
@@ -251,7 +255,9 @@ class Tokenizer {
   }
 
  private:
-  static std::string weight_name(int c) { return "token_embeds." + std::to_string(c) + ".proj.weight"; }
+  static std::string weight_name(int c) {
+    return "token_embeds." + std::to_string(c) + ".proj.weight";
+  }
 
   TensorList<Scalar, memory_space> named(const View3<Scalar, memory_space>& w,
                                          const View2<Scalar, memory_space>& b,
@@ -282,9 +288,9 @@ class Tokenizer {
                  ", expected a positive multiple of patch = ", p);
     DCHAG_EXPECT(W % p == 0 && W > 0, where, "images.extent(3) is W = ", W,
                  ", expected a positive multiple of patch = ", p);
-    DCHAG_EXPECT(sel.image_index.size() == sel.channel_id.size(), where,
-                 "selection has ", sel.image_index.size(), " image indices and ",
-                 sel.channel_id.size(), " channel ids, expected the same count");
+    DCHAG_EXPECT(sel.image_index.size() == sel.channel_id.size(), where, "selection has ",
+                 sel.image_index.size(), " image indices and ", sel.channel_id.size(),
+                 " channel ids, expected the same count");
     DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
     std::vector<char> seen(channels_, 0);
     for (int j = 0; j < sel.size(); ++j) {
@@ -297,12 +303,13 @@ class Tokenizer {
       DCHAG_EXPECT(!seen[c], where, "channel id ", c, " is selected twice, expected unique ids");
       seen[c] = 1;
       DCHAG_EXPECT(i >= 0 && std::size_t(i) < images.extent(1), where, "image index ", i,
-                   " at position ", j, " is out of range, expected < images.extent(1) = ",
-                   images.extent(1));
+                   " at position ", j,
+                   " is out of range, expected < images.extent(1) = ", images.extent(1));
     }
     const std::size_t L = (H / p) * (W / p);
-    DCHAG_EXPECT(tokens.extent(0) == images.extent(0) && tokens.extent(1) == std::size_t(sel.size()) &&
-                     tokens.extent(2) == L && tokens.extent(3) == std::size_t(dim_),
+    DCHAG_EXPECT(tokens.extent(0) == images.extent(0) &&
+                     tokens.extent(1) == std::size_t(sel.size()) && tokens.extent(2) == L &&
+                     tokens.extent(3) == std::size_t(dim_),
                  where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
                  tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [",
                  images.extent(0), ", ", sel.size(), ", ", L, ", ", dim_, "]");
@@ -315,9 +322,9 @@ class Tokenizer {
     const int pp = patch_ * patch_;
     if (patches_.extent(0) != std::size_t(J) || patches_.extent(1) != std::size_t(B) ||
         patches_.extent(2) != std::size_t(L)) {
-      patches_ = View4<Scalar, memory_space>(Kokkos::view_alloc("dchag::tokenizer::patches",
-                                                                Kokkos::WithoutInitializing),
-                                             J, B, L, pp);
+      patches_ = View4<Scalar, memory_space>(
+          Kokkos::view_alloc("dchag::tokenizer::patches", Kokkos::WithoutInitializing), J, B, L,
+          pp);
       slot_ = View1<int, memory_space>("dchag::tokenizer::slot", J);
       image_index_ = View1<int, memory_space>("dchag::tokenizer::image_index", J);
     }

@@ -39,7 +39,8 @@ void randomize(const List& list) {
 template <class V>
 void fill(const V& v, std::uint64_t seed) {
   auto h = Kokkos::create_mirror_view(v);
-  for (std::size_t i = 0; i < h.span(); ++i) h.data()[i] = value_at("data", std::int64_t(seed * 1000003 + i), 1.0);
+  for (std::size_t i = 0; i < h.span(); ++i)
+    h.data()[i] = value_at("data", std::int64_t(seed * 1000003 + i), 1.0);
   Kokkos::deep_copy(v, h);
 }
 
@@ -97,7 +98,8 @@ Problem small_problem(int channels) {
   return {cfg, 2};
 }
 
-dchag::View4<Scalar, Mem> own_channels(const dchag::View4<Scalar, Mem>& full, const std::vector<int>& ids) {
+dchag::View4<Scalar, Mem> own_channels(const dchag::View4<Scalar, Mem>& full,
+                                       const std::vector<int>& ids) {
   dchag::View4<Scalar, Mem> own("own", full.extent(0), ids.size(), full.extent(2), full.extent(3));
   for (std::size_t j = 0; j < ids.size(); ++j)
     Kokkos::deep_copy(Kokkos::subview(own, Kokkos::ALL, j, Kokkos::ALL, Kokkos::ALL),
@@ -117,7 +119,8 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
   const int C = pb.cfg.channels, L = pb.cfg.patches(), D = pb.cfg.dim;
   dchag::View4<Scalar, Mem> images("images", pb.B, C, pb.cfg.height, pb.cfg.width);
   fill(images, 1);
-  dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D), g("g", pb.B, L, D);
+  dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D),
+      g("g", pb.B, L, D);
   fill(g, 2);
   if (input == dchag::ImageInput::full_image) {
     dist.forward(exec, images, out, input);
@@ -180,14 +183,16 @@ TEST_CASE("D-CHAG on P ranks equals the single-process emulation", "[mpi][distri
         for (const int tree : {1, 2}) {
           bool fits = true;
           for (const auto& g : groups)
-            fits = fits && int(g.size()) >= tree && (mode != dchag::Mode::dchag_linear || g.size() % tree == 0);
+            fits = fits && int(g.size()) >= tree &&
+                   (mode != dchag::Mode::dchag_linear || g.size() % tree == 0);
           if (!fits) continue;
           for (const auto strategy : {dchag::Strategy::pooled, dchag::Strategy::materialized}) {
             pb.cfg.strategy = strategy;
             INFO("C = " << channels << ", map " << map.kind() << ", " << dchag::to_string(mode)
                         << ", tree " << tree << ", " << dchag::to_string(strategy));
-            const auto kind = mode == dchag::Mode::dchag_linear ? dchag::PartialKind::linear
-                                                                 : dchag::PartialKind::cross_attention;
+            const auto kind = mode == dchag::Mode::dchag_linear
+                                  ? dchag::PartialKind::linear
+                                  : dchag::PartialKind::cross_attention;
             dchag::DchagEmulation<Exec, Scalar> ref(exec, pb.cfg, {kind, tree}, groups);
             compare(mode, pb, map, ref, dchag::ImageInput::own_channels, tree);
             compare(mode, pb, map, ref, dchag::ImageInput::full_image, tree);
@@ -222,7 +227,8 @@ TEST_CASE("tp_only on P ranks equals the materialized flat front end", "[mpi][di
     pb.cfg.heads = heads;
     INFO("heads = " << heads);
     dchag::FlatFrontEnd<Exec, Scalar> ref(exec, pb.cfg);
-    compare(dchag::Mode::tp_only, pb, dchag::ChannelMap::blocks(6, P), ref, dchag::ImageInput::full_image);
+    compare(dchag::Mode::tp_only, pb, dchag::ChannelMap::blocks(6, P), ref,
+            dchag::ImageInput::full_image);
   }
 }
 
@@ -238,7 +244,8 @@ TEST_CASE("a rank that disagrees makes every rank throw", "[mpi][distributed]") 
     FrontEnd fe(exec, comm, cfg, mode, dchag::ChannelMap::blocks(8, P));
   };
   if (P > 1) {
-    REQUIRE_THROWS_WITH(build(bad, dchag::Mode::dchag_linear), Catch::Contains("ranks disagree on D"));
+    REQUIRE_THROWS_WITH(build(bad, dchag::Mode::dchag_linear),
+                        Catch::Contains("ranks disagree on D"));
   }
   // A local validation failure on one rank (heads not dividing D there) reaches every rank.
   auto broken = pb.cfg;
@@ -254,7 +261,8 @@ TEST_CASE("a rank that disagrees makes every rank throw", "[mpi][distributed]") 
     REQUIRE_THROWS_WITH(fe.forward(exec, images, out), Catch::Contains("ranks disagree on B"));
   }
   // Wrong image channel count on one rank: every rank throws, the others name that rank.
-  dchag::View4<Scalar, Mem> wrong("wrong", 2, fe.channels().size() + (comm.rank() == 0 ? 1 : 0), 8, 12);
+  dchag::View4<Scalar, Mem> wrong("wrong", 2, fe.channels().size() + (comm.rank() == 0 ? 1 : 0), 8,
+                                  12);
   dchag::View3<Scalar, Mem> out2("out2", 2, pb.cfg.patches(), pb.cfg.dim);
   REQUIRE_THROWS_WITH(fe.forward(exec, wrong, out2), Catch::Contains("images.extent(1)"));
   // Backward before a successful forward.
@@ -272,7 +280,8 @@ TEST_CASE("replicated parameters are verified and can be broadcast", "[mpi][dist
   auto pos = find(fe.parameters(), "pos_embed")->pieces.front().values;
   if (comm.rank() == P - 1) Kokkos::deep_copy(Kokkos::subview(pos, 0), 123.0);
   if (P > 1) {
-    REQUIRE_THROWS_WITH(fe.verify_replicated(exec), Catch::Contains("checksum of the replicated parameters"));
+    REQUIRE_THROWS_WITH(fe.verify_replicated(exec),
+                        Catch::Contains("checksum of the replicated parameters"));
   }
   fe.broadcast_replicated(exec, 0);
   fe.verify_replicated(exec);

@@ -38,8 +38,10 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
                        Case{dchag::Mode::exact_flat, dchag::Strategy::pooled}}) {
     auto cfg = base;
     cfg.strategy = c.strategy;
-    const int k = c.mode == dchag::Mode::dchag_linear || c.mode == dchag::Mode::dchag_xattn ? tree : 1;
-    if (c.mode == dchag::Mode::dchag_linear && int(map.channels_of(comm.rank()).size()) % k != 0) continue;
+    const int k =
+        c.mode == dchag::Mode::dchag_linear || c.mode == dchag::Mode::dchag_xattn ? tree : 1;
+    if (c.mode == dchag::Mode::dchag_linear && int(map.channels_of(comm.rank()).size()) % k != 0)
+      continue;
     dchag::View4<Scalar, Mem> images("images", B, cfg.channels, cfg.height, cfg.width);
     dchag::View3<Scalar, Mem> out("out", B, cfg.patches(), cfg.dim);
     std::int64_t peak = 0;
@@ -52,12 +54,14 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
       exec.fence();
       peak = tracker.peak_bytes();
       estimate = fe.memory_estimate(B);
-      const auto free_estimate = dchag::estimate_memory<Scalar, Exec>(cfg, c.mode, map, comm.rank(), B, k);
+      const auto free_estimate =
+          dchag::estimate_memory<Scalar, Exec>(cfg, c.mode, map, comm.rank(), B, k);
       REQUIRE(free_estimate.total() == estimate.total());
     }
     require_close(peak, estimate,
-                  std::string(dchag::to_string(c.mode)) + " " + std::string(dchag::to_string(c.strategy)) +
-                      " map " + std::string(map.kind()) + " tree " + std::to_string(k) + " rank " +
+                  std::string(dchag::to_string(c.mode)) + " " +
+                      std::string(dchag::to_string(c.strategy)) + " map " +
+                      std::string(map.kind()) + " tree " + std::to_string(k) + " rank " +
                       std::to_string(comm.rank()));
   }
 }
@@ -96,17 +100,21 @@ TEST_CASE("single-process estimates match the measured peak", "[memory]") {
       fe.forward(exec, images, out);
       fe.backward(exec, out);
       exec.fence();
-      require_close(tracker.peak_bytes(), fe.memory_estimate(2), "flat " + std::string(dchag::to_string(strategy)));
-      REQUIRE(fe.memory_estimate(2).total() == dchag::FlatFrontEnd<Exec, float>::estimate(cfg, 2).total());
+      require_close(tracker.peak_bytes(), fe.memory_estimate(2),
+                    "flat " + std::string(dchag::to_string(strategy)));
+      REQUIRE(fe.memory_estimate(2).total() ==
+              dchag::FlatFrontEnd<Exec, float>::estimate(cfg, 2).total());
     }
     for (const auto kind : {dchag::PartialKind::linear, dchag::PartialKind::cross_attention}) {
       dchag::MemoryTracker tracker;
-      dchag::DchagEmulation<Exec, float> em(exec, cfg, {kind, 2}, {{0, 1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10, 11}});
+      dchag::DchagEmulation<Exec, float> em(exec, cfg, {kind, 2},
+                                            {{0, 1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10, 11}});
       em.forward(exec, images, out);
       em.backward(exec, out);
       exec.fence();
       require_close(tracker.peak_bytes(), em.memory_estimate(2),
-                    "emulation " + std::string(dchag::to_string(kind)) + " " + std::string(dchag::to_string(strategy)));
+                    "emulation " + std::string(dchag::to_string(kind)) + " " +
+                        std::string(dchag::to_string(strategy)));
     }
   }
 }

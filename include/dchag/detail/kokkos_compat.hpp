@@ -1,8 +1,8 @@
 #pragma once
 /// The one place that absorbs Kokkos 3.4 <-> 4.x/5.x differences (math functions, fences,
 /// profiling regions, Kokkos Kernels GEMM). Only this header may spell Kokkos::Experimental.
-#include <Kokkos_Core.hpp>
 #include <KokkosBlas3_gemm.hpp>
+#include <Kokkos_Core.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -70,10 +70,14 @@ inline void set_allocation_callbacks(AllocationHook on_alloc, AllocationHook on_
     set_deallocate_data_callback(nullptr);
     return;
   }
-  set_allocate_data_callback([](const Kokkos::Profiling::SpaceHandle, const char*, const void*,
-                                const std::uint64_t size) { allocation_hook()(std::int64_t(size)); });
-  set_deallocate_data_callback([](const Kokkos::Profiling::SpaceHandle, const char*, const void*,
-                                  const std::uint64_t size) { deallocation_hook()(std::int64_t(size)); });
+  set_allocate_data_callback(
+      [](const Kokkos::Profiling::SpaceHandle, const char*, const void*, const std::uint64_t size) {
+        allocation_hook()(std::int64_t(size));
+      });
+  set_deallocate_data_callback(
+      [](const Kokkos::Profiling::SpaceHandle, const char*, const void*, const std::uint64_t size) {
+        deallocation_hook()(std::int64_t(size));
+      });
 }
 
 /// C = alpha * op(A) * op(B) + beta * C on `exec`. Kokkos Kernels takes an execution space

@@ -18,14 +18,16 @@ void for_each_row(const ExecSpace& exec, const std::string& label, std::int64_t 
       label, Team(exec, static_cast<int>(rows), Kokkos::AUTO),
       KOKKOS_LAMBDA(const typename Team::member_type& team) {
         const std::int64_t row = team.league_rank();
-        Kokkos::parallel_for(Kokkos::TeamVectorRange(team, cols), [&](const int col) { f(row, col); });
+        Kokkos::parallel_for(Kokkos::TeamVectorRange(team, cols),
+                             [&](const int col) { f(row, col); });
       });
 }
 
 /// Sum over i < n of a[i] * b[i] by the whole team; every lane gets the result. Each lane takes
 /// 16 contiguous products at a time so that host compilers vectorize the inner loop.
 template <class Member, class Scalar>
-KOKKOS_INLINE_FUNCTION Scalar team_dot(const Member& team, const Scalar* a, const Scalar* b, int n) {
+KOKKOS_INLINE_FUNCTION Scalar team_dot(const Member& team, const Scalar* a, const Scalar* b,
+                                       int n) {
   constexpr int chunk = 16;
   const int full = n / chunk;
   Scalar sum = 0;
