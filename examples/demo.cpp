@@ -79,7 +79,10 @@ Result run(dchag::Mode mode, dchag::Strategy strategy, const dchag::FrontEndConf
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  // Kokkos may run host threads (OpenMP) beside this one, which MPI_THREAD_SINGLE rules out;
+  // only this thread calls MPI.
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   Kokkos::initialize(argc, argv);
   int status = 0;
   try {

@@ -11,7 +11,10 @@
 int main(int argc, char* argv[]) {
   int rank = 0;
 #ifdef DCHAG_ENABLE_MPI
-  MPI_Init(&argc, &argv);
+  // Kokkos may run host threads (OpenMP) beside this one, which MPI_THREAD_SINGLE rules out;
+  // only this thread calls MPI.
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
 #endif
   // Kokkos removes the --kokkos-* arguments it understands, so Catch2 never sees them.
