@@ -356,7 +356,9 @@ std::string kokkos_version() {
 int main(int argc, char** argv) {
   int rank = 0, ranks = 1;
 #ifdef DCHAG_ENABLE_MPI
-  MPI_Init(&argc, &argv);
+  // Kokkos may run host threads (OpenMP) beside this one; only this thread calls MPI.
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
 #endif

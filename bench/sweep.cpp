@@ -465,7 +465,9 @@ int sweep(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  MPI_Init(&argc, &argv);
+  // Kokkos may run host threads (OpenMP) beside this one; only this thread calls MPI.
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   for (int i = 1; i < argc; ++i) {
     // Before Kokkos::initialize, which answers --help with its own options.
     if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") {

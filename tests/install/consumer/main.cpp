@@ -13,7 +13,9 @@
 
 int main(int argc, char* argv[]) {
 #ifdef DCHAG_ENABLE_MPI
-  MPI_Init(&argc, &argv);
+  // Kokkos may run host threads (OpenMP) beside this one; only this thread calls MPI.
+  int provided = 0;
+  MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
 #endif
   Kokkos::initialize(argc, argv);
   bool ok = true;
