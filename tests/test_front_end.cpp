@@ -22,14 +22,7 @@ using dchag::Strategy;
 
 namespace {
 
-template <class T>
-using V3 = dchag::View3<T, Mem>;
-template <class T>
-using V4 = dchag::View4<T, Mem>;
 using Groups = std::vector<std::vector<int>>;
-
-constexpr Convention kConventions[] = {Convention::climax, Convention::artifact};
-constexpr Strategy kStrategies[] = {Strategy::pooled, Strategy::materialized};
 
 // Random parameters for gradient tests (see test_kernels.cpp): N(0, sd^2), sd = 0.3 for D <= 8;
 // wider models get sd = 0.3 sqrt(8 / D) so that scores stay O(1) and the softmax does not saturate.

@@ -23,14 +23,6 @@ using dchag::Strategy;
 
 namespace {
 
-template <class T>
-using V3 = dchag::View3<T, Mem>;
-template <class T>
-using V4 = dchag::View4<T, Mem>;
-
-constexpr Convention kConventions[] = {Convention::climax, Convention::artifact};
-constexpr Strategy kStrategies[] = {Strategy::pooled, Strategy::materialized};
-
 // Random parameters for gradient tests: N(0, 0.3^2). The ClimaX initialisation (zero query, zero
 // biases) makes every score equal and hides the query and key gradients.
 constexpr double kParamSd = 0.3;

@@ -8,6 +8,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <dchag/config.hpp>
 #include <dchag/tensor.hpp>
 
 #include <algorithm>
@@ -25,6 +26,14 @@ namespace dchag_test {
 
 using Exec = Kokkos::DefaultExecutionSpace;
 using Mem = Exec::memory_space;
+template <class T>
+using V3 = dchag::View3<T, Mem>;
+template <class T>
+using V4 = dchag::View4<T, Mem>;
+// Every convention and strategy, for tests that sweep them.
+constexpr dchag::Convention kConventions[] = {dchag::Convention::climax,
+                                              dchag::Convention::artifact};
+constexpr dchag::Strategy kStrategies[] = {dchag::Strategy::pooled, dchag::Strategy::materialized};
 
 template <class T>
 using List = dchag::TensorList<T, Mem>;
