@@ -11,6 +11,7 @@
 #include <dchag/config.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
+#include <dchag/detail/workspace.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
@@ -509,18 +510,18 @@ class CrossAttention {
       Kokkos::deep_copy(exec, s.segment, hs);
       s.host_offsets = seg.offsets;
     }
-    ensure(s.a, "dchag::attention::a", M, std::size_t(nh));
-    ensure(s.ocat, "dchag::attention::ocat", P, std::size_t(D));
-    ensure(s.run_max, "dchag::attention::run_max", P, std::size_t(nh));
-    ensure(s.run_sum, "dchag::attention::run_sum", P, std::size_t(nh));
+    detail::ensure_view(s.a, "dchag::attention::a", M, std::size_t(nh));
+    detail::ensure_view(s.ocat, "dchag::attention::ocat", P, std::size_t(D));
+    detail::ensure_view(s.run_max, "dchag::attention::run_max", P, std::size_t(nh));
+    detail::ensure_view(s.run_sum, "dchag::attention::run_sum", P, std::size_t(nh));
     if (cfg_.strategy == Strategy::pooled) {
-      ensure(s.z, "dchag::attention::z", std::size_t(nh), P, std::size_t(D));
+      detail::ensure_view(s.z, "dchag::attention::z", std::size_t(nh), P, std::size_t(D));
       s.kmat = V2();
       s.vmat = V2();
     } else {
       const std::size_t Dr = std::size_t(head_end_ - head_begin_) * (D / nh);
-      ensure(s.kmat, "dchag::attention::k", M, Dr);
-      ensure(s.vmat, "dchag::attention::v", M, Dr);
+      detail::ensure_view(s.kmat, "dchag::attention::k", M, Dr);
+      detail::ensure_view(s.vmat, "dchag::attention::v", M, Dr);
       s.z = V3();
     }
     s.B = B;
@@ -849,7 +850,7 @@ class CrossAttention {
             acc += go(pos, r) * (ocat(pos, r) - b_in(2, r));
           c(pos, h) = acc;
         });
-    ensure(ds_, "dchag::attention::ds", std::size_t(s.B) * s.N * L, std::size_t(nh));
+    detail::ensure_view(ds_, "dchag::attention::ds", std::size_t(s.B) * s.N * L, std::size_t(nh));
   }
 
   // Pooled backward for the tokens of inputs [n0, n1): ds_h = a_h (gz_h . x - c_h),
@@ -1034,25 +1035,16 @@ class CrossAttention {
         });
   }
 
-  /// Reallocates `v` (uninitialised) unless it already has these extents.
-  template <class V, class... Ext>
-  static void ensure(V& v, const char* label, Ext... ext) {
-    const std::size_t want[] = {std::size_t(ext)...};
-    bool same = v.data() != nullptr;
-    for (std::size_t i = 0; i < sizeof...(Ext); ++i) same = same && v.extent(i) == want[i];
-    if (!same) v = V(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), ext...);
-  }
-
   static V1 workspace1(V1& v, const char* label, std::size_t n0) {
-    ensure(v, label, n0);
+    detail::ensure_view(v, label, n0);
     return v;
   }
   static V2 workspace2(V2& v, const char* label, std::size_t n0, std::size_t n1) {
-    ensure(v, label, n0, n1);
+    detail::ensure_view(v, label, n0, n1);
     return v;
   }
   static V3 workspace3(V3& v, const char* label, std::size_t n0, std::size_t n1, std::size_t n2) {
-    ensure(v, label, n0, n1, n2);
+    detail::ensure_view(v, label, n0, n1, n2);
     return v;
   }
 

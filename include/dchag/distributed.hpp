@@ -195,9 +195,9 @@ class DistributedFrontEnd {
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
-        ensure(partial_, "dchag::distributed::partial", B, 1, L, D);
-        ensure(received_, "dchag::distributed::received", P, B, L, D);
-        ensure(gathered_, "dchag::distributed::gathered", B, P, L, D);
+        detail::ensure_view(partial_, "dchag::distributed::partial", B, 1, L, D);
+        detail::ensure_view(received_, "dchag::distributed::received", P, B, L, D);
+        detail::ensure_view(gathered_, "dchag::distributed::gathered", B, P, L, D);
         stage_->forward(exec, images, sel, partial_);
         allgather(exec, comm_, partial_, received_);
         auto received = received_;
@@ -212,12 +212,12 @@ class DistributedFrontEnd {
         break;
       }
       case Mode::exact_flat:
-        ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
+        detail::ensure_view(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
         detail::fused_pooled_forward(exec, *tokenizer_, *attention_, images, sel, tokens_, saved_,
                                      out4, &reduce_, 0);
         break;
       case Mode::tp_only:
-        ensure(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
+        detail::ensure_view(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
         tokenizer_->forward(exec, images, sel, tokens_);
         attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_);
         allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(out.data(), out.span()));
@@ -248,7 +248,8 @@ class DistributedFrontEnd {
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
-        ensure(d_gathered_, "dchag::distributed::d_gathered", B, std::size_t(comm_.size()), L, D);
+        detail::ensure_view(d_gathered_, "dchag::distributed::d_gathered", B,
+                            std::size_t(comm_.size()), L, D);
         attention_->backward(exec, gathered_, saved_, d_out4, d_gathered_);
         // The gathered gradient is the same on every rank: keep this rank's slice, no collective.
         detail::copy_slot(exec, partial_, d_gathered_, comm_.rank(), false);
@@ -261,10 +262,10 @@ class DistributedFrontEnd {
                                       d_chunk_, &reduce_, 0);
         break;
       case Mode::tp_only: {
-        ensure(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
+        detail::ensure_view(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
         // The query vector is replicated: sum only this call's share of its gradient.
         auto d_query = attention_->gradients().front().pieces.front().values;
-        ensure(query_before_, "dchag::distributed::query_before", d_query.extent(0));
+        detail::ensure_view(query_before_, "dchag::distributed::query_before", d_query.extent(0));
         Kokkos::deep_copy(exec, query_before_, d_query);
         attention_->backward(exec, tokens_, saved_, d_out4, d_tokens_);
         auto before = query_before_;
@@ -373,14 +374,6 @@ class DistributedFrontEnd {
     const std::vector<int>& ids = mode_ == Mode::tp_only ? tokenizer_->owned_channels() : channels_;
     return input == ImageInput::full_image ? ChannelSelection::from_full_image(ids)
                                            : ChannelSelection::own(ids);
-  }
-
-  template <class V, class... Ext>
-  static void ensure(V& v, const char* label, Ext... ext) {
-    const std::size_t want[] = {std::size_t(ext)...};
-    bool same = v.data() != nullptr;
-    for (std::size_t i = 0; i < sizeof...(Ext); ++i) same = same && v.extent(i) == want[i];
-    if (!same) v = V(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), ext...);
   }
 
   TensorList<Scalar, memory_space> attention_params(bool grads) const {

@@ -13,7 +13,6 @@
 #include <dchag/tokenizer.hpp>
 
 #include <algorithm>
-#include <limits>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -139,12 +138,7 @@ void fused_pooled_backward(
   const int J = static_cast<int>(tokens.extent(1));
   const int chunk =
       fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(B, L, D, J, requested_chunk);
-  if (d_chunk.extent(0) != B * chunk * L * D) {
-    d_chunk = View1<Scalar, typename ExecSpace::memory_space>(
-        Kokkos::view_alloc(std::string("dchag::fused::d_tokens_chunk"),
-                           Kokkos::WithoutInitializing),
-        B * chunk * L * D);
-  }
+  ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
   attention.backward_begin(exec, saved, d_out, group);
   for (int j0 = 0; j0 < J; j0 += chunk) {
     const int j1 = std::min(J, j0 + chunk);
@@ -183,14 +177,8 @@ class ChannelStage {
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const V4& partial) {
     const std::size_t B = images.extent(0), L = partial.extent(2), D = partial.extent(3);
-    if (tokens_.extent(0) != B || tokens_.extent(2) != L) {
-      tokens_ =
-          V4(Kokkos::view_alloc(std::string("dchag::stage::tokens"), Kokkos::WithoutInitializing),
-             B, channels_.size(), L, D);
-      d_tokens_ =
-          V4(Kokkos::view_alloc(std::string("dchag::stage::d_tokens"), Kokkos::WithoutInitializing),
-             B, channels_.size(), L, D);
-    }
+    ensure_view(tokens_, "dchag::stage::tokens", B, channels_.size(), L, D);
+    ensure_view(d_tokens_, "dchag::stage::d_tokens", B, channels_.size(), L, D);
     tokenizer_.forward(exec, images, sel, tokens_);
     partial_.forward(exec, tokens_, partial);
   }
@@ -262,11 +250,7 @@ class FlatFrontEnd {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
     check_out("dchag::FlatFrontEnd::forward", images.extent(0), out);
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
-    if (tokens_.extent(0) != B || tokens_.extent(1) != J) {
-      tokens_ = View4<Scalar, memory_space>(
-          Kokkos::view_alloc(std::string("dchag::flat::tokens"), Kokkos::WithoutInitializing), B, J,
-          L, D);
-    }
+    detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
     if (cfg_.strategy == Strategy::pooled) {
       detail::fused_pooled_forward(exec, tokenizer_, attention_, images, sel, tokens_, saved_,
                                    as4(out), nullptr, chunk_channels_);
@@ -294,11 +278,7 @@ class FlatFrontEnd {
                                     d_chunk_, nullptr, chunk_channels_);
       return;
     }
-    if (d_chunk_.extent(0) != tokens_.span()) {
-      d_chunk_ = View1<Scalar, memory_space>(
-          Kokkos::view_alloc(std::string("dchag::flat::d_tokens"), Kokkos::WithoutInitializing),
-          tokens_.span());
-    }
+    detail::ensure_view(d_chunk_, "dchag::flat::d_tokens", tokens_.span());
     const View4<Scalar, memory_space> d_tokens(d_chunk_.data(), tokens_.extent(0),
                                                tokens_.extent(1), tokens_.extent(2),
                                                tokens_.extent(3));
@@ -428,14 +408,9 @@ class DchagEmulation {
     DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == L && out.extent(2) == D, where, "out is [",
                  out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
                  "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
-    if (gathered_.extent(0) != B) {
-      auto make = [&](const char* label, std::size_t n1) {
-        return V4(Kokkos::view_alloc(std::string(label), Kokkos::WithoutInitializing), B, n1, L, D);
-      };
-      gathered_ = make("dchag::emulation::gathered", P);
-      d_gathered_ = make("dchag::emulation::d_gathered", P);
-      partial_ = make("dchag::emulation::partial", 1);
-    }
+    detail::ensure_view(gathered_, "dchag::emulation::gathered", B, P, L, D);
+    detail::ensure_view(d_gathered_, "dchag::emulation::d_gathered", B, P, L, D);
+    detail::ensure_view(partial_, "dchag::emulation::partial", B, 1, L, D);
     for (std::size_t r = 0; r < P; ++r) {
       stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()),
                           partial_);

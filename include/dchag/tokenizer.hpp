@@ -7,6 +7,7 @@
 /// it owns only (all of them on one rank, its own under D-CHAG).
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
+#include <dchag/detail/workspace.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
@@ -319,15 +320,9 @@ class Tokenizer {
     B_ = B;
     J_ = J;
     L_ = L;
-    const int pp = patch_ * patch_;
-    if (patches_.extent(0) != std::size_t(J) || patches_.extent(1) != std::size_t(B) ||
-        patches_.extent(2) != std::size_t(L)) {
-      patches_ = View4<Scalar, memory_space>(
-          Kokkos::view_alloc("dchag::tokenizer::patches", Kokkos::WithoutInitializing), J, B, L,
-          pp);
-      slot_ = View1<int, memory_space>("dchag::tokenizer::slot", J);
-      image_index_ = View1<int, memory_space>("dchag::tokenizer::image_index", J);
-    }
+    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L, patch_ * patch_);
+    detail::ensure_view(slot_, "dchag::tokenizer::slot", J);
+    detail::ensure_view(image_index_, "dchag::tokenizer::image_index", J);
   }
 
   int channels_, patch_, dim_;
