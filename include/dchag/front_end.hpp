@@ -110,7 +110,7 @@ void fused_pooled_forward(
     int requested_chunk) {
   const int J = sel.size();
   tokenizer.prepare(exec, images, sel, tokens);
-  attention.stream_begin(exec, tokens, saved);
+  attention.stream_begin(exec, tokens, saved, group != nullptr);
   const int chunk = fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(
       tokens.extent(0), tokens.extent(2), tokens.extent(3), J, requested_chunk);
   for (int j0 = 0; j0 < J; j0 += chunk) {
@@ -273,7 +273,7 @@ class FlatFrontEnd {
     DCHAG_EXPECT(saved_.k == 1, "dchag::FlatFrontEnd::backward", "called before forward");
     check_out("dchag::FlatFrontEnd::backward", tokens_.extent(0), d_out);
     pos_.backward(exec, d_out);
-    if (cfg_.strategy == Strategy::pooled) {
+    if (saved_.strategy == Strategy::pooled) {  // the forward's strategy, not the current one
       detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out),
                                     d_chunk_, nullptr, chunk_channels_);
       return;

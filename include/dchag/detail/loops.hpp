@@ -1,51 +1,78 @@
 #pragma once
 /// Loop shapes shared by the kernels. Work is laid out as rows of contiguous elements: one team
-/// per row, the row's elements over the team's vector lanes. On host backends the inner loop is a
-/// plain contiguous loop the compiler vectorizes, with no index division per element.
-#include <Kokkos_Core.hpp>
+/// per row, the row's elements over the team's vector lanes. On host execution spaces a team is
+/// one thread and the inner loop is a plain contiguous loop the compiler vectorizes; on devices a
+/// team is several warps' worth of lanes.
+///
+/// Kernels choose their host or device shape by the execution space (`runs_on_host`), never by
+/// whether the memory is host-accessible: a GPU with host-accessible memory takes the device shape.
+#include <dchag/error.hpp>
 
+#include <Kokkos_Core.hpp>
+#include <climits>
 #include <cstdint>
 #include <string>
 
 namespace dchag::detail {
 
+/// Whether ExecSpace runs its kernels on host threads (Serial, OpenMP, Threads, HPX).
+template <class ExecSpace>
+inline constexpr bool runs_on_host =
+    Kokkos::SpaceAccessibility<typename ExecSpace::execution_space, Kokkos::HostSpace>::accessible;
+
+/// Vector lanes per team on devices: a warp on CUDA, half a wavefront on HIP; both are valid
+/// Kokkos vector lengths there.
+inline constexpr int device_vector_length = 32;
+
+/// One team per row (league `rows`): a one-thread team on host spaces, AUTO threads of
+/// `device_vector_length` lanes on devices. Throws when `rows` does not fit a league size (int).
+template <class ExecSpace>
+Kokkos::TeamPolicy<ExecSpace> row_teams(const ExecSpace& exec, std::int64_t rows) {
+  DCHAG_EXPECT(rows >= 0 && rows <= INT_MAX, "dchag::detail::row_teams", "rows is ", rows,
+               ", expected at most INT_MAX = ", INT_MAX, " (a Kokkos league size is an int)");
+  if constexpr (runs_on_host<ExecSpace>) {
+    return Kokkos::TeamPolicy<ExecSpace>(exec, static_cast<int>(rows), 1, 1);
+  } else {
+    return Kokkos::TeamPolicy<ExecSpace>(exec, static_cast<int>(rows), Kokkos::AUTO,
+                                         device_vector_length);
+  }
+}
+
 /// f(row, col) for every row < rows and col < cols; each (row, col) is written by one lane.
 template <class ExecSpace, class F>
 void for_each_row(const ExecSpace& exec, const std::string& label, std::int64_t rows, int cols,
                   const F& f) {
-  using Team = Kokkos::TeamPolicy<ExecSpace>;
+  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
   Kokkos::parallel_for(
-      label, Team(exec, static_cast<int>(rows), Kokkos::AUTO),
-      KOKKOS_LAMBDA(const typename Team::member_type& team) {
+      label, row_teams(exec, rows), KOKKOS_LAMBDA(const Member& team) {
         const std::int64_t row = team.league_rank();
         Kokkos::parallel_for(Kokkos::TeamVectorRange(team, cols),
                              [&](const int col) { f(row, col); });
       });
 }
 
-/// Sum over i < n of a[i] * b[i] by the whole team; every lane gets the result. Each lane takes
-/// 16 contiguous products at a time so that host compilers vectorize the inner loop.
+/// Sum over i < n of a[i] * b[i] by the whole team (device shape: lane i reads element i, so
+/// the loads coalesce); every lane gets the result.
 template <class Member, class Scalar>
 KOKKOS_INLINE_FUNCTION Scalar team_dot(const Member& team, const Scalar* a, const Scalar* b,
                                        int n) {
-  constexpr int chunk = 16;
-  const int full = n / chunk;
   Scalar sum = 0;
   Kokkos::parallel_reduce(
-      Kokkos::TeamVectorRange(team, full + 1),
-      [&](const int c, Scalar& acc) {
-        const int begin = c * chunk;
-        Scalar part[chunk] = {};
-        if (c < full) {
-          for (int u = 0; u < chunk; ++u) part[u] = a[begin + u] * b[begin + u];
-        } else {
-          for (int i = begin; i < n; ++i) part[i - begin] = a[i] * b[i];
-        }
-        Scalar s = 0;
-        for (int u = 0; u < chunk; ++u) s += part[u];
-        acc += s;
-      },
+      Kokkos::TeamVectorRange(team, n), [&](const int i, Scalar& acc) { acc += a[i] * b[i]; },
       sum);
+  return sum;
+}
+
+/// Sum over i < n of a[i] * (b[i] - s * c[i]) by the whole team. The difference is formed
+/// before the product, so b == s * c gives exactly zero (DESIGN 3.8).
+template <class Member, class Scalar>
+KOKKOS_INLINE_FUNCTION Scalar team_dot_residual(const Member& team, const Scalar* a,
+                                                const Scalar* b, const Scalar* c, Scalar s,
+                                                int n) {
+  Scalar sum = 0;
+  Kokkos::parallel_reduce(
+      Kokkos::TeamVectorRange(team, n),
+      [&](const int i, Scalar& acc) { acc += a[i] * (b[i] - s * c[i]); }, sum);
   return sum;
 }
 
@@ -61,6 +88,24 @@ KOKKOS_INLINE_FUNCTION Scalar lane_dot(const Scalar* a, const Scalar* b, int n) 
   }
   for (; i < n; ++i) part[i % width] += a[i] * b[i];
   for (int half = width / 2; half >= 1; half /= 2) {  // tree, vectorizable
+    for (int u = 0; u < half; ++u) part[u] += part[u + half];
+  }
+  return part[0];
+}
+
+/// Sum over i < n of a[i] * (b[i] - s * c[i]) by one lane, blocked like lane_dot. The difference
+/// is formed before the product, so b == s * c gives exactly zero (DESIGN 3.8).
+template <class Scalar>
+KOKKOS_INLINE_FUNCTION Scalar lane_dot_residual(const Scalar* a, const Scalar* b, const Scalar* c,
+                                                Scalar s, int n) {
+  constexpr int width = 32;
+  Scalar part[width] = {};
+  int i = 0;
+  for (; i + width <= n; i += width) {
+    for (int u = 0; u < width; ++u) part[u] += a[i + u] * (b[i + u] - s * c[i + u]);
+  }
+  for (; i < n; ++i) part[i % width] += a[i] * (b[i] - s * c[i]);
+  for (int half = width / 2; half >= 1; half /= 2) {
     for (int u = 0; u < half; ++u) part[u] += part[u + half];
   }
   return part[0];

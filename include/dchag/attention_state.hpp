@@ -1,0 +1,71 @@
+#pragma once
+/// The vocabulary of the single-query cross-attention (dchag/cross_attention.hpp): its
+/// configuration, how its N inputs split into segments, the group reduction of the exact
+/// distributed form, and the state one forward keeps for its backward.
+#include <dchag/config.hpp>
+#include <dchag/error.hpp>
+#include <dchag/tensor.hpp>
+
+#include <vector>
+
+namespace dchag {
+
+/// k contiguous groups of N inputs: group j is [offsets[j], offsets[j+1]).
+struct Segments {
+  std::vector<int> offsets;
+
+  static Segments whole(int n) { return {{0, n}}; }
+  /// numpy.array_split: the first n % k groups get one extra input.
+  static Segments split(int n, int k) {
+    DCHAG_EXPECT(k >= 1 && k <= n, "dchag::Segments::split", "k is ", k,
+                 ", expected 1 <= k <= n = ", n);
+    Segments s{{0}};
+    for (int j = 0; j < k; ++j) s.offsets.push_back(s.offsets.back() + n / k + (j < n % k ? 1 : 0));
+    return s;
+  }
+  int count() const { return static_cast<int>(offsets.size()) - 1; }
+  int size(int j) const { return offsets[j + 1] - offsets[j]; }
+  int total() const { return offsets.back(); }
+};
+
+/// Reduces a contiguous device buffer in place over the ranks of a channel group. The exact
+/// distributed flat aggregation (DESIGN 3.7) runs the pooled kernels with one of these, keeping
+/// MPI out of the attention headers; without one (nullptr) the reduction is over this process.
+template <class Scalar, class MemSpace>
+struct GroupReduce {
+  virtual ~GroupReduce() = default;
+  virtual void max(const Unmanaged1<Scalar, MemSpace>& values) const = 0;
+  virtual void sum(const Unmanaged1<Scalar, MemSpace>& values) const = 0;
+};
+
+struct AttentionConfig {
+  int dim = 0;
+  int heads = 1;
+  Convention convention = Convention::climax;
+  Strategy strategy = Strategy::pooled;
+};
+
+/// What one forward keeps for its backward. The backward runs with the strategy, head share and
+/// group of the forward that filled it, whatever the module is set to in between. P below is
+/// B·k·L, the number of output positions.
+template <class Scalar, class MemSpace>
+struct AttentionSaved {
+  int B = 0, N = 0, L = 0, k = 0;
+  Strategy strategy = Strategy::pooled;
+  int head_begin = 0, head_end = 0;  // materialized head share
+  bool grouped = false;              // forward ran over a channel group (exact distributed)
+  View1<int, MemSpace> offsets;      // [k+1]
+  View1<int, MemSpace> segment;      // [N]: segment of each input
+  View2<Scalar, MemSpace> a;         // [B*N*L, heads] softmax weights
+  View3<Scalar, MemSpace> z;         // pooled: [heads, P, D] pooled tokens (this rank's share)
+  View2<Scalar, MemSpace> kmat;      // materialized: [B*N*L, D]
+  View2<Scalar, MemSpace> vmat;      // materialized: [B*N*L, D]
+  View2<Scalar, MemSpace> ocat;      // [P, D] heads' outputs before out-projection
+  View2<Scalar, MemSpace> run_max, run_sum;  // [P, heads] softmax max and denominator
+  View2<Scalar, MemSpace> inv_share;  // grouped: [P, heads] group denominator / this rank's
+  std::vector<int> host_offsets;
+
+  bool empty() const { return k == 0; }
+};
+
+}  // namespace dchag

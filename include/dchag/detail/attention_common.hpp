@@ -1,0 +1,211 @@
+#pragma once
+/// Kernels of the single-query cross-attention that both strategies share: the query vectors,
+/// the segment softmax, the output projection and the query's backward. Free functions over the
+/// module's parameters (AttentionParams) and per-call buffers (AttentionWork), so that every
+/// device lambda sits in a public, named function (what nvcc's extended lambdas require).
+#include <dchag/attention_state.hpp>
+#include <dchag/detail/kokkos_compat.hpp>
+#include <dchag/detail/loops.hpp>
+#include <dchag/detail/workspace.hpp>
+
+#include <cstdint>
+
+namespace dchag::detail {
+
+/// The weights of one cross-attention, or their gradients (the same shapes).
+template <class Scalar, class MemSpace>
+struct AttentionParams {
+  View1<Scalar, MemSpace> query;  // qv [D]
+  View3<Scalar, MemSpace> w_in;   // [3, D, D]: Wq, Wk, Wv (ClimaX in_proj_weight layout)
+  View2<Scalar, MemSpace> b_in;   // [3, D]: bq, bk, bv (zero and not a parameter: artifact)
+  View2<Scalar, MemSpace> w_out;  // [D, D]
+  View1<Scalar, MemSpace> b_out;  // [D]
+};
+
+/// Per-call vectors and workspace of one module, reused across calls of the same shape.
+template <class Scalar, class MemSpace>
+struct AttentionWork {
+  View1<Scalar, MemSpace> q, dq;    // [D]
+  View2<Scalar, MemSpace> u;        // [heads, D]: Wk_h^T q_h / sqrt(hd)
+  View1<Scalar, MemSpace> merge;    // grouped forward: [P * (D + heads)]
+  View1<Scalar, MemSpace> shared;   // [heads * D] du, then (grouped) this rank's dWv [D * D]
+  View2<Scalar, MemSpace> go;       // [P, D] gradient at the heads' outputs
+  View2<Scalar, MemSpace> c, c_group;  // [P, heads] gz_h . z_h here and over the group
+  View2<Scalar, MemSpace> ds;       // [B*N*L, heads] score gradients
+  View2<Scalar, MemSpace> dk, dv;   // materialized: [B*N*L, D of the head share]
+  View3<Scalar, MemSpace> oh;       // [heads, P, hd] projected pooled tokens / their gradients
+  View3<Scalar, MemSpace> gz;       // [heads, P, D] gradient at the pooled tokens
+  View3<Scalar, MemSpace> e_chunk;  // streaming: [B*L, chunk, heads] softmax numerators
+  int streamed = 0, back_streamed = 0;
+  bool group_backward = false;
+};
+
+template <class T, class MemSpace>
+Unmanaged2<T, MemSpace> matrix(T* p, std::size_t rows, std::size_t cols) {
+  return Unmanaged2<T, MemSpace>(p, rows, cols);
+}
+
+// q = Wq qv + bq; u_h = Wk_h^T q_h / sqrt(hd).
+template <class ExecSpace, class Scalar, class MemSpace>
+void compute_query(const ExecSpace& exec, const AttentionConfig& cfg,
+                   const AttentionParams<Scalar, MemSpace>& w,
+                   const AttentionWork<Scalar, MemSpace>& work) {
+  using Policy = Kokkos::RangePolicy<ExecSpace>;
+  const int D = cfg.dim, hd = D / cfg.heads, nh = cfg.heads;
+  const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
+  auto w_in = w.w_in;
+  auto b_in = w.b_in;
+  auto qv = w.query;
+  auto q = work.q;
+  auto u = work.u;
+  Kokkos::parallel_for(
+      "dchag::attention::query", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+        Scalar acc = b_in(0, r);
+        for (int d = 0; d < D; ++d) acc += w_in(0, r, d) * qv(d);
+        q(r) = acc;
+      });
+  Kokkos::parallel_for(
+      "dchag::attention::u", Policy(exec, 0, nh * D), KOKKOS_LAMBDA(const int i) {
+        const int h = i / D, d = i % D;
+        Scalar acc = 0;
+        for (int r = h * hd; r < (h + 1) * hd; ++r) acc += w_in(1, r, d) * q(r);
+        u(h, d) = acc * scale;
+      });
+}
+
+// Per output position and head [h0, h1): run_max = max over the segment of the scores in a.
+template <class ExecSpace, class Scalar, class MemSpace>
+void segment_max(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0,
+                 int h1) {
+  const int N = s.N, L = s.L, k = s.k;
+  auto a = s.a;
+  auto off = s.offsets;
+  auto run_max = s.run_max;
+  for_each_row(
+      exec, "dchag::attention::segment_max", std::int64_t(s.B) * k * L, h1 - h0,
+      KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+        const int h = h0 + hh;
+        const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
+        const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
+        Scalar m = a(row0 + std::int64_t(off(j)) * L, h);
+        for (int n = off(j) + 1; n < off(j + 1); ++n)
+          m = detail::max(m, a(row0 + std::int64_t(n) * L, h));
+        run_max(pos, h) = m;
+      });
+}
+
+// In place on a: e = exp(score - run_max); run_sum = sum of e over the segment; heads [h0, h1).
+template <class ExecSpace, class Scalar, class MemSpace>
+void exponentiate(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0,
+                  int h1) {
+  const int N = s.N, L = s.L, k = s.k;
+  auto a = s.a;
+  auto off = s.offsets;
+  auto run_max = s.run_max;
+  auto run_sum = s.run_sum;
+  for_each_row(
+      exec, "dchag::attention::exponentiate", std::int64_t(s.B) * k * L, h1 - h0,
+      KOKKOS_LAMBDA(const std::int64_t pos, const int hh) {
+        const int h = h0 + hh;
+        const int l = static_cast<int>(pos % L), j = static_cast<int>((pos / L) % k);
+        const std::int64_t row0 = (pos / (std::int64_t(L) * k)) * N * L + l;
+        Scalar sum = 0;
+        for (int n = off(j); n < off(j + 1); ++n) {
+          Scalar& v = a(row0 + std::int64_t(n) * L, h);
+          v = detail::exp(v - run_max(pos, h));
+          sum += v;
+        }
+        run_sum(pos, h) = sum;
+      });
+}
+
+// Softmax weights from the numerators: a[row, h] /= run_sum[pos(row), h], heads [h0, h1).
+template <class ExecSpace, class Scalar, class MemSpace>
+void normalize_weights(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0,
+                       int h1) {
+  const int N = s.N, L = s.L, k = s.k;
+  auto a = s.a;
+  auto run_sum = s.run_sum;
+  auto seg = s.segment;
+  for_each_row(
+      exec, "dchag::attention::normalize_weights", std::int64_t(s.B) * N * L, h1 - h0,
+      KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
+        const std::int64_t bn = row / L;
+        const std::int64_t pos = ((bn / N) * k + seg(bn % N)) * L + row % L;
+        a(row, h0 + hh) /= run_sum(pos, h0 + hh);
+      });
+}
+
+// out = ocat Wo^T + bo (bo only where this module owns it).
+template <class ExecSpace, class Scalar, class MemSpace>
+void project_out(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s,
+                 const AttentionParams<Scalar, MemSpace>& w, bool with_bias,
+                 const View4<Scalar, MemSpace>& out) {
+  const int D = static_cast<int>(w.b_out.extent(0));
+  const std::size_t P = s.ocat.extent(0);
+  auto out2 = matrix<Scalar, MemSpace>(out.data(), P, D);
+  auto bo = w.b_out;
+  for_each_row(
+      exec, "dchag::attention::out_bias", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int d) {
+        out2(pos, d) = with_bias ? bo(d) : Scalar(0);
+      });
+  gemm(exec, "N", "T", Scalar(1), s.ocat, w.w_out, Scalar(1), out2);
+}
+
+// dst(c) += sum over rows of m(row, c).
+template <class ExecSpace, class M, class Dst>
+void column_sums(const ExecSpace& exec, const M& m, const Dst& dst) {
+  using Scalar = typename Dst::non_const_value_type;
+  const std::int64_t rows = m.extent(0);
+  Kokkos::parallel_for(
+      "dchag::attention::column_sums", Kokkos::RangePolicy<ExecSpace>(exec, 0, m.extent(1)),
+      KOKKOS_LAMBDA(const int c) {
+        Scalar acc = 0;
+        for (std::int64_t r = 0; r < rows; ++r) acc += m(r, c);
+        dst(c) += acc;
+      });
+}
+
+// dbo, dWo, and go = g Wo (into work.go).
+template <class ExecSpace, class Scalar, class MemSpace>
+void back_project_out(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s,
+                      const AttentionParams<Scalar, MemSpace>& w,
+                      const AttentionParams<Scalar, MemSpace>& grad, bool with_bias,
+                      const View4<const Scalar, MemSpace>& d_out,
+                      AttentionWork<Scalar, MemSpace>& work) {
+  const int D = static_cast<int>(w.b_out.extent(0));
+  const std::size_t P = s.ocat.extent(0);
+  auto g2 = matrix<const Scalar, MemSpace>(d_out.data(), P, D);
+  if (with_bias) column_sums(exec, g2, grad.b_out);
+  gemm(exec, "T", "N", Scalar(1), g2, s.ocat, Scalar(1), grad.w_out);
+  ensure_view(work.go, "dchag::attention::go", P, std::size_t(D));
+  gemm(exec, "N", "N", Scalar(1), g2, w.w_out, Scalar(0), work.go);
+}
+
+// From dq: dqv = Wq^T dq, dWq += dq (x) qv, dbq += dq.
+template <class ExecSpace, class Scalar, class MemSpace>
+void back_query(const ExecSpace& exec, const AttentionParams<Scalar, MemSpace>& w,
+                const AttentionParams<Scalar, MemSpace>& grad,
+                const AttentionWork<Scalar, MemSpace>& work) {
+  using Policy = Kokkos::RangePolicy<ExecSpace>;
+  const int D = static_cast<int>(w.query.extent(0));
+  auto dq = work.dq;
+  auto w_in = w.w_in;
+  auto qv = w.query;
+  auto dw = grad.w_in;
+  auto db = grad.b_in;
+  auto dqv = grad.query;
+  Kokkos::parallel_for(
+      "dchag::attention::query_vector_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int d) {
+        Scalar acc = 0;
+        for (int r = 0; r < D; ++r) acc += w_in(0, r, d) * dq(r);
+        dqv(d) += acc;
+      });
+  Kokkos::parallel_for(
+      "dchag::attention::query_weight_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+        for (int d = 0; d < D; ++d) dw(0, r, d) += dq(r) * qv(d);
+        db(0, r) += dq(r);
+      });
+}
+
+}  // namespace dchag::detail

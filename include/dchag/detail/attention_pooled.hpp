@@ -1,0 +1,409 @@
+#pragma once
+/// The pooled strategy of the cross-attention (DESIGN 3.2, 3.7, 3.8): scores against
+/// u_h = Wk_h^T q_h / sqrt(hd), softmax numerators, pooled sums z_h = sum_n e_nh x_n, one
+/// projection per head, normalization after pooling (so a channel group can merge its ranks'
+/// partial sums exactly, and a stream of channel chunks can run an online softmax).
+///
+/// Backward forms ds_nh = a_nh gz_h . (x_n - z_h) from the very z the forward normalized: under a
+/// saturated softmax x_n == z_h for the winning input, and the difference is then exactly zero.
+#include <dchag/detail/attention_common.hpp>
+
+#include <cstdint>
+
+namespace dchag::detail {
+
+// z[h, pos] = sum_n e[row(n), h] x[row(n)] over the segment of pos, then finish_pooled.
+template <class ExecSpace, class Scalar, class MemSpace>
+void pool_tokens(const ExecSpace& exec, const AttentionConfig& cfg,
+                 const Unmanaged2<const Scalar, MemSpace>& x2,
+                 const AttentionSaved<Scalar, MemSpace>& s) {
+  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
+  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads;
+  const std::int64_t P = std::int64_t(s.B) * k * L;
+  auto a = s.a;
+  auto z = s.z;
+  auto off = s.offsets;
+  Kokkos::parallel_for(
+      "dchag::attention::pool", row_teams(exec, P), KOKKOS_LAMBDA(const Member& team) {
+        const int pos = team.league_rank();
+        const int l = pos % L, j = (pos / L) % k, b = pos / (L * k);
+        for (int h = 0; h < nh; ++h) {
+          Scalar* zh = &z(h, pos, 0);
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) { zh[d] = 0; });
+        }
+        for (int n = off(j); n < off(j + 1); ++n) {
+          const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
+          const Scalar* xr = &x2(row, 0);
+          for (int h = 0; h < nh; ++h) {
+            const Scalar c = a(row, h);
+            Scalar* zh = &z(h, pos, 0);
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                                 [&](const int d) { zh[d] += c * xr[d]; });
+          }
+        }
+      });
+}
+
+// From the softmax numerators e (in a), their sums and the pooled z = sum e x: projects
+// y_h = Wv_h z_h, merges (y, sums) over the group, then normalizes a and z and writes
+// ocat[pos, h-block] = y_h / sum_h + bv_h. Grouped: inv_share = group sum / this rank's sum.
+template <class ExecSpace, class Scalar, class MemSpace>
+void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
+                   const AttentionParams<Scalar, MemSpace>& w,
+                   const AttentionSaved<Scalar, MemSpace>& s, AttentionWork<Scalar, MemSpace>& work,
+                   const GroupReduce<Scalar, MemSpace>* group) {
+  const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
+  const std::size_t P = std::size_t(s.B) * s.k * s.L;
+  ensure_view(work.oh, "dchag::attention::oh", std::size_t(nh), P, std::size_t(hd));
+  auto oh = work.oh;
+  for (int h = 0; h < nh; ++h) {
+    auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
+    auto wv = Kokkos::subview(w.w_in, 2, Kokkos::make_pair(h * hd, (h + 1) * hd), Kokkos::ALL);
+    gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0),
+         Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL));
+  }
+  auto run_sum = s.run_sum;
+  if (group) {
+    auto inv_share = s.inv_share;
+    Kokkos::deep_copy(exec, inv_share, run_sum);
+    // One message: [P, D] projected sums then [P, heads] softmax denominators.
+    ensure_view(work.merge, "dchag::attention::merge", P * (D + nh));
+    auto merged = work.merge;
+    for_each_row(
+        exec, "dchag::attention::pack", P, D + nh,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+          merged(pos * (D + nh) + c) = c < D ? oh(c / hd, pos, c % hd) : run_sum(pos, c - D);
+        });
+    group->sum(Unmanaged1<Scalar, MemSpace>(merged.data(), merged.span()));
+    for_each_row(
+        exec, "dchag::attention::unpack", P, D + nh,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+          if (c < D) {
+            oh(c / hd, pos, c % hd) = merged(pos * (D + nh) + c);
+          } else {
+            const Scalar total = merged(pos * (D + nh) + c), mine = inv_share(pos, c - D);
+            run_sum(pos, c - D) = total;
+            // A rank whose numerators all underflowed holds none of the softmax mass.
+            inv_share(pos, c - D) = mine > Scalar(0) ? total / mine : Scalar(0);
+          }
+        });
+  }
+  auto z = s.z;
+  auto ocat = s.ocat;
+  auto b_in = w.b_in;
+  normalize_weights(exec, s, 0, nh);
+  for_each_row(
+      exec, "dchag::attention::normalize_pool", std::int64_t(nh) * P, D,
+      KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+        const std::int64_t pos = r % std::int64_t(P);
+        z(r / std::int64_t(P), pos, d) /= run_sum(pos, r / std::int64_t(P));
+      });
+  for_each_row(
+      exec, "dchag::attention::concat", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+        ocat(pos, r) = oh(r / hd, pos, r % hd) / run_sum(pos, r / hd) + b_in(2, r);
+      });
+}
+
+// Online softmax over the chunk [n0, n1) of one segment (k = 1), host shape: one thread per
+// position; scores, then the numerators, then z in blocks held in registers across the chunk.
+template <class ExecSpace, class Scalar, class MemSpace>
+void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
+                      const Unmanaged2<const Scalar, MemSpace>& x2,
+                      const AttentionSaved<Scalar, MemSpace>& s,
+                      const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
+  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads;
+  auto u = work.u;
+  auto a = s.a;
+  auto z = s.z;
+  auto run_max = s.run_max;
+  auto run_sum = s.run_sum;
+  auto e_chunk = work.e_chunk;
+  Kokkos::parallel_for(
+      "dchag::attention::stream_pool",
+      Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(s.B) * L),
+      KOKKOS_LAMBDA(const std::int64_t pos) {
+        const std::int64_t row0 = (pos / L) * N * L + pos % L;
+        for (int n = n0; n < n1; ++n) {
+          const std::int64_t row = row0 + std::int64_t(n) * L;
+          for (int h = 0; h < nh; ++h) a(row, h) = lane_dot(&x2(row, 0), &u(h, 0), D);
+        }
+        Scalar* e = &e_chunk(pos, 0, 0);
+        for (int h = 0; h < nh; ++h) {
+          const bool first = n0 == 0;
+          Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
+          for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
+          const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
+          Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
+          for (int n = n0; n < n1; ++n) {
+            e[(n - n0) * nh + h] = detail::exp(a(row0 + std::int64_t(n) * L, h) - mx);
+            sum += e[(n - n0) * nh + h];
+          }
+          Scalar* zh = &z(h, pos, 0);
+          constexpr int block = 32;
+          int d0 = 0;
+          for (; d0 + block <= D; d0 += block) {
+            Scalar acc[block];
+            for (int v = 0; v < block; ++v) acc[v] = first ? Scalar(0) : zh[d0 + v] * rescale;
+            for (int n = n0; n < n1; ++n) {
+              const Scalar wt = e[(n - n0) * nh + h];
+              const Scalar* xr = &x2(row0 + std::int64_t(n) * L, d0);
+              for (int v = 0; v < block; ++v) acc[v] += wt * xr[v];
+            }
+            for (int v = 0; v < block; ++v) zh[d0 + v] = acc[v];
+          }
+          for (int d = d0; d < D; ++d) {
+            Scalar acc = first ? Scalar(0) : zh[d] * rescale;
+            for (int n = n0; n < n1; ++n)
+              acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
+            zh[d] = acc;
+          }
+          run_max(pos, h) = mx;
+          run_sum(pos, h) = sum;
+        }
+      });
+}
+
+// The same, device shape: one team per position, the D values of every token over its lanes.
+template <class ExecSpace, class Scalar, class MemSpace>
+void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
+                      const Unmanaged2<const Scalar, MemSpace>& x2,
+                      const AttentionSaved<Scalar, MemSpace>& s,
+                      const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
+  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
+  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads;
+  auto u = work.u;
+  auto a = s.a;
+  auto z = s.z;
+  auto run_max = s.run_max;
+  auto run_sum = s.run_sum;
+  Kokkos::parallel_for(
+      "dchag::attention::stream_pool", row_teams(exec, std::int64_t(s.B) * L),
+      KOKKOS_LAMBDA(const Member& team) {
+        const int pos = team.league_rank();
+        const std::int64_t row0 = std::int64_t(pos / L) * N * L + pos % L;
+        for (int n = n0; n < n1; ++n) {
+          const std::int64_t row = row0 + std::int64_t(n) * L;
+          for (int h = 0; h < nh; ++h) {
+            const Scalar sc = team_dot(team, &x2(row, 0), &u(h, 0), D);
+            Kokkos::single(Kokkos::PerTeam(team), [&]() { a(row, h) = sc; });
+          }
+        }
+        team.team_barrier();
+        for (int h = 0; h < nh; ++h) {
+          const bool first = n0 == 0;
+          Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
+          for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
+          const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
+          Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
+          Scalar* zh = &z(h, pos, 0);
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
+            zh[d] = first ? Scalar(0) : zh[d] * rescale;
+          });
+          for (int n = n0; n < n1; ++n) {
+            const std::int64_t row = row0 + std::int64_t(n) * L;
+            const Scalar e = detail::exp(a(row, h) - mx);
+            sum += e;
+            const Scalar* xr = &x2(row, 0);
+            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                                 [&](const int d) { zh[d] += e * xr[d]; });
+          }
+          team.team_barrier();  // every lane has read run_sum / run_max before they change
+          Kokkos::single(Kokkos::PerTeam(team), [&]() {
+            run_max(pos, h) = mx;
+            run_sum(pos, h) = sum;
+          });
+        }
+      });
+}
+
+// Grouped stream end: rescale this rank's pooled sums from its running max (saved in `local`)
+// to the group's (now in run_max).
+template <class ExecSpace, class Scalar, class MemSpace>
+void rescale_to_group_max(const ExecSpace& exec, const AttentionConfig& cfg,
+                          const AttentionSaved<Scalar, MemSpace>& s,
+                          const View2<Scalar, MemSpace>& local) {
+  const std::int64_t P = std::int64_t(s.B) * s.L;
+  auto z = s.z;
+  auto run_max = s.run_max;
+  for_each_row(
+      exec, "dchag::attention::stream_rescale", std::int64_t(cfg.heads) * P, cfg.dim,
+      KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+        const std::int64_t pos = r % P, h = r / P;
+        z(h, pos, d) *= detail::exp(local(pos, h) - run_max(pos, h));
+      });
+}
+
+// Pooled backward, the parts before the tokens: dbv, dWv (this rank's share when grouped),
+// gz_h = Wv_h^T go_h and, grouped, c_h = gz_h . z_h over the group; zeroes du.
+template <class ExecSpace, class Scalar, class MemSpace>
+void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
+                           const AttentionParams<Scalar, MemSpace>& w,
+                           const AttentionParams<Scalar, MemSpace>& grad,
+                           const AttentionSaved<Scalar, MemSpace>& s,
+                           AttentionWork<Scalar, MemSpace>& work,
+                           const GroupReduce<Scalar, MemSpace>* group) {
+  const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
+  const std::size_t P = std::size_t(s.B) * s.k * s.L;
+  auto go = work.go;
+  column_sums(exec, go, Kokkos::subview(grad.b_in, 2, Kokkos::ALL));
+  // What a group sums at the end: du [heads, D] then this rank's dWv share [D, D], one message.
+  ensure_view(work.shared, "dchag::attention::group_grads",
+              std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
+  auto shared = work.shared;
+  Kokkos::deep_copy(
+      exec, Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)),
+      Scalar(0));
+  auto dwv = group ? Unmanaged2<Scalar, MemSpace>(shared.data() + std::size_t(nh) * D, D, D)
+                   : Unmanaged2<Scalar, MemSpace>(&grad.w_in(2, 0, 0), D, D);
+  work.group_backward = group != nullptr;
+  // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
+  ensure_view(work.oh, "dchag::attention::oh", std::size_t(nh), P, std::size_t(hd));
+  auto goh = work.oh;
+  for_each_row(
+      exec, "dchag::attention::split_heads", P, D,
+      KOKKOS_LAMBDA(const std::int64_t pos, const int r) { goh(r / hd, pos, r % hd) = go(pos, r); });
+  ensure_view(work.gz, "dchag::attention::gz", std::size_t(nh), P, std::size_t(D));
+  for (int h = 0; h < nh; ++h) {
+    auto gh = Kokkos::subview(goh, h, Kokkos::ALL, Kokkos::ALL);
+    auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
+    auto rows = Kokkos::make_pair(h * hd, (h + 1) * hd);
+    gemm(exec, "T", "N", Scalar(1), gh, zh, group ? Scalar(0) : Scalar(1),
+         Kokkos::subview(dwv, rows, Kokkos::ALL));
+    gemm(exec, "N", "N", Scalar(1), gh, Kokkos::subview(w.w_in, 2, rows, Kokkos::ALL), Scalar(0),
+         Kokkos::subview(work.gz, h, Kokkos::ALL, Kokkos::ALL));
+  }
+  ensure_view(work.ds, "dchag::attention::ds", std::size_t(s.B) * s.N * s.L, std::size_t(nh));
+  ensure_view(work.c, "dchag::attention::c", P, std::size_t(nh));
+  if (!group) return;
+  // c_h = gz_h . z_h of this rank's share of z, summed over the group: each rank then forms
+  // gz_h . (x - z_h) as gz_h . (x - z_h,r) + (c_h,r - c_h), where z_h,r is its own normalized
+  // pooled token; for a rank holding all of the softmax mass the correction is exactly zero.
+  ensure_view(work.c_group, "dchag::attention::c_group", P, std::size_t(nh));
+  auto gz = work.gz;
+  auto z = s.z;
+  auto c = work.c;
+  auto c_group = work.c_group;
+  for_each_row(
+      exec, "dchag::attention::gz_dot_z", P, nh, KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
+        const Scalar v = lane_dot(&gz(h, pos, 0), &z(h, pos, 0), D);
+        c(pos, h) = v;
+        c_group(pos, h) = v;
+      });
+  group->sum(Unmanaged1<Scalar, MemSpace>(c_group.data(), c_group.span()));
+  auto inv_share = s.inv_share;
+  for_each_row(
+      exec, "dchag::attention::share_correction", P, nh,
+      KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
+        c(pos, h) = inv_share(pos, h) * c(pos, h) - c_group(pos, h);
+      });
+}
+
+// The score dot of one token and head: gz_h . (x - s z_h) on one lane (host) or the team.
+template <bool OnHost, class Member, class Scalar>
+KOKKOS_INLINE_FUNCTION Scalar residual_dot(const Member& team, const Scalar* gz, const Scalar* x,
+                                           const Scalar* z, Scalar s, int n) {
+  if constexpr (OnHost) {
+    (void)team;
+    return lane_dot_residual(gz, x, z, s, n);
+  } else {
+    return team_dot_residual(team, gz, x, z, s, n);
+  }
+}
+
+// Pooled backward for the tokens of inputs [n0, n1): ds_h = a_h gz_h . (x - z_h),
+// dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), du += ds^T x.
+template <class ExecSpace, class Scalar, class MemSpace>
+void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
+                       const Unmanaged2<const Scalar, MemSpace>& x2,
+                       const AttentionSaved<Scalar, MemSpace>& s,
+                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
+                       const View4<Scalar, MemSpace>& dx) {
+  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
+  constexpr bool on_host = runs_on_host<ExecSpace>;
+  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
+  const bool grouped = s.grouped;
+  auto dx2 = matrix<Scalar, MemSpace>(dx.data(), std::size_t(s.B) * nc * L, D);
+  auto ds = work.ds;
+  auto gz = work.gz;
+  auto c = work.c;
+  auto a = s.a;
+  auto z = s.z;
+  auto inv_share = s.inv_share;
+  auto u = work.u;
+  auto seg = s.segment;
+  Kokkos::parallel_for(
+      "dchag::attention::pooled_token_grad", row_teams(exec, std::int64_t(s.B) * nc * L),
+      KOKKOS_LAMBDA(const Member& team) {
+        const std::int64_t crow = team.league_rank();  // row of the chunk
+        const int l = static_cast<int>(crow % L);
+        const int n = n0 + static_cast<int>((crow / L) % nc);
+        const int b = static_cast<int>(crow / (std::int64_t(L) * nc));
+        const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
+        const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
+        const Scalar* xr = &x2(row, 0);
+        Scalar* dxr = &dx2(crow, 0);
+        for (int h = 0; h < nh; ++h) {
+          const Scalar* gzh = &gz(h, pos, 0);
+          const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
+          const Scalar t = residual_dot<on_host>(team, gzh, xr, &z(h, pos, 0), share, D) +
+                           (grouped ? c(pos, h) : Scalar(0));
+          const Scalar ah = a(row, h);
+          const Scalar dsh = ah * t;
+          Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(row, h) = dsh; });
+          const Scalar* uh = &u(h, 0);
+          // Each lane owns its d across heads, so the accumulation needs no barrier.
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
+            const Scalar prev = h == 0 ? Scalar(0) : dxr[d];
+            dxr[d] = prev + ah * gzh[d] + dsh * uh[d];
+          });
+        }
+      });
+  // du += ds^T x over the chunk's rows; they are contiguous within each sample.
+  auto du = Unmanaged2<Scalar, MemSpace>(work.shared.data(), nh, D);
+  for (int b = 0; b < s.B; ++b) {
+    const auto rows =
+        Kokkos::make_pair((std::size_t(b) * N + n0) * L, (std::size_t(b) * N + n1) * L);
+    gemm(exec, "T", "N", Scalar(1), Kokkos::subview(work.ds, rows, Kokkos::ALL),
+         Kokkos::subview(x2, rows, Kokkos::ALL), Scalar(1), du);
+  }
+}
+
+// Pooled backward after the tokens: group sums, then dWk_h = q_h (x) du_h / sqrt(hd) and
+// dq_h = Wk_h du_h / sqrt(hd).
+template <class ExecSpace, class Scalar, class MemSpace>
+void pooled_backward_end(const ExecSpace& exec, const AttentionConfig& cfg,
+                         const AttentionParams<Scalar, MemSpace>& w,
+                         const AttentionParams<Scalar, MemSpace>& grad,
+                         const AttentionWork<Scalar, MemSpace>& work,
+                         const GroupReduce<Scalar, MemSpace>* group) {
+  const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
+  auto shared = work.shared;
+  auto dw = grad.w_in;
+  if (group) {
+    group->sum(Unmanaged1<Scalar, MemSpace>(shared.data(), shared.span()));
+    const std::size_t off = std::size_t(nh) * D;
+    for_each_row(
+        exec, "dchag::attention::add_value_grad", D, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          dw(2, r, d) += shared(off + r * D + d);
+        });
+  }
+  auto du = Unmanaged2<Scalar, MemSpace>(shared.data(), nh, D);
+  const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
+  auto q = work.q;
+  auto dq = work.dq;
+  auto w_in = w.w_in;
+  Kokkos::parallel_for(
+      "dchag::attention::key_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, D),
+      KOKKOS_LAMBDA(const int r) {
+        const int h = r / hd;
+        Scalar acc = 0;
+        for (int d = 0; d < D; ++d) {
+          acc += w_in(1, r, d) * du(h, d);
+          dw(1, r, d) += q(r) * du(h, d) * scale;
+        }
+        dq(r) = acc * scale;
+      });
+}
+
+}  // namespace dchag::detail
