@@ -76,7 +76,7 @@ TEST_CASE("Backward follows the strategy its forward ran with", "[robustness][st
   }
   SECTION("DchagEmulation, cross-attention partial aggregation with a tree") {
     dchag::DchagEmulation<Exec, double> fe(exec, cfg, {dchag::PartialKind::cross_attention, 2},
-                                          {{0, 1, 2}, {3, 4}});
+                                           {{0, 1, 2}, {3, 4}});
     fill_normal(fe.parameters(), 4, kParamSd);
     const Gradients plain = step(fe, images, d_out, false);
     const Gradients switched = step(fe, images, d_out, true);
@@ -86,7 +86,8 @@ TEST_CASE("Backward follows the strategy its forward ran with", "[robustness][st
     }
   }
   SECTION("CrossAttention: a materialized forward, then pooled, then backward") {
-    dchag::CrossAttention<Exec, double> att(exec, {8, 2, Convention::climax, Strategy::materialized});
+    dchag::CrossAttention<Exec, double> att(exec,
+                                            {8, 2, Convention::climax, Strategy::materialized});
     fill_normal(att.parameters(), 5, kParamSd);
     V4<double> x("x", B, 4, L, 8), g("g", B, 1, L, 8), out("out", B, 1, L, 8), dx("dx", B, 4, L, 8);
     fill_normal(x, 6);
@@ -198,8 +199,8 @@ TEMPLATE_TEST_CASE("Pooled gradients stay accurate when the softmax saturates",
       // The reference: materialized in double on the inputs rounded to T.
       V4<double> xr("xr", B, N, L, D);
       from_host(xr, to_host(x));
-      const AttentionResult ref = run_attention<double>(ref_att, Strategy::materialized,
-                                                        Path::one_shot, xr, gd);
+      const AttentionResult ref =
+          run_attention<double>(ref_att, Strategy::materialized, Path::one_shot, xr, gd);
       // The materialized strategy's error in float, against the double reference; in double it
       // is that error scaled by the ratio of the unit roundoffs (an error bound is linear in it),
       // since the reference itself is materialized double.
@@ -215,8 +216,8 @@ TEMPLATE_TEST_CASE("Pooled gradients stay accurate when the softmax saturates",
       from_host(gf, to_host(g));
       const double mat_error_float = max_error<float>(
           run_attention<float>(att_f, Strategy::materialized, Path::one_shot, xf, gf), ref);
-      const double mat_error =
-          mat_error_float * std::numeric_limits<T>::epsilon() / std::numeric_limits<float>::epsilon();
+      const double mat_error = mat_error_float * std::numeric_limits<T>::epsilon() /
+                               std::numeric_limits<float>::epsilon();
       // Floor: a few unit roundoffs of T (a one-hot softmax can make the error exactly zero).
       const double floor = 64 * std::numeric_limits<T>::epsilon();
       for (const Path path : {Path::one_shot, Path::streamed, Path::grouped}) {

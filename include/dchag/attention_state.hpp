@@ -62,7 +62,7 @@ struct AttentionSaved {
   View2<Scalar, MemSpace> vmat;      // materialized: [B*N*L, D]
   View2<Scalar, MemSpace> ocat;      // [P, D] heads' outputs before out-projection
   View2<Scalar, MemSpace> run_max, run_sum;  // [P, heads] softmax max and denominator
-  View2<Scalar, MemSpace> inv_share;  // grouped: [P, heads] group denominator / this rank's
+  View2<Scalar, MemSpace> inv_share;         // grouped: [P, heads] group denominator / this rank's
   std::vector<int> host_offsets;
 
   bool empty() const { return k == 0; }

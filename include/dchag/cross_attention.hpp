@@ -132,8 +132,8 @@ class CrossAttention {
     if (cfg_.strategy == Strategy::pooled) {
       detail::gemm(exec, "N", "T", Scalar(1), x2, work_.u, Scalar(0), saved.a);  // scores
       detail::segment_max(exec, saved, 0, cfg_.heads);
-      if (group) group->max(Unmanaged1<Scalar, memory_space>(saved.run_max.data(),
-                                                              saved.run_max.span()));
+      if (group)
+        group->max(Unmanaged1<Scalar, memory_space>(saved.run_max.data(), saved.run_max.span()));
       detail::exponentiate(exec, saved, 0, cfg_.heads);
       detail::pool_tokens(exec, cfg_, x2, saved);
       detail::finish_pooled(exec, cfg_, w_, saved, work_, group);
@@ -169,10 +169,10 @@ class CrossAttention {
       detail::pooled_token_grad(exec, cfg_, rows_of(x), saved, work_, 0, saved.N, dx);
       detail::pooled_backward_end(exec, cfg_, w_, grad_, work_, group);
     } else {
-      detail::backward_materialized(exec, cfg_, w_, grad_, work_, rows_of(x), saved,
-                                    detail::matrix<Scalar, memory_space>(
-                                        dx.data(), std::size_t(saved.B) * saved.N * saved.L,
-                                        std::size_t(cfg_.dim)));
+      detail::backward_materialized(
+          exec, cfg_, w_, grad_, work_, rows_of(x), saved,
+          detail::matrix<Scalar, memory_space>(dx.data(), std::size_t(saved.B) * saved.N * saved.L,
+                                               std::size_t(cfg_.dim)));
     }
     detail::back_query(exec, w_, grad_, work_);
   }
@@ -211,8 +211,8 @@ class CrossAttention {
     DCHAG_EXPECT(x.extent(0) == std::size_t(s.B) && x.extent(1) == std::size_t(s.N) &&
                      x.extent(2) == std::size_t(s.L) && x.extent(3) == std::size_t(cfg_.dim),
                  where, "x is [", x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ",
-                 x.extent(3), "], expected the view given to stream_begin [", s.B, ", ", s.N,
-                 ", ", s.L, ", ", cfg_.dim, "]");
+                 x.extent(3), "], expected the view given to stream_begin [", s.B, ", ", s.N, ", ",
+                 s.L, ", ", cfg_.dim, "]");
     work_.streamed = n1;
     if constexpr (detail::runs_on_host<ExecSpace>) {
       ensure_chunk_weights(std::size_t(s.B) * s.L, n1 - n0);
@@ -256,7 +256,8 @@ class CrossAttention {
   /// [n0, n1) covering [0, N), writing dx of those inputs [B, n1 - n0, L, D], then backward_end.
   /// Same gradients as backward; the full dx never has to exist.
   void backward_begin(const ExecSpace& exec, const Saved& saved,
-                      const View4<const Scalar, memory_space>& d_out, const Group* group = nullptr) {
+                      const View4<const Scalar, memory_space>& d_out,
+                      const Group* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::backward_begin");
     constexpr const char* where = "dchag::CrossAttention::backward_begin";
     check_saved(where, saved, group);
@@ -277,8 +278,8 @@ class CrossAttention {
     detail::ScopedRegion region("dchag::CrossAttention::backward_chunk");
     constexpr const char* where = "dchag::CrossAttention::backward_chunk";
     DCHAG_EXPECT(n0 == work_.back_streamed && n1 > n0 && n1 <= saved.N, where, "chunk [", n0, ", ",
-                 n1, ") does not continue the backward at ", work_.back_streamed, " of N = ",
-                 saved.N);
+                 n1, ") does not continue the backward at ", work_.back_streamed,
+                 " of N = ", saved.N);
     DCHAG_EXPECT(x.extent(0) == std::size_t(saved.B) && x.extent(1) == std::size_t(saved.N) &&
                      x.extent(2) == std::size_t(saved.L) && x.extent(3) == std::size_t(cfg_.dim),
                  where, "x is not the input of the saved forward");

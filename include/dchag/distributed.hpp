@@ -67,18 +67,25 @@ inline std::pair<int, int> head_share(int heads, int ranks, int rank) {
   return {begin, begin + base + (rank < extra ? 1 : 0)};
 }
 
-/// FNV-1a over the bytes of every tensor in `list` (host copies), for cross-rank comparison.
+/// FNV-1a over the bytes of a contiguous View, continuing from `h` (a host copy is made when the
+/// View lives where the host cannot read it).
+template <class V>
+std::uint64_t checksum_view(const V& v, std::uint64_t h = 0xcbf29ce484222325ull) {
+  using T = typename V::non_const_value_type;
+  Kokkos::View<const T*, typename V::memory_space, Kokkos::MemoryTraits<Kokkos::Unmanaged>> flat(
+      v.data(), v.span());
+  auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), flat);
+  const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
+  for (std::size_t i = 0; i < host.span() * sizeof(T); ++i) h = (h ^ bytes[i]) * 0x100000001b3ull;
+  return h;
+}
+
+/// The same over every piece of every tensor in `list`, for cross-rank comparison.
 template <class Scalar, class MemSpace>
 std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
   std::uint64_t h = 0xcbf29ce484222325ull;
-  for (const auto& t : list) {
-    for (const auto& p : t.pieces) {
-      auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), p.values);
-      const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
-      for (std::size_t i = 0; i < host.span() * sizeof(Scalar); ++i)
-        h = (h ^ bytes[i]) * 0x100000001b3ull;
-    }
-  }
+  for (const auto& t : list)
+    for (const auto& p : t.pieces) h = checksum_view(p.values, h);
   return h;
 }
 
@@ -112,9 +119,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
   e += Attention::estimate_application(cfg.attention(), B, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
   e.activations += token * J;  // tokens
-  e.workspace +=
-      tp ? token * J
-         : detail::fused_chunk_bytes<typename ExecSpace::memory_space, Scalar>(B, L, D, J);
+  e.workspace += tp ? token * J : detail::fused_chunk_bytes<ExecSpace, Scalar>(B, L, D, J);
   if (tp) e.workspace += S * D;  // the query gradient before this call
   return e;
 }
@@ -190,14 +195,15 @@ class DistributedFrontEnd {
     comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
                         {"image input", static_cast<std::int64_t>(input)}});
     const std::size_t B = images.extent(0), P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
+    // Everything this forward and its backward allocate, before the first data collective: an
+    // allocation that fails on one rank is then an exception on every rank, not a hang.
+    comm_.check_collectively(where, [&] { reserve(B); });
+    if (check_replicas_) verify_replicated(exec);
     const auto sel = selection(input);
     const V4 out4(out.data(), B, 1, L, D);
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
-        detail::ensure_view(partial_, "dchag::distributed::partial", B, 1, L, D);
-        detail::ensure_view(received_, "dchag::distributed::received", P, B, L, D);
-        detail::ensure_view(gathered_, "dchag::distributed::gathered", B, P, L, D);
         stage_->forward(exec, images, sel, partial_);
         allgather(exec, comm_, partial_, received_);
         auto received = received_;
@@ -212,12 +218,10 @@ class DistributedFrontEnd {
         break;
       }
       case Mode::exact_flat:
-        detail::ensure_view(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
         detail::fused_pooled_forward(exec, *tokenizer_, *attention_, images, sel, tokens_, saved_,
                                      out4, &reduce_, 0);
         break;
       case Mode::tp_only:
-        detail::ensure_view(tokens_, "dchag::distributed::tokens", B, sel.channel_id.size(), L, D);
         tokenizer_->forward(exec, images, sel, tokens_);
         attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_);
         allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(out.data(), out.span()));
@@ -243,13 +247,15 @@ class DistributedFrontEnd {
                    "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
                    "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
     });
+    if (check_replicas_) {
+      comm_.agree(where,
+                  {{"checksum of d_out", static_cast<std::int64_t>(detail::checksum_view(d_out))}});
+    }
     const View4<const Scalar, memory_space> d_out4(d_out.data(), B, 1, L, D);
     pos_->backward(exec, d_out);
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
-        detail::ensure_view(d_gathered_, "dchag::distributed::d_gathered", B,
-                            std::size_t(comm_.size()), L, D);
         attention_->backward(exec, gathered_, saved_, d_out4, d_gathered_);
         // The gathered gradient is the same on every rank: keep this rank's slice, no collective.
         detail::copy_slot(exec, partial_, d_gathered_, comm_.rank(), false);
@@ -262,10 +268,8 @@ class DistributedFrontEnd {
                                       d_chunk_, &reduce_, 0);
         break;
       case Mode::tp_only: {
-        detail::ensure_view(d_tokens_, "dchag::distributed::d_tokens", B, tokens_.extent(1), L, D);
         // The query vector is replicated: sum only this call's share of its gradient.
         auto d_query = attention_->gradients().front().pieces.front().values;
-        detail::ensure_view(query_before_, "dchag::distributed::query_before", d_query.extent(0));
         Kokkos::deep_copy(exec, query_before_, d_query);
         attention_->backward(exec, tokens_, saved_, d_out4, d_tokens_);
         auto before = query_before_;
@@ -307,6 +311,13 @@ class DistributedFrontEnd {
     return list;
   }
 
+  /// Collective consistency checks (DESIGN 7): with them on, every forward first checks that the
+  /// replicated parameters are bit-identical on all ranks and every backward that d_out is (one
+  /// checksum each, a host copy and one small all-reduce). On by default in debug builds (NDEBUG
+  /// not defined), off in release builds unless asked for. Set it to the same value on all ranks.
+  void set_replica_checks(bool on) { check_replicas_ = on; }
+  bool replica_checks() const { return check_replicas_; }
+
   /// Collective: copies rank `root`'s replicated parameters to every rank.
   void broadcast_replicated(const ExecSpace& exec, int root = 0) {
     for (const auto& t : replicated_parameters())
@@ -325,6 +336,32 @@ class DistributedFrontEnd {
 
  private:
   bool is_dchag() const { return mode_ == Mode::dchag_linear || mode_ == Mode::dchag_xattn; }
+
+  // The buffers of one forward and backward of B images (local; run under check_collectively).
+  void reserve(std::size_t B) {
+    const std::size_t P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
+    using detail::ensure_view;
+    if (is_dchag()) {
+      ensure_view(partial_, "dchag::distributed::partial", B, std::size_t(1), L, D);
+      ensure_view(received_, "dchag::distributed::received", P, B, L, D);
+      ensure_view(gathered_, "dchag::distributed::gathered", B, P, L, D);
+      ensure_view(d_gathered_, "dchag::distributed::d_gathered", B, P, L, D);
+      stage_->reserve(B, L, D);
+      attention_->reserve(saved_, int(B), int(P), int(L), Segments::whole(int(P)));
+      return;
+    }
+    const std::size_t J = tokenizer_->owned_channels().size();
+    if (mode_ == Mode::exact_flat) {
+      detail::fused_pooled_reserve(*tokenizer_, *attention_, saved_, tokens_, d_chunk_, B, J, L, D,
+                                   true, 0);
+      return;
+    }
+    ensure_view(tokens_, "dchag::distributed::tokens", B, J, L, D);
+    ensure_view(d_tokens_, "dchag::distributed::d_tokens", B, J, L, D);
+    ensure_view(query_before_, "dchag::distributed::query_before", D);
+    tokenizer_->reserve(int(B), int(J), int(L));
+    attention_->reserve(saved_, int(B), int(J), int(L), Segments::whole(int(J)));
+  }
 
   void validate_local() const {
     constexpr const char* where = "dchag::DistributedFrontEnd";
@@ -403,6 +440,11 @@ class DistributedFrontEnd {
   std::optional<PositionalEmbedding<ExecSpace, Scalar>> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   bool forwarded_ = false;
+#ifdef NDEBUG
+  bool check_replicas_ = false;
+#else
+  bool check_replicas_ = true;
+#endif
   V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;
   View1<Scalar, memory_space> query_before_, d_chunk_;
 };

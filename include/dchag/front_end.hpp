@@ -83,17 +83,34 @@ void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, boo
 /// Channels per chunk of the fused pooled front ends: about 512 KiB of tokens where the execution
 /// space runs on the host (a chunk stays in a core's L2 between being produced and consumed);
 /// every channel at once on devices, where launches cost more than cache misses.
-template <class MemSpace, class Scalar>
+template <class ExecSpace, class Scalar>
 int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels,
                          int requested = 0) {
   if (requested > 0) return std::min(requested, channels);
-  if constexpr (!Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemSpace>::accessible) {
+  if constexpr (!runs_on_host<ExecSpace>) {
     return channels;
   } else {
     const std::size_t per_channel = B * L * D * sizeof(Scalar);
     return static_cast<int>(
         std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
   }
+}
+
+/// Allocates what fused_pooled_forward and fused_pooled_backward need for B images of the J
+/// channels of `tokens`' shape, so that a collective caller allocates before its first collective.
+template <class ExecSpace, class Scalar>
+void fused_pooled_reserve(Tokenizer<ExecSpace, Scalar>& tokenizer,
+                          CrossAttention<ExecSpace, Scalar>& attention,
+                          typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
+                          View4<Scalar, typename ExecSpace::memory_space>& tokens,
+                          View1<Scalar, typename ExecSpace::memory_space>& d_chunk, std::size_t B,
+                          std::size_t J, std::size_t L, std::size_t D, bool grouped,
+                          int requested_chunk) {
+  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, int(J), requested_chunk);
+  ensure_view(tokens, "dchag::fused::tokens", B, J, L, D);
+  ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
+  tokenizer.reserve(int(B), int(J), int(L));
+  attention.reserve(saved, int(B), int(J), int(L), Segments::whole(int(J)), grouped, chunk);
 }
 
 /// Fused pooled forward (DESIGN 3.8): tokenize a chunk of channels, fold it into the running
@@ -111,8 +128,8 @@ void fused_pooled_forward(
   const int J = sel.size();
   tokenizer.prepare(exec, images, sel, tokens);
   attention.stream_begin(exec, tokens, saved, group != nullptr);
-  const int chunk = fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(
-      tokens.extent(0), tokens.extent(2), tokens.extent(3), J, requested_chunk);
+  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(tokens.extent(0), tokens.extent(2),
+                                                            tokens.extent(3), J, requested_chunk);
   for (int j0 = 0; j0 < J; j0 += chunk) {
     const int j1 = std::min(J, j0 + chunk);
     tokenizer.project(exec, j0, j1, tokens);
@@ -136,8 +153,7 @@ void fused_pooled_backward(
   using V4 = View4<Scalar, typename ExecSpace::memory_space>;
   const std::size_t B = tokens.extent(0), L = tokens.extent(2), D = tokens.extent(3);
   const int J = static_cast<int>(tokens.extent(1));
-  const int chunk =
-      fused_chunk_channels<typename ExecSpace::memory_space, Scalar>(B, L, D, J, requested_chunk);
+  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, requested_chunk);
   ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
   attention.backward_begin(exec, saved, d_out, group);
   for (int j0 = 0; j0 < J; j0 += chunk) {
@@ -150,11 +166,11 @@ void fused_pooled_backward(
 }
 
 /// Bytes of the fused backward's chunk buffer.
-template <class MemSpace, class Scalar>
+template <class ExecSpace, class Scalar>
 std::int64_t fused_chunk_bytes(std::size_t B, std::size_t L, std::size_t D, int channels,
                                int requested = 0) {
   return std::int64_t(sizeof(Scalar)) * B * L * D *
-         fused_chunk_channels<MemSpace, Scalar>(B, L, D, channels, requested);
+         fused_chunk_channels<ExecSpace, Scalar>(B, L, D, channels, requested);
 }
 
 /// One D-CHAG rank's local work: tokenize its channels, fold them to one partial token.
@@ -173,12 +189,18 @@ class ChannelStage {
 
   const std::vector<int>& channels() const { return channels_; }
 
+  /// Allocates what a forward and backward of B images with L patches of width D need.
+  void reserve(std::size_t B, std::size_t L, std::size_t D) {
+    ensure_view(tokens_, "dchag::stage::tokens", B, channels_.size(), L, D);
+    ensure_view(d_tokens_, "dchag::stage::d_tokens", B, channels_.size(), L, D);
+    tokenizer_.reserve(int(B), int(channels_.size()), int(L));
+    partial_.reserve(int(B), int(L), int(D));
+  }
+
   /// partial [B, 1, L, D] from images holding the channels `sel` names.
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const V4& partial) {
-    const std::size_t B = images.extent(0), L = partial.extent(2), D = partial.extent(3);
-    ensure_view(tokens_, "dchag::stage::tokens", B, channels_.size(), L, D);
-    ensure_view(d_tokens_, "dchag::stage::d_tokens", B, channels_.size(), L, D);
+    reserve(images.extent(0), partial.extent(2), partial.extent(3));
     tokenizer_.forward(exec, images, sel, tokens_);
     partial_.forward(exec, tokens_, partial);
   }
@@ -313,7 +335,7 @@ class FlatFrontEnd {
     e.activations += tokens;
     // d_tokens: whole for materialized, one chunk at a time for the fused pooled backward.
     e.workspace += cfg.strategy == Strategy::pooled
-                       ? detail::fused_chunk_bytes<memory_space, Scalar>(B, L, cfg.dim, J, chunk)
+                       ? detail::fused_chunk_bytes<ExecSpace, Scalar>(B, L, cfg.dim, J, chunk)
                        : tokens;
     return e;
   }

@@ -46,6 +46,14 @@ class PartialAggregator {
   int inputs() const { return inputs_; }
   int tree() const { return tree_; }
 
+  /// Allocates what a forward and backward over B x L positions need (see Tokenizer::reserve).
+  void reserve(int B, int L, int D) {
+    if (tree_ > 1) ensure_mid(B, L, D);
+    if (!attention_) return;
+    attention_->reserve(saved_[0], B, inputs_, L, group_segments());
+    if (tree_ > 1) attention_->reserve(saved_[1], B, tree_, L, Segments::whole(tree_));
+  }
+
   /// out [B, 1, L, D] from tokens [B, C_r, L, D]; keeps what backward needs.
   void forward(const ExecSpace& exec, const C4& tokens, const V4& out) {
     detail::ScopedRegion region("dchag::PartialAggregator::forward");
@@ -57,7 +65,7 @@ class PartialAggregator {
       forwarded_ = true;
       return;
     }
-    ensure_mid(tokens);
+    ensure_mid(tokens.extent(0), tokens.extent(2), tokens.extent(3));
     apply_forward(exec, tokens, groups, mid_, saved_[0], true);
     apply_forward(exec, mid_, Segments::whole(tree_), out, saved_[1], false);
     forwarded_ = true;
@@ -116,12 +124,9 @@ class PartialAggregator {
  private:
   Segments group_segments() const { return Segments::split(inputs_, tree_); }
 
-  void ensure_mid(const C4& tokens) {
-    const std::size_t B = tokens.extent(0), L = tokens.extent(2), D = tokens.extent(3);
-    if (mid_.extent(0) != B || mid_.extent(2) != L || mid_.extent(3) != D) {
-      mid_ = V4("dchag::partial::mid", B, tree_, L, D);
-      d_mid_ = V4("dchag::partial::d_mid", B, tree_, L, D);
-    }
+  void ensure_mid(std::size_t B, std::size_t L, std::size_t D) {
+    detail::ensure_view(mid_, "dchag::partial::mid", B, std::size_t(tree_), L, D);
+    detail::ensure_view(d_mid_, "dchag::partial::d_mid", B, std::size_t(tree_), L, D);
   }
 
   void apply_forward(const ExecSpace& exec, const C4& x, const Segments& seg, const V4& out,

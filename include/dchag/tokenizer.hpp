@@ -92,6 +92,14 @@ class Tokenizer {
   int dim() const { return dim_; }
   const std::vector<int>& owned_channels() const { return owned_; }
 
+  /// Allocates what a forward and backward of B images, J selected channels and L patches need,
+  /// so that a collective caller can agree on the allocation before its first collective.
+  void reserve(int B, int J, int L) {
+    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L, patch_ * patch_);
+    detail::ensure_view(slot_, "dchag::tokenizer::slot", J);
+    detail::ensure_view(image_index_, "dchag::tokenizer::image_index", J);
+  }
+
   /// tokens [B, J, L, D] from images [B, Cimg, H, W] and a selection of J channels. Saves the
   /// patches for backward. H and W must be multiples of the patch size.
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
@@ -320,9 +328,7 @@ class Tokenizer {
     B_ = B;
     J_ = J;
     L_ = L;
-    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L, patch_ * patch_);
-    detail::ensure_view(slot_, "dchag::tokenizer::slot", J);
-    detail::ensure_view(image_index_, "dchag::tokenizer::image_index", J);
+    reserve(B, J, L);
   }
 
   int channels_, patch_, dim_;

@@ -292,3 +292,68 @@ TEST_CASE("replicated parameters are verified and can be broadcast", "[mpi][dist
     REQUIRE(c % P == comm.rank());
   }
 }
+
+TEST_CASE("an allocation that fails on one rank is an exception on every rank",
+          "[mpi][distributed][fault]") {
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int P = comm.size();
+  const auto pb = small_problem(8);
+  for (const auto mode : {dchag::Mode::dchag_linear, dchag::Mode::dchag_xattn,
+                          dchag::Mode::exact_flat, dchag::Mode::tp_only}) {
+    INFO("mode " << dchag::to_string(mode));
+    auto cfg = pb.cfg;
+    if (mode == dchag::Mode::tp_only) cfg.strategy = dchag::Strategy::materialized;
+    dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, cfg, mode,
+                                                dchag::ChannelMap::blocks(8, P));
+    dchag::View4<Scalar, Mem> images("images", pb.B, cfg.channels, cfg.height, cfg.width);
+    dchag::View3<Scalar, Mem> out("out", pb.B, cfg.patches(), cfg.dim);
+    fill(images, 3);
+    // The last rank runs out of memory for the score gradients, which every mode allocates.
+    if (comm.rank() == P - 1) dchag::detail::failing_allocation_label() = "dchag::attention::ds";
+    bool thrown = false;
+    try {
+      fe.forward(exec, images, out, dchag::ImageInput::full_image);
+    } catch (const dchag::error& e) {
+      thrown = true;
+      const std::string what = e.what();
+      INFO(what);
+      CHECK_THAT(what, Catch::Contains("dchag::attention::ds"));
+      if (comm.rank() != P - 1) CHECK_THAT(what, Catch::Contains("rank " + std::to_string(P - 1)));
+    }
+    dchag::detail::failing_allocation_label().clear();
+    CHECK(thrown);
+    // Nobody is left inside a collective: the next step runs on every rank.
+    fe.forward(exec, images, out, dchag::ImageInput::full_image);
+    fe.backward(exec, out);
+  }
+}
+
+TEST_CASE("replica checks catch a diverged d_out or replicated parameter on one rank",
+          "[mpi][distributed][replicas]") {
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int P = comm.size();
+  const auto pb = small_problem(8);
+  dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, pb.cfg, dchag::Mode::dchag_xattn,
+                                              dchag::ChannelMap::blocks(8, P));
+  fe.set_replica_checks(true);
+  dchag::View4<Scalar, Mem> images("images", pb.B, fe.channels().size(), 8, 12);
+  dchag::View3<Scalar, Mem> out("out", pb.B, pb.cfg.patches(), pb.cfg.dim),
+      g("g", pb.B, pb.cfg.patches(), pb.cfg.dim);
+  fill(images, 4);
+  fill(g, 5);
+  fe.forward(exec, images, out);
+  fe.backward(exec, g);  // identical d_out everywhere: passes
+  if (P == 1) return;
+  fe.forward(exec, images, out);
+  if (comm.rank() == P - 1) Kokkos::deep_copy(Kokkos::subview(g, 0, 0, 0), 42.0);
+  REQUIRE_THROWS_WITH(fe.backward(exec, g), Catch::Contains("checksum of d_out"));
+  auto pos = find(fe.parameters(), "pos_embed")->pieces.front().values;
+  if (comm.rank() == 0) Kokkos::deep_copy(Kokkos::subview(pos, 1), -7.0);
+  REQUIRE_THROWS_WITH(fe.forward(exec, images, out),
+                      Catch::Contains("checksum of the replicated parameters"));
+  // Off: the divergence goes unnoticed (and is the caller's responsibility).
+  fe.set_replica_checks(false);
+  REQUIRE_NOTHROW(fe.forward(exec, images, out));
+}

@@ -25,17 +25,17 @@ struct AttentionParams {
 /// Per-call vectors and workspace of one module, reused across calls of the same shape.
 template <class Scalar, class MemSpace>
 struct AttentionWork {
-  View1<Scalar, MemSpace> q, dq;    // [D]
-  View2<Scalar, MemSpace> u;        // [heads, D]: Wk_h^T q_h / sqrt(hd)
-  View1<Scalar, MemSpace> merge;    // grouped forward: [P * (D + heads)]
-  View1<Scalar, MemSpace> shared;   // [heads * D] du, then (grouped) this rank's dWv [D * D]
-  View2<Scalar, MemSpace> go;       // [P, D] gradient at the heads' outputs
+  View1<Scalar, MemSpace> q, dq;       // [D]
+  View2<Scalar, MemSpace> u;           // [heads, D]: Wk_h^T q_h / sqrt(hd)
+  View1<Scalar, MemSpace> merge;       // grouped forward: [P * (D + heads)]
+  View1<Scalar, MemSpace> shared;      // [heads * D] du, then (grouped) this rank's dWv [D * D]
+  View2<Scalar, MemSpace> go;          // [P, D] gradient at the heads' outputs
   View2<Scalar, MemSpace> c, c_group;  // [P, heads] gz_h . z_h here and over the group
-  View2<Scalar, MemSpace> ds;       // [B*N*L, heads] score gradients
-  View2<Scalar, MemSpace> dk, dv;   // materialized: [B*N*L, D of the head share]
-  View3<Scalar, MemSpace> oh;       // [heads, P, hd] projected pooled tokens / their gradients
-  View3<Scalar, MemSpace> gz;       // [heads, P, D] gradient at the pooled tokens
-  View3<Scalar, MemSpace> e_chunk;  // streaming: [B*L, chunk, heads] softmax numerators
+  View2<Scalar, MemSpace> ds;          // [B*N*L, heads] score gradients
+  View2<Scalar, MemSpace> dk, dv;      // materialized: [B*N*L, D of the head share]
+  View3<Scalar, MemSpace> oh;          // [heads, P, hd] projected pooled tokens / their gradients
+  View3<Scalar, MemSpace> gz;          // [heads, P, D] gradient at the pooled tokens
+  View3<Scalar, MemSpace> e_chunk;     // streaming: [B*L, chunk, heads] softmax numerators
   int streamed = 0, back_streamed = 0;
   bool group_backward = false;
 };
@@ -75,8 +75,7 @@ void compute_query(const ExecSpace& exec, const AttentionConfig& cfg,
 
 // Per output position and head [h0, h1): run_max = max over the segment of the scores in a.
 template <class ExecSpace, class Scalar, class MemSpace>
-void segment_max(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0,
-                 int h1) {
+void segment_max(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0, int h1) {
   const int N = s.N, L = s.L, k = s.k;
   auto a = s.a;
   auto off = s.offsets;

@@ -196,9 +196,8 @@ void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
           const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
           Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
           Scalar* zh = &z(h, pos, 0);
-          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
-            zh[d] = first ? Scalar(0) : zh[d] * rescale;
-          });
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
+                               [&](const int d) { zh[d] = first ? Scalar(0) : zh[d] * rescale; });
           for (int n = n0; n < n1; ++n) {
             const std::int64_t row = row0 + std::int64_t(n) * L;
             const Scalar e = detail::exp(a(row, h) - mx);
@@ -250,9 +249,9 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   ensure_view(work.shared, "dchag::attention::group_grads",
               std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
   auto shared = work.shared;
-  Kokkos::deep_copy(
-      exec, Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)),
-      Scalar(0));
+  Kokkos::deep_copy(exec,
+                    Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)),
+                    Scalar(0));
   auto dwv = group ? Unmanaged2<Scalar, MemSpace>(shared.data() + std::size_t(nh) * D, D, D)
                    : Unmanaged2<Scalar, MemSpace>(&grad.w_in(2, 0, 0), D, D);
   work.group_backward = group != nullptr;
@@ -261,7 +260,9 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   auto goh = work.oh;
   for_each_row(
       exec, "dchag::attention::split_heads", P, D,
-      KOKKOS_LAMBDA(const std::int64_t pos, const int r) { goh(r / hd, pos, r % hd) = go(pos, r); });
+      KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+        goh(r / hd, pos, r % hd) = go(pos, r);
+      });
   ensure_view(work.gz, "dchag::attention::gz", std::size_t(nh), P, std::size_t(D));
   for (int h = 0; h < nh; ++h) {
     auto gh = Kokkos::subview(goh, h, Kokkos::ALL, Kokkos::ALL);
@@ -284,7 +285,8 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   auto c = work.c;
   auto c_group = work.c_group;
   for_each_row(
-      exec, "dchag::attention::gz_dot_z", P, nh, KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
+      exec, "dchag::attention::gz_dot_z", P, nh,
+      KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
         const Scalar v = lane_dot(&gz(h, pos, 0), &z(h, pos, 0), D);
         c(pos, h) = v;
         c_group(pos, h) = v;

@@ -58,8 +58,7 @@ KOKKOS_INLINE_FUNCTION Scalar team_dot(const Member& team, const Scalar* a, cons
                                        int n) {
   Scalar sum = 0;
   Kokkos::parallel_reduce(
-      Kokkos::TeamVectorRange(team, n), [&](const int i, Scalar& acc) { acc += a[i] * b[i]; },
-      sum);
+      Kokkos::TeamVectorRange(team, n), [&](const int i, Scalar& acc) { acc += a[i] * b[i]; }, sum);
   return sum;
 }
 
@@ -67,8 +66,7 @@ KOKKOS_INLINE_FUNCTION Scalar team_dot(const Member& team, const Scalar* a, cons
 /// before the product, so b == s * c gives exactly zero (DESIGN 3.8).
 template <class Member, class Scalar>
 KOKKOS_INLINE_FUNCTION Scalar team_dot_residual(const Member& team, const Scalar* a,
-                                                const Scalar* b, const Scalar* c, Scalar s,
-                                                int n) {
+                                                const Scalar* b, const Scalar* c, Scalar s, int n) {
   Scalar sum = 0;
   Kokkos::parallel_reduce(
       Kokkos::TeamVectorRange(team, n),
