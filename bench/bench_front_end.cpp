@@ -20,6 +20,7 @@
 
 #ifdef DCHAG_ENABLE_MPI
 #include <mpi.h>
+#include <dchag/device.hpp>
 #endif
 
 #include <chrono>
@@ -363,7 +364,11 @@ int main(int argc, char** argv) {
   MPI_Comm_size(MPI_COMM_WORLD, &ranks);
 #endif
   int status = 0;
+#ifdef DCHAG_ENABLE_MPI
+  dchag::initialize_on_local_device(argc, argv);  // one device per rank of a node
+#else
   Kokkos::initialize(argc, argv);
+#endif
   {
     std::vector<Shape> shapes;
     int groups = 4;

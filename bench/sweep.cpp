@@ -13,6 +13,7 @@
 // the tracker's high-water mark (everything Kokkos allocated from the front end's construction to
 // the end of the last step: parameters, gradients, saved activations, workspace, receive buffers).
 // Bad options print an error on every rank and exit with status 2.
+#include <dchag/device.hpp>
 #include <dchag/distributed.hpp>
 #include <dchag/memory.hpp>
 
@@ -478,7 +479,8 @@ int main(int argc, char** argv) {
       return 0;
     }
   }
-  Kokkos::initialize(argc, argv);  // removes the --kokkos-* options it knows
+  dchag::initialize_on_local_device(
+      argc, argv);  // one device per rank of a node  // removes the --kokkos-* options it knows
   int status = 0;
   try {
     status = sweep(argc, argv);

@@ -3,6 +3,7 @@
 // checksum, the step time (median over steps, max over ranks) and the peak memory per rank.
 //
 //   mpiexec -n 2 dchag_demo [--C 128] [--D 128] [--heads 8] [--steps 3]
+#include <dchag/device.hpp>
 #include <dchag/distributed.hpp>
 #include <dchag/memory.hpp>
 
@@ -83,7 +84,7 @@ int main(int argc, char** argv) {
   // only this thread calls MPI.
   int provided = 0;
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
-  Kokkos::initialize(argc, argv);
+  dchag::initialize_on_local_device(argc, argv);  // one device per rank of a node
   int status = 0;
   try {
     dchag::Communicator comm(MPI_COMM_WORLD);

@@ -6,6 +6,7 @@
 #include <Kokkos_Core.hpp>
 #ifdef DCHAG_ENABLE_MPI
 #include <mpi.h>
+#include <dchag/device.hpp>
 #endif
 
 int main(int argc, char* argv[]) {
@@ -17,8 +18,13 @@ int main(int argc, char* argv[]) {
   MPI_Init_thread(&argc, &argv, MPI_THREAD_FUNNELED, &provided);
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
 #endif
-  // Kokkos removes the --kokkos-* arguments it understands, so Catch2 never sees them.
+  // Kokkos removes the --kokkos-* arguments it understands, so Catch2 never sees them. Under MPI
+  // every rank of a node takes its own device.
+#ifdef DCHAG_ENABLE_MPI
+  dchag::initialize_on_local_device(argc, argv, MPI_COMM_WORLD);
+#else
   Kokkos::initialize(argc, argv);
+#endif
   int result = 0;
   {
     Catch::Session session;

@@ -64,6 +64,7 @@ class Communicator {
     auto owned = std::unique_ptr<MPI_Comm>(new MPI_Comm(MPI_COMM_NULL));
     DCHAG_MPI_CHECK(where, MPI_Comm_dup, comm, owned.get());
     comm_ = std::shared_ptr<MPI_Comm>(owned.release(), FreeComm{});
+    staging_ = std::make_shared<detail::StagingArena>();
     DCHAG_MPI_CHECK(where, MPI_Comm_set_errhandler, *comm_, MPI_ERRORS_RETURN);
     DCHAG_MPI_CHECK(where, MPI_Comm_rank, *comm_, &rank_);
     DCHAG_MPI_CHECK(where, MPI_Comm_size, *comm_, &size_);
@@ -79,6 +80,13 @@ class Communicator {
   int size() const noexcept { return size_; }
   /// The duplicate (not the communicator passed in); valid while any copy of *this lives.
   MPI_Comm comm() const noexcept { return *comm_; }
+
+  /// Host memory the collectives stage device Views through when MPI cannot read device memory
+  /// (no DCHAG_ENABLE_GPU_AWARE_MPI); shared by the copies of this Communicator and kept across
+  /// calls. Local, not collective.
+  detail::StagingArena* staging() const noexcept { return staging_.get(); }
+  /// Grows the staging memory to at least `bytes` now, so that later collectives allocate nothing.
+  void reserve_staging(std::size_t bytes) const { staging_->reserve(bytes); }
 
   /// Collective: throws dchag::error on every rank unless every field has the same value on all
   /// ranks. One MPI_Allreduce of 2·fields.size() integers. All ranks must pass the same names in
@@ -123,6 +131,7 @@ class Communicator {
   };
 
   std::shared_ptr<MPI_Comm> comm_;
+  std::shared_ptr<detail::StagingArena> staging_;
   int rank_ = 0;
   int size_ = 1;
 };
@@ -133,21 +142,24 @@ template <class ExecSpace, detail::KokkosView SendView, detail::KokkosView RecvV
 void allgather(const ExecSpace& exec, const Communicator& comm, const SendView& send,
                const RecvView& recv) {
   detail::MpiProfilingRegion region("dchag::allgather");
-  detail::allgather<false>("dchag::allgather", exec, comm.comm(), comm.size(), send, recv);
+  detail::allgather<false>("dchag::allgather", exec, comm.comm(), comm.size(), send, recv,
+                           comm.staging());
 }
 
 /// In place: every rank's `view` becomes the element-wise sum over ranks.
 template <class ExecSpace, detail::KokkosView View>
 void allreduce_sum(const ExecSpace& exec, const Communicator& comm, const View& view) {
   detail::MpiProfilingRegion region("dchag::allreduce_sum");
-  detail::allreduce<false>("dchag::allreduce_sum", exec, comm.comm(), view, MPI_SUM);
+  detail::allreduce<false>("dchag::allreduce_sum", exec, comm.comm(), view, MPI_SUM,
+                           comm.staging());
 }
 
 /// In place: every rank's `view` becomes the element-wise maximum over ranks.
 template <class ExecSpace, detail::KokkosView View>
 void allreduce_max(const ExecSpace& exec, const Communicator& comm, const View& view) {
   detail::MpiProfilingRegion region("dchag::allreduce_max");
-  detail::allreduce<false>("dchag::allreduce_max", exec, comm.comm(), view, MPI_MAX);
+  detail::allreduce<false>("dchag::allreduce_max", exec, comm.comm(), view, MPI_MAX,
+                           comm.staging());
 }
 
 /// Copies `view` of rank `root` into `view` of every other rank.
@@ -155,7 +167,7 @@ template <class ExecSpace, detail::KokkosView View>
 void broadcast(const ExecSpace& exec, const Communicator& comm, const View& view, int root) {
   detail::MpiProfilingRegion region("dchag::broadcast");
   detail::broadcast<false>("dchag::broadcast", exec, comm.comm(), comm.rank(), comm.size(), view,
-                           root);
+                           root, comm.staging());
 }
 
 enum class GradientReduction { sum, mean };
@@ -175,7 +187,7 @@ void sum_gradients(const ExecSpace& exec, const Communicator& comm, GradientRedu
   const auto total = (std::int64_t{0} + ... + static_cast<std::int64_t>(grads.size()));
   comm.agree(where, {{"number of gradient views", static_cast<std::int64_t>(sizeof...(Grads))},
                      {"total gradient elements", total}});
-  (detail::allreduce<false>(where, exec, comm.comm(), grads, MPI_SUM), ...);
+  (detail::allreduce<false>(where, exec, comm.comm(), grads, MPI_SUM, comm.staging()), ...);
   if (how == GradientReduction::mean && comm.size() > 1) {
     (detail::scale_in_place("dchag::sum_gradients::mean", exec, grads,
                             typename Grads::non_const_value_type(1) /

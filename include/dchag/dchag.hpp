@@ -8,5 +8,6 @@
 #include <dchag/weights.hpp>
 #ifdef DCHAG_ENABLE_MPI
 #include <dchag/communicator.hpp>
+#include <dchag/device.hpp>
 #include <dchag/distributed.hpp>
 #endif

@@ -89,6 +89,27 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
   return h;
 }
 
+/// Host bytes the largest collective of one training step stages through when MPI cannot read
+/// the execution space's memory (0 when it can): D-CHAG's all-gather of the partial tokens,
+/// exact_flat's merge of the pooled sums or its summed parameter gradients, tp_only's all-reduce
+/// of the token gradients. J: channels the rank tokenizes.
+template <class ExecSpace, class Scalar>
+std::int64_t staging_bytes(const FrontEndConfig& cfg, Mode mode, int P, std::int64_t J,
+                           std::int64_t B) {
+  if (!mpi_needs_host_staging<typename ExecSpace::memory_space>) return 0;
+  const std::int64_t L = cfg.patches(), D = cfg.dim, nh = cfg.heads;
+  switch (mode) {
+    case Mode::dchag_linear:
+    case Mode::dchag_xattn:
+      return std::int64_t(staged_bytes<Scalar>(B * L * D) + staged_bytes<Scalar>(P * B * L * D));
+    case Mode::exact_flat:
+      return std::int64_t(staged_bytes<Scalar>(std::max(B * L * (D + nh), nh * D + D * D)));
+    case Mode::tp_only:
+      return std::int64_t(staged_bytes<Scalar>(B * J * L * D));
+  }
+  return 0;
+}
+
 }  // namespace detail
 
 /// Bytes rank `rank` holds for one training step of `mode` on B images (DESIGN 5), without
@@ -111,6 +132,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
     e.activations += token * (P + 1);  // gathered, partial
     e.communication += token * P;      // received
     e.workspace += token * P;          // d_gathered
+    e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, Cr, B);
     return e;
   }
   const bool tp = mode == Mode::tp_only;
@@ -121,6 +143,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   e.activations += token * J;  // tokens
   e.workspace += tp ? token * J : detail::fused_chunk_bytes<ExecSpace, Scalar>(B, L, D, J);
   if (tp) e.workspace += S * D;  // the query gradient before this call
+  e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, J, B);
   return e;
 }
 
@@ -341,6 +364,9 @@ class DistributedFrontEnd {
   void reserve(std::size_t B) {
     const std::size_t P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
     using detail::ensure_view;
+    const std::size_t J = is_dchag() ? channels_.size() : tokenizer_->owned_channels().size();
+    comm_.reserve_staging(std::size_t(detail::staging_bytes<ExecSpace, Scalar>(
+        cfg_, mode_, int(P), std::int64_t(J), std::int64_t(B))));
     if (is_dchag()) {
       ensure_view(partial_, "dchag::distributed::partial", B, std::size_t(1), L, D);
       ensure_view(received_, "dchag::distributed::received", P, B, L, D);
@@ -350,7 +376,6 @@ class DistributedFrontEnd {
       attention_->reserve(saved_, int(B), int(P), int(L), Segments::whole(int(P)));
       return;
     }
-    const std::size_t J = tokenizer_->owned_channels().size();
     if (mode_ == Mode::exact_flat) {
       detail::fused_pooled_reserve(*tokenizer_, *attention_, saved_, tokens_, d_chunk_, B, J, L, D,
                                    true, 0);

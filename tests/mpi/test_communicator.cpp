@@ -15,6 +15,8 @@
 #include <string>
 
 #include "dchag/communicator.hpp"
+#include "dchag/device.hpp"
+#include "dchag/memory.hpp"
 
 using Catch::Matchers::Contains;
 using Catch::Matchers::StartsWith;
@@ -465,4 +467,50 @@ TEST_CASE("MPI errors become dchag::error with the MPI message", "[mpi]") {
   CHECK_THAT(message_if<dchag::error>(thrown), StartsWith("dchag::test: MPI_Bcast failed: "));
   CHECK(message_if<dchag::error>(thrown).size() >
         std::string("dchag::test: MPI_Bcast failed: ").size());
+}
+
+TEST_CASE("node_placement numbers the ranks of a node and picks one device each", "[mpi][device]") {
+  int rank = 0, size = 1;
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  MPI_Comm_size(MPI_COMM_WORLD, &size);
+  // ctest runs every rank on this one machine: node-local numbering is the world's.
+  const auto p = dchag::node_placement(MPI_COMM_WORLD);
+  CHECK(p.local_rank == rank);
+  CHECK(p.local_size == size);
+  if (p.devices == 0) CHECK(p.device_id == -1);
+  // With two devices per node, ranks alternate between them.
+  const auto two = dchag::node_placement(MPI_COMM_WORLD, 2);
+  CHECK(two.devices == 2);
+  CHECK(two.device_id == rank % 2);
+}
+
+TEST_CASE("staged collectives reuse the communicator's host buffers across calls",
+          "[mpi][staging]") {
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int p = comm.size();
+  Kokkos::View<double*, Kokkos::HostSpace> send("send", 64), recv("recv", 64 * p), v("v", 100);
+  Kokkos::deep_copy(send, 1.0);
+  Kokkos::deep_copy(v, 2.0);
+  // Staging forced on host memory: the path device Views take without GPU-aware MPI.
+  const auto step = [&] {
+    dchag::detail::allgather<true>("dchag::allgather", Exec(), comm.comm(), p, send, recv,
+                                   comm.staging());
+    dchag::detail::allreduce<true>("dchag::allreduce_sum", Exec(), comm.comm(), v, MPI_SUM,
+                                   comm.staging());
+  };
+  comm.reserve_staging(dchag::detail::staged_bytes<double>(64) +
+                       dchag::detail::staged_bytes<double>(64 * p));
+  const std::size_t reserved = comm.staging()->bytes();
+  {
+    dchag::MemoryTracker tracker;
+    step();
+    step();
+    CHECK(tracker.peak_bytes() == 0);  // nothing allocated: the reserved arena served both
+  }
+  CHECK(comm.staging()->bytes() == reserved);
+  for (std::size_t i = 0; i < recv.extent(0); ++i) CHECK(recv(i) == 1.0);
+  CHECK(v(0) == 2.0 * p * p);
+  // Copies of the communicator share the arena.
+  const dchag::Communicator copy = comm;
+  CHECK(copy.staging() == comm.staging());
 }

@@ -29,6 +29,24 @@ KOKKOS_INLINE_FUNCTION T max(T a, T b) {
   return a < b ? b : a;
 }
 
+/// Devices Kokkos can see for its default execution space, callable before initialize: 0 with a
+/// host-only default space, and 0 (unknown) before Kokkos 4.3, which has no such query.
+inline int visible_devices() {
+#if KOKKOS_VERSION >= 40300
+  const int n = Kokkos::num_devices();
+  return n < 0 ? 0 : n;
+#else
+  return 0;
+#endif
+}
+
+/// The command-line flag that picks a device at Kokkos::initialize.
+#if KOKKOS_VERSION >= 40000
+inline constexpr const char* device_id_flag = "--kokkos-device-id";
+#else
+inline constexpr const char* device_id_flag = "--kokkos-device";
+#endif
+
 /// Fence with a label where the Kokkos version takes one.
 template <class ExecSpace>
 void fence(const ExecSpace& exec, const char* label) {

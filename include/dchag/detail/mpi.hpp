@@ -110,6 +110,34 @@ void check_mpi_view(std::string_view where, std::string_view name, const View& v
                view.size(), ", expected at most ", INT_MAX, " elements per MPI call");
 }
 
+/// Host memory for staging Views through, kept across calls: it grows when a call needs more and
+/// is otherwise reused, so steady-state collectives allocate nothing. A Kokkos View, so Kokkos
+/// Tools (MemoryTracker) see it. Shared by the copies of a Communicator.
+class StagingArena {
+ public:
+  /// At least `bytes` of host memory, aligned for any scalar type, valid until the next reserve.
+  void* reserve(std::size_t bytes) {
+    const std::size_t words = (bytes + sizeof(double) - 1) / sizeof(double);
+    if (words > memory_.extent(0)) {
+      memory_ = Kokkos::View<double*, Kokkos::HostSpace>();
+      memory_ = Kokkos::View<double*, Kokkos::HostSpace>(
+          Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dchag::mpi_host_staging")),
+          words);
+    }
+    return memory_.data();
+  }
+  std::size_t bytes() const { return memory_.extent(0) * sizeof(double); }
+
+ private:
+  Kokkos::View<double*, Kokkos::HostSpace> memory_;
+};
+
+/// Bytes a staged buffer of `n` elements of T takes in an arena, rounded to keep the next aligned.
+template <class T>
+constexpr std::size_t staged_bytes(std::size_t n) {
+  return (n * sizeof(T) + sizeof(double) - 1) / sizeof(double) * sizeof(double);
+}
+
 /// The memory MPI reads or writes for one contiguous View.
 ///
 /// Without staging, data() is view.data() after a fence of `exec`. With staging (Stage = true), a
@@ -122,15 +150,23 @@ class MpiBuffer {
  public:
   using value_type = typename View::non_const_value_type;
 
-  MpiBuffer(const Exec& exec, const View& view, bool copy_in) : exec_(exec), view_(view) {
+  /// `host`: where to stage (staged_bytes<value_type>(view.size()) bytes), or nullptr to allocate.
+  MpiBuffer(const Exec& exec, const View& view, bool copy_in, void* host = nullptr)
+      : exec_(exec), view_(view) {
     if constexpr (Stage) {
-      // A plain host allocation rather than create_mirror_view: the View is contiguous, so a flat
-      // copy of its span is its content whatever its rank and layout, and the allocation is always
-      // a separate buffer (create_mirror_view would alias host memory when Stage is forced).
-      host_ = host_view(
-          Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dchag::mpi_host_staging")),
-          view.size());
+      // Host memory rather than create_mirror_view: the View is contiguous, so a flat copy of its
+      // span is its content whatever its rank and layout, and the buffer is always separate
+      // (create_mirror_view would alias host memory when Stage is forced).
+      if (host != nullptr) {
+        host_ = host_view(static_cast<value_type*>(host), view.size());
+      } else {
+        host_ = host_view(
+            Kokkos::view_alloc(Kokkos::WithoutInitializing, std::string("dchag::mpi_host_staging")),
+            view.size());
+      }
       if (copy_in) Kokkos::deep_copy(exec_, host_, flat());
+    } else {
+      (void)host;
     }
     exec_.fence();
   }
@@ -183,9 +219,20 @@ inline bool overlaps(const void* a, std::size_t a_bytes, const void* b, std::siz
   return a_bytes > 0 && b_bytes > 0 && a0 < b0 + b_bytes && b0 < a0 + a_bytes;
 }
 
+/// Staging memory for views of `n` elements of T each, from `arena` (nullptr: none, allocate).
+template <bool Stage, class T>
+void* staging_for(StagingArena* arena, std::size_t n0, std::size_t n1, void** second) {
+  *second = nullptr;
+  if (!Stage || arena == nullptr) return nullptr;
+  auto* base =
+      static_cast<unsigned char*>(arena->reserve(staged_bytes<T>(n0) + staged_bytes<T>(n1)));
+  *second = base + staged_bytes<T>(n0);
+  return base;
+}
+
 template <bool ForceStaging, class Exec, KokkosView SendView, KokkosView RecvView>
 void allgather(std::string_view where, const Exec& exec, MPI_Comm comm, int comm_size,
-               const SendView& send, const RecvView& recv) {
+               const SendView& send, const RecvView& recv, StagingArena* arena = nullptr) {
   using T = typename SendView::non_const_value_type;
   static_assert(std::is_same_v<T, typename RecvView::non_const_value_type>,
                 "dchag::allgather: send and recv views must hold the same value type");
@@ -201,21 +248,28 @@ void allgather(std::string_view where, const Exec& exec, MPI_Comm comm, int comm
       !overlaps(send.data(), send.size() * sizeof(T), recv.data(), recv.size() * sizeof(T)), where,
       "send and recv overlap in memory, expected separate buffers");
 
-  mpi_buffer_t<ForceStaging, Exec, SendView> send_buffer(exec, send, /*copy_in=*/true);
-  mpi_buffer_t<ForceStaging, Exec, RecvView> recv_buffer(exec, recv, /*copy_in=*/false);
+  constexpr bool stage = ForceStaging || mpi_needs_host_staging<typename SendView::memory_space> ||
+                         mpi_needs_host_staging<typename RecvView::memory_space>;
+  void* recv_host = nullptr;
+  void* send_host = staging_for<stage, T>(arena, send.size(), recv.size(), &recv_host);
+  mpi_buffer_t<ForceStaging, Exec, SendView> send_buffer(exec, send, /*copy_in=*/true, send_host);
+  mpi_buffer_t<ForceStaging, Exec, RecvView> recv_buffer(exec, recv, /*copy_in=*/false, recv_host);
   DCHAG_MPI_CHECK(where, MPI_Allgather, send_buffer.data(), send_buffer.count(), mpi_datatype<T>(),
                   recv_buffer.data(), send_buffer.count(), mpi_datatype<T>(), comm);
   recv_buffer.copy_out();
 }
 
 template <bool ForceStaging, class Exec, KokkosView View>
-void allreduce(std::string_view where, const Exec& exec, MPI_Comm comm, const View& view,
-               MPI_Op op) {
+void allreduce(std::string_view where, const Exec& exec, MPI_Comm comm, const View& view, MPI_Op op,
+               StagingArena* arena = nullptr) {
   using T = typename View::non_const_value_type;
   static_assert(!std::is_const_v<typename View::value_type>,
                 "dchag all-reduce works in place: the view must be of non-const");
   check_mpi_view<Exec>(where, "view", view);
-  mpi_buffer_t<ForceStaging, Exec, View> buffer(exec, view, /*copy_in=*/true);
+  constexpr bool stage = ForceStaging || mpi_needs_host_staging<typename View::memory_space>;
+  void* unused = nullptr;
+  mpi_buffer_t<ForceStaging, Exec, View> buffer(
+      exec, view, /*copy_in=*/true, staging_for<stage, T>(arena, view.size(), 0, &unused));
   DCHAG_MPI_CHECK(where, MPI_Allreduce, MPI_IN_PLACE, buffer.data(), buffer.count(),
                   mpi_datatype<T>(), op, comm);
   buffer.copy_out();
@@ -223,14 +277,18 @@ void allreduce(std::string_view where, const Exec& exec, MPI_Comm comm, const Vi
 
 template <bool ForceStaging, class Exec, KokkosView View>
 void broadcast(std::string_view where, const Exec& exec, MPI_Comm comm, int comm_rank,
-               int comm_size, const View& view, int root) {
+               int comm_size, const View& view, int root, StagingArena* arena = nullptr) {
   using T = typename View::non_const_value_type;
   static_assert(!std::is_const_v<typename View::value_type>,
                 "dchag::broadcast: the view is written on non-root ranks, it must be of non-const");
   check_mpi_view<Exec>(where, "view", view);
   DCHAG_EXPECT(root >= 0 && root < comm_size, where, "root is ", root, ", expected 0 <= root < ",
                comm_size);
-  mpi_buffer_t<ForceStaging, Exec, View> buffer(exec, view, /*copy_in=*/comm_rank == root);
+  constexpr bool stage = ForceStaging || mpi_needs_host_staging<typename View::memory_space>;
+  void* unused = nullptr;
+  mpi_buffer_t<ForceStaging, Exec, View> buffer(
+      exec, view, /*copy_in=*/comm_rank == root,
+      staging_for<stage, T>(arena, view.size(), 0, &unused));
   DCHAG_MPI_CHECK(where, MPI_Bcast, buffer.data(), buffer.count(), mpi_datatype<T>(), root, comm);
   if (comm_rank != root) buffer.copy_out();
 }
