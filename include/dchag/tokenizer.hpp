@@ -5,6 +5,7 @@
 /// Equivalent to ClimaX's `Conv2d(1, D, p, stride=p)` per channel followed by
 /// `flatten(2).transpose(1, 2)` and `+ var_embed[c]`. A tokenizer holds the weights of the channels
 /// it owns only (all of them on one rank, its own under D-CHAG).
+#include <dchag/detail/batched_gemm.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
 #include <dchag/detail/workspace.hpp>
@@ -131,7 +132,6 @@ class Tokenizer {
     }
     Kokkos::deep_copy(exec, slot_, h_slot);
     Kokkos::deep_copy(exec, image_index_, h_img);
-    slot_host_.assign(h_slot.data(), h_slot.data() + J);
 
     // im2col: patches(j, b, l, kr * p + kc) = images(b, image_index[j], row, col). One loop row
     // per image row: its wp patches each take p contiguous pixels.
@@ -178,14 +178,16 @@ class Tokenizer {
           const int s = slot(j);
           (&tokens(b, j, l, 0))[d] = (&bias(s, 0))[d] + (&embed(s, 0))[d];
         });
-    for (int j = j0; j < j1; ++j) {
-      auto w = Kokkos::subview(weight_, slot_host_[j], Kokkos::ALL, Kokkos::ALL);
-      for (int b = 0; b < B; ++b) {
-        auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
-        auto t = Kokkos::subview(tokens, b, j, Kokkos::ALL, Kokkos::ALL);
-        detail::gemm(exec, "N", "N", Scalar(1), pa, w, Scalar(1), t);
-      }
-    }
+    // tokens(b, j) += patches(j, b) Wt_slot(j)^T for every (j, b) of the chunk: one batch.
+    auto patches = patches_;
+    auto weight = weight_;
+    const int pp = patch_ * patch_;
+    detail::batched_gemm(
+        exec, "dchag::tokenize::project", {nj * B, L, D, pp, 1}, KOKKOS_LAMBDA(const int t) {
+          const int j = j0 + t / B, b = t % B;
+          return detail::GemmOperands<Scalar>{
+              &patches(j, b, 0, 0), 0, pp, 1, &weight(slot(j), 0, 0), 0, D, &tokens(b, j, 0, 0), D};
+        });
   }
 
   /// Accumulates the gradients of the weights, biases and channel embeddings of the channels seen
@@ -231,14 +233,24 @@ class Tokenizer {
             }
           }
         });
-    for (int j = j0; j < j1; ++j) {
-      auto dw = Kokkos::subview(d_weight_, slot_host_[j], Kokkos::ALL, Kokkos::ALL);
-      for (int b = 0; b < B; ++b) {
-        auto pa = Kokkos::subview(patches_, j, b, Kokkos::ALL, Kokkos::ALL);
-        auto dt = Kokkos::subview(d_tokens, b, j - j0, Kokkos::ALL, Kokkos::ALL);
-        detail::gemm(exec, "T", "N", Scalar(1), pa, dt, Scalar(1), dw);
-      }
-    }
+    // dWt_slot(j)^T += sum_b patches(j, b)^T d_tokens(b, j) for every channel: one batch, the
+    // sum over samples inside each GEMM (their token rows are not contiguous).
+    auto patches = patches_;
+    auto d_weight = d_weight_;
+    const int pp = patch_ * patch_;
+    const std::int64_t sample_stride = std::int64_t(nj) * L * D;
+    detail::batched_gemm(
+        exec, "dchag::tokenize::weight_grad", {nj, pp, D, L, B}, KOKKOS_LAMBDA(const int jj) {
+          return detail::GemmOperands<Scalar>{&patches(j0 + jj, 0, 0, 0),
+                                              std::int64_t(L) * pp,
+                                              1,
+                                              pp,
+                                              &d_tokens(0, jj, 0, 0),
+                                              sample_stride,
+                                              D,
+                                              &d_weight(slot(j0 + jj), 0, 0),
+                                              D};
+        });
   }
 
   void zero_gradients(const ExecSpace& exec) {
@@ -340,7 +352,6 @@ class Tokenizer {
   int B_ = 0, J_ = 0, L_ = 0;
   View4<Scalar, memory_space> patches_;
   View1<int, memory_space> slot_, image_index_;
-  std::vector<int> slot_host_;
 };
 
 }  // namespace dchag

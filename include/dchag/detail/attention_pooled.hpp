@@ -7,6 +7,7 @@
 /// Backward forms ds_nh = a_nh gz_h . (x_n - z_h) from the very z the forward normalized: under a
 /// saturated softmax x_n == z_h for the winning input, and the difference is then exactly zero.
 #include <dchag/detail/attention_common.hpp>
+#include <dchag/detail/batched_gemm.hpp>
 
 #include <cstdint>
 
@@ -360,14 +361,17 @@ void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
           });
         }
       });
-  // du += ds^T x over the chunk's rows; they are contiguous within each sample.
-  auto du = Unmanaged2<Scalar, MemSpace>(work.shared.data(), nh, D);
-  for (int b = 0; b < s.B; ++b) {
-    const auto rows =
-        Kokkos::make_pair((std::size_t(b) * N + n0) * L, (std::size_t(b) * N + n1) * L);
-    gemm(exec, "T", "N", Scalar(1), Kokkos::subview(work.ds, rows, Kokkos::ALL),
-         Kokkos::subview(x2, rows, Kokkos::ALL), Scalar(1), du);
-  }
+  // du += ds^T x over the chunk's rows, one GEMM summing over the samples (the chunk's rows are
+  // contiguous within each sample only).
+  Scalar* du = work.shared.data();
+  const Scalar* ds0 = &ds(std::int64_t(n0) * L, 0);
+  const Scalar* x0 = &x2(std::int64_t(n0) * L, 0);
+  const std::int64_t rows_per_sample = std::int64_t(N) * L;
+  batched_gemm(
+      exec, "dchag::attention::key_query_grad", {1, nh, D, nc * L, s.B}, KOKKOS_LAMBDA(const int) {
+        return GemmOperands<Scalar>{
+            ds0, rows_per_sample * nh, 1, nh, x0, rows_per_sample * D, D, du, D};
+      });
 }
 
 // Pooled backward after the tokens: group sums, then dWk_h = q_h (x) du_h / sqrt(hd) and
