@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "test_support.hpp"
@@ -436,5 +437,77 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
           [&] { emu.backward(exec, bad); },
           {"dchag::DchagEmulation::backward", "d_out is [", "expected [B, L, D] = [2, 6, 8]"});
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes: 64-bit, and refused where the kernels' int indices (league sizes) cannot hold them.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Configurations whose sizes the kernels cannot index are refused",
+          "[front_end][errors][sizes]") {
+  Exec exec;
+  static_assert(std::is_same_v<decltype(FrontEndConfig{}.patches()), std::int64_t>);
+  const FrontEndConfig small{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+
+  SECTION("more than INT_MAX patches") {
+    // 131072 x 131072 images, p = 2: L = 65536^2 = 2^32, which an int patches() wrapped to 0.
+    FrontEndConfig cfg = small;
+    cfg.height = cfg.width = 131072;
+    CHECK(cfg.patches() == std::int64_t(1) << 32);
+    const std::vector<std::string> msg = {"patches L = (H / p) * (W / p) = 65536 * 65536",
+                                          "is 4294967296", "expected <= INT_MAX = 2147483647"};
+    std::vector<std::string> flat_msg = msg, emu_msg = msg;
+    flat_msg.insert(flat_msg.begin(), "dchag::FlatFrontEnd:");
+    emu_msg.insert(emu_msg.begin(), "dchag::DchagEmulation:");
+    require_invalid([&] { cfg.validate("dchag::FlatFrontEnd"); }, flat_msg);
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); }, flat_msg);
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, cfg, {}, {{0, 1, 2, 3, 4}});
+        },
+        emu_msg);
+  }
+
+  SECTION("more than INT_MAX token rows for one image") {
+    // L = 2048^2 = 2^22 fits, but C * L = 1024 * 2^22 = 2^32 rows do not fit a league.
+    FrontEndConfig cfg = small;
+    cfg.channels = 1024;
+    cfg.height = cfg.width = 2048;
+    cfg.patch = 1;
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); },
+                    {"dchag::FlatFrontEnd", "token rows C * L (B = 1) = 1024 * 4194304",
+                     "is 4294967296", "expected <= INT_MAX"});
+  }
+
+  SECTION("a batch whose rows overflow a league") {
+    // 5 channels, L = 512^2 = 2^18: one image is 1.3 M rows; 2048 images are 2.7 G.
+    FrontEndConfig cfg = small;
+    cfg.height = cfg.width = 512;
+    cfg.patch = 1;
+    cfg.validate("test");
+    cfg.validate_batch("test", 1, 5);
+    require_invalid(
+        [&] { cfg.validate_batch("test", 2048, 5); },
+        {"test: token rows B * J * L = 2048 * 5 * 262144", "is 2684354560", "expected <= INT_MAX"});
+  }
+
+  SECTION("tensors over 2^53 elements") {
+    FrontEndConfig cfg = small;
+    cfg.dim = 1 << 27;  // attention weights 4 D^2 = 2^56
+    cfg.heads = 1;
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); },
+                    {"dchag::FlatFrontEnd", "attention weights 4 * D * D", "expected <= 2^53"});
+  }
+
+  SECTION("the paper's configuration is accepted, in 64-bit bytes") {
+    // C = 1024, 128 x 256 images, p = 4 (L = 2048), D = 2048, 32 heads, B = 2 (DESIGN 5).
+    const FrontEndConfig paper{1024, 128, 256, 4, 2048, 32, Strategy::pooled, Convention::climax,
+                               0};
+    paper.validate("test");
+    const auto e = dchag::FlatFrontEnd<Exec, float>::estimate(paper, 2);
+    // Tokens kept for backward alone: 4 B * 2 * 1024 * 2048 * 2048 = 32 GiB, past 2^31.
+    CHECK(e.activations > std::int64_t(4) * 2 * 1024 * 2048 * 2048);
+    CHECK(e.total() > e.activations);
   }
 }

@@ -774,3 +774,31 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
                      "expected [B, L, D] = [B, 6, 8]"});
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Sizes the kernels cannot index, and estimates that validate what they are given.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Building blocks refuse sizes the kernels cannot index", "[kernels][errors][sizes]") {
+  Exec exec;
+  SECTION("Tokenizer") {
+    // p = 65536: p * p = 2^32 wrapped to 0 in int, and the weights were sized from that.
+    require_invalid(
+        [&] {
+          dchag::Tokenizer<Exec, float>(exec, 2, 65536, 8, {0, 1});
+        },
+        {"dchag::Tokenizer", "patch pixels p * p = 65536 * 65536", "is 4294967296",
+         "expected <= INT_MAX = 2147483647"});
+    // p * p = 46340^2 fits an int; with D = 2^23 one channel's weights are 1.8e16 > 2^53.
+    require_invalid([&] { dchag::Tokenizer<Exec, float>(exec, 1, 46340, 1 << 23, {0}); },
+                    {"dchag::Tokenizer", "weights of the owned channels n * p * p * D",
+                     "= 1 * 46340 * 46340 * 8388608", "expected <= 2^53"});
+  }
+  SECTION("PositionalEmbedding") {
+    require_invalid([&] { dchag::PositionalEmbedding<Exec, float>(exec, 65536, 65536, 8); },
+                    {"dchag::PositionalEmbedding", "patches L = grid_h * grid_w = 65536 * 65536",
+                     "is 4294967296", "expected <= INT_MAX"});
+    require_invalid([&] { dchag::PositionalEmbedding<Exec, float>(exec, 0, 3, 8); },
+                    {"dchag::PositionalEmbedding", "grid_h is 0", "expected >= 1"});
+  }
+}

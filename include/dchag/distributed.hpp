@@ -14,6 +14,7 @@
 #include <dchag/communicator.hpp>
 #include <dchag/front_end.hpp>
 
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -88,10 +89,11 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
 /// allocating anything. Measured high-water marks (MemoryTracker) agree within a few percent.
 template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace>
 MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map,
-                               int rank, int B, int tree = 1) {
+                               int rank, std::int64_t B, int tree = 1) {
   using Attention = CrossAttention<ExecSpace, Scalar>;
   cfg.validate("dchag::estimate_memory");
-  const int P = map.ranks(), L = cfg.patches(), D = cfg.dim;
+  const int P = map.ranks(), D = cfg.dim, b = static_cast<int>(B);
+  const int L = static_cast<int>(cfg.patches());
   const int Cr = static_cast<int>(map.channels_of(rank).size());
   const std::int64_t S = sizeof(Scalar), token = S * B * L * D;
   MemoryEstimate e = PositionalEmbedding<ExecSpace, Scalar>::estimate(L, D);
@@ -100,7 +102,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
     const auto kind =
         mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
     e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg, Cr, kind, tree, B);
-    e += Attention::estimate_application(cfg.attention(), B, P, L, 1, cfg.heads, false);
+    e += Attention::estimate_application(cfg.attention(), b, P, L, 1, cfg.heads, false);
     e.activations += token * (P + 1);  // gathered, partial
     e.communication += token * P;      // received
     e.workspace += token * P;          // d_gathered
@@ -110,7 +112,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   const int J = tp ? cfg.channels : Cr;
   const auto [h0, h1] = detail::head_share(cfg.heads, P, rank);
   e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
-  e += Attention::estimate_application(cfg.attention(), B, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
+  e += Attention::estimate_application(cfg.attention(), b, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
   e.activations += token * J;  // tokens
   e.workspace +=
       tp ? token * J
@@ -172,7 +174,7 @@ class DistributedFrontEnd {
 
   Mode mode() const { return mode_; }
   /// Bytes this rank holds for one training step on B images.
-  MemoryEstimate memory_estimate(int B) const {
+  MemoryEstimate memory_estimate(std::int64_t B) const {
     return estimate_memory<Scalar, ExecSpace>(cfg_, mode_, map_, comm_.rank(), B, tree_);
   }
   const FrontEndConfig& config() const { return cfg_; }

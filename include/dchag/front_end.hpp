@@ -7,12 +7,14 @@
 ///   tokens, then the positional embedding. The reference for the distributed engine.
 #include <dchag/config.hpp>
 #include <dchag/cross_attention.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/partial_aggregator.hpp>
 #include <dchag/positional_embedding.hpp>
 #include <dchag/tokenizer.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -35,9 +37,12 @@ struct FrontEndConfig {
 
   int grid_h() const { return height / patch; }
   int grid_w() const { return width / patch; }
-  int patches() const { return grid_h() * grid_w(); }
+  /// L = (H / p) * (W / p), in 64 bits: it can exceed INT_MAX, which validate() refuses.
+  std::int64_t patches() const { return std::int64_t(grid_h()) * grid_w(); }
   AttentionConfig attention() const { return {dim, heads, convention, strategy}; }
 
+  /// Refuses a configuration that is inconsistent or whose sizes for one image of every channel
+  /// the kernels cannot index (detail/sizes.hpp: int league sizes, 2^53 elements per tensor).
   void validate(const char* where) const {
     DCHAG_EXPECT(channels >= 1, where, "config.channels is ", channels, ", expected >= 1");
     DCHAG_EXPECT(patch >= 1, where, "config.patch is ", patch, ", expected >= 1");
@@ -48,6 +53,42 @@ struct FrontEndConfig {
     DCHAG_EXPECT(dim >= 1, where, "config.dim is ", dim, ", expected >= 1");
     DCHAG_EXPECT(heads >= 1 && dim % heads == 0, where, "config.heads is ", heads,
                  ", expected a divisor of dim = ", dim);
+    check_sizes(where, 0, channels);
+  }
+
+  /// Refuses a call on `batch` images with `channels` channels tokenized by one module (after
+  /// validate()) whose sizes the kernels cannot index.
+  void validate_batch(const char* where, std::int64_t batch, std::int64_t channels_used) const {
+    DCHAG_EXPECT(batch >= 1, where, "B is ", batch, ", expected >= 1");
+    DCHAG_EXPECT(channels_used >= 1, where, "channels is ", channels_used, ", expected >= 1");
+    check_sizes(where, batch, channels_used);
+  }
+
+ private:
+  // B = 0: the configuration alone, one image of all J = C channels.
+  void check_sizes(const char* where, std::int64_t B, std::int64_t J) const {
+    using detail::expect_elements;
+    using detail::expect_int_size;
+    const std::int64_t p = patch, D = dim, H = height, W = width, nh = heads;
+    const std::int64_t L =
+        expect_int_size(where, "patches L = (H / p) * (W / p)", {grid_h(), grid_w()});
+    expect_int_size(where, "patch pixels p * p", {p, p});
+    expect_elements(where, "tokenizer weights C * p * p * D", {channels, p, p, D});
+    expect_elements(where, "positional embedding L * D", {L, D});
+    expect_elements(where, "attention weights 4 * D * D", {4, D, D});
+    if (B == 0) {
+      expect_int_size(where, "token rows C * L (B = 1)", {J, L});
+      expect_int_size(where, "image rows C * H (B = 1)", {J, H});
+      expect_elements(where, "tokens C * L * D (B = 1)", {J, L, D});
+      expect_elements(where, "pixels C * H * W (B = 1)", {J, H, W});
+      expect_elements(where, "pooled attention state heads * L * D (B = 1)", {nh, L, D});
+    } else {
+      expect_int_size(where, "token rows B * J * L", {B, J, L});
+      expect_int_size(where, "image rows B * J * H", {B, J, H});
+      expect_elements(where, "tokens B * J * L * D", {B, J, L, D});
+      expect_elements(where, "pixels B * J * H * W", {B, J, H, W});
+      expect_elements(where, "pooled attention state heads * B * L * D", {nh, B, L, D});
+    }
   }
 };
 
@@ -205,8 +246,8 @@ class ChannelStage {
   }
   /// Tokenizer, partial aggregator and the token buffers for `channels` channels.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind,
-                                 int tree, int B) {
-    const int L = cfg.patches();
+                                 int tree, std::int64_t B) {
+    const std::int64_t L = cfg.patches();
     MemoryEstimate e =
         Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
     e +=
@@ -300,14 +341,16 @@ class FlatFrontEnd {
 
   /// Bytes held for one training step on B images of `channels_in` channels (default: all C),
   /// with `chunk` channels per fused chunk (0: automatic).
-  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1,
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, std::int64_t B, int channels_in = -1,
                                  int chunk = 0) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
-    const int J = channels_in < 0 ? cfg.channels : channels_in, L = cfg.patches();
+    const int J = channels_in < 0 ? cfg.channels : channels_in;
+    const std::int64_t L = cfg.patches();
     MemoryEstimate e =
         Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
     e += Attention::estimate_module(cfg.attention());
-    e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
+    e += Attention::estimate_application(cfg.attention(), static_cast<int>(B), J,
+                                         static_cast<int>(L), 1, cfg.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
     const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
     e.activations += tokens;
@@ -317,7 +360,7 @@ class FlatFrontEnd {
                        : tokens;
     return e;
   }
-  MemoryEstimate memory_estimate(int B, int channels_in = -1) const {
+  MemoryEstimate memory_estimate(std::int64_t B, int channels_in = -1) const {
     return estimate(cfg_, B, channels_in, chunk_channels_);
   }
   void zero_gradients(const ExecSpace& exec) {
@@ -445,16 +488,18 @@ class DchagEmulation {
   }
 
   /// Bytes held for one training step on B images, all groups on this process.
-  MemoryEstimate memory_estimate(int B) const {
+  MemoryEstimate memory_estimate(std::int64_t B) const {
     using Attention = CrossAttention<ExecSpace, Scalar>;
-    const int P = groups(), L = cfg_.patches();
+    const int P = groups();
+    const std::int64_t L = cfg_.patches();
     MemoryEstimate e;
     for (const auto& st : stages_) {
       e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg_, int(st->channels().size()),
                                                              options_.partial, options_.tree, B);
     }
     e += Attention::estimate_module(cfg_.attention());
-    e += Attention::estimate_application(cfg_.attention(), B, P, L, 1, cfg_.heads, false);
+    e += Attention::estimate_application(cfg_.attention(), static_cast<int>(B), P,
+                                         static_cast<int>(L), 1, cfg_.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);
     const std::int64_t token = std::int64_t(sizeof(Scalar)) * B * L * cfg_.dim;
     e.activations += token * (P + 1);  // gathered, partial

@@ -7,6 +7,7 @@
 /// it owns only (all of them on one rank, its own under D-CHAG).
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/detail/workspace.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
@@ -48,12 +49,7 @@ class Tokenizer {
             std::uint64_t seed = 0)
       : channels_(model_channels), patch_(patch), dim_(dim), owned_(std::move(owned)) {
     constexpr const char* where = "dchag::Tokenizer";
-    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels,
-                 ", expected >= 1");
-    DCHAG_EXPECT(patch >= 1, where, "patch is ", patch, ", expected >= 1");
-    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
-    DCHAG_EXPECT(!owned_.empty(), where,
-                 "owned channel list is empty, expected at least one channel");
+    check_module(where, model_channels, patch, dim, static_cast<std::int64_t>(owned_.size()));
     slot_of_.assign(model_channels, -1);
     for (std::size_t s = 0; s < owned_.size(); ++s) {
       const int c = owned_[s];
@@ -64,7 +60,7 @@ class Tokenizer {
       slot_of_[c] = static_cast<int>(s);
     }
     const int n = static_cast<int>(owned_.size());
-    const int pp = patch * patch;
+    const std::int64_t pp = std::int64_t(patch) * patch;  // <= INT_MAX: checked above
     // Held as Wt_c^T [p*p, D] so the projection is a plain (untransposed) GEMM.
     weight_ = View3<Scalar, memory_space>("dchag::tokenizer::weight", n, pp, dim);
     bias_ = View2<Scalar, memory_space>("dchag::tokenizer::bias", n, dim);
@@ -79,7 +75,7 @@ class Tokenizer {
       for (int s = 0; s < n; ++s) {
         init_trunc_normal(drawn, 0.02, seed, weight_name(owned_[s]));
         for (int d = 0; d < dim; ++d)
-          for (int k = 0; k < pp; ++k) h_weight(s, k, d) = drawn(d, k);
+          for (std::int64_t k = 0; k < pp; ++k) h_weight(s, k, d) = drawn(d, k);
       }
       Kokkos::deep_copy(weight_, h_weight);
     }
@@ -130,8 +126,10 @@ class Tokenizer {
     auto patches = patches_;
     auto img_idx = image_index_;
     using Team = Kokkos::TeamPolicy<ExecSpace>;
+    // J * B * H <= INT_MAX: check_forward refuses more.
     Kokkos::parallel_for(
-        "dchag::tokenize::im2col", Team(exec, J * B * H, Kokkos::AUTO),
+        "dchag::tokenize::im2col",
+        Team(exec, static_cast<int>(std::int64_t(J) * B * H), Kokkos::AUTO),
         KOKKOS_LAMBDA(const typename Team::member_type& team) {
           const int y = team.league_rank() % H;
           const int b = (team.league_rank() / H) % B;
@@ -246,7 +244,8 @@ class Tokenizer {
 
   /// Bytes held for `owned` channels and one forward/backward of B images of J channels with L
   /// patches each (the patches are kept for the weight gradient).
-  static MemoryEstimate estimate(int owned, int patch, int dim, int B, int J, int L) {
+  static MemoryEstimate estimate(std::int64_t owned, int patch, int dim, std::int64_t B,
+                                 std::int64_t J, std::int64_t L) {
     const std::int64_t S = sizeof(Scalar), pp = std::int64_t(patch) * patch;
     MemoryEstimate e;
     e.parameters = S * owned * (pp * dim + 2 * dim);
@@ -256,6 +255,19 @@ class Tokenizer {
   }
 
  private:
+  // The constructor's arguments: counts >= 1 and weights the kernels index.
+  static void check_module(const char* where, std::int64_t model_channels, int patch, int dim,
+                           std::int64_t owned) {
+    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels,
+                 ", expected >= 1");
+    DCHAG_EXPECT(patch >= 1, where, "patch is ", patch, ", expected >= 1");
+    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
+    DCHAG_EXPECT(owned >= 1, where, "owned channel list is empty, expected at least one channel");
+    detail::expect_int_size(where, "patch pixels p * p", {patch, patch});
+    detail::expect_elements(where, "weights of the owned channels n * p * p * D",
+                            {owned, patch, patch, dim});
+  }
+
   static std::string weight_name(int c) {
     return "token_embeds." + std::to_string(c) + ".proj.weight";
   }
@@ -293,6 +305,12 @@ class Tokenizer {
                  sel.image_index.size(), " image indices and ", sel.channel_id.size(),
                  " channel ids, expected the same count");
     DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
+    const std::int64_t B = images.extent(0), J = sel.size();
+    detail::expect_int_size(where, "image width W", {std::int64_t(W)});
+    detail::expect_int_size(where, "image rows B * J * H", {B, J, std::int64_t(H)});
+    detail::expect_int_size(where, "token rows B * J * L", {B, J, std::int64_t((H / p) * (W / p))});
+    detail::expect_elements(where, "pixels B * J * H * W",
+                            {B, J, std::int64_t(H), std::int64_t(W)});
     std::vector<char> seen(channels_, 0);
     for (int j = 0; j < sel.size(); ++j) {
       const int c = sel.channel_id[j], i = sel.image_index[j];
@@ -320,7 +338,8 @@ class Tokenizer {
     B_ = B;
     J_ = J;
     L_ = L;
-    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L, patch_ * patch_);
+    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L,
+                        std::int64_t(patch_) * patch_);
     detail::ensure_view(slot_, "dchag::tokenizer::slot", J);
     detail::ensure_view(image_index_, "dchag::tokenizer::image_index", J);
   }

@@ -3,6 +3,7 @@
 /// per row, the row's elements over the team's vector lanes. On host backends the inner loop is a
 /// plain contiguous loop the compiler vectorizes, with no index division per element.
 #include <Kokkos_Core.hpp>
+#include <dchag/detail/sizes.hpp>
 
 #include <cstdint>
 #include <string>
@@ -10,9 +11,12 @@
 namespace dchag::detail {
 
 /// f(row, col) for every row < rows and col < cols; each (row, col) is written by one lane.
+/// The rows are a league, so at most INT_MAX of them: entry points refuse larger problems before
+/// any kernel runs, and this is the last guard against a silently truncated launch.
 template <class ExecSpace, class F>
 void for_each_row(const ExecSpace& exec, const std::string& label, std::int64_t rows, int cols,
                   const F& f) {
+  expect_int_size(label.c_str(), "rows", {rows});
   using Team = Kokkos::TeamPolicy<ExecSpace>;
   Kokkos::parallel_for(
       label, Team(exec, static_cast<int>(rows), Kokkos::AUTO),
