@@ -511,3 +511,58 @@ TEST_CASE("Configurations whose sizes the kernels cannot index are refused",
     CHECK(e.total() > e.activations);
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Estimates validate what they are given, as construction and forward do.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Front-end estimates reject what construction and forward reject",
+          "[front_end][errors][memory]") {
+  Exec exec;
+  using Flat = dchag::FlatFrontEnd<Exec, float>;
+  const FrontEndConfig good{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+  FrontEndConfig cfg = good;
+  cfg.patch = 0;  // divided by zero in patches()
+  require_invalid([&] { Flat::estimate(cfg, 2); },
+                  {"dchag::FlatFrontEnd::estimate", "config.patch is 0", "expected >= 1"});
+  cfg = good;
+  cfg.heads = 0;  // returned numbers
+  require_invalid([&] { Flat::estimate(cfg, 2); },
+                  {"dchag::FlatFrontEnd::estimate", "config.heads is 0", "expected a divisor"});
+  for (const std::int64_t B : {std::int64_t(0), std::int64_t(-3)}) {
+    require_invalid(
+        [&] { Flat::estimate(good, B); },
+        {"dchag::FlatFrontEnd::estimate", "B is " + std::to_string(B), "expected >= 1"});
+  }
+  for (const int J : {0, -2, 6}) {
+    require_invalid([&] { Flat::estimate(good, 2, J); },
+                    {"dchag::FlatFrontEnd::estimate", "channels_in is " + std::to_string(J),
+                     "expected -1 (all) or 1 <= channels_in <= C = 5"});
+  }
+  require_invalid([&] { Flat::estimate(good, 2, -1, -1); },
+                  {"dchag::FlatFrontEnd::estimate", "chunk is -1", "expected >= 0"});
+  CHECK(Flat::estimate(good, 2, 3, 2).total() > 0);
+  // Sizes the kernels cannot index, as validate() and validate_batch() refuse them.
+  cfg = good;
+  cfg.height = cfg.width = 131072;
+  require_invalid([&] { Flat::estimate(cfg, 1); },
+                  {"dchag::FlatFrontEnd::estimate", "patches L = (H / p) * (W / p)",
+                   "is 4294967296", "expected <= INT_MAX"});
+  cfg = good;
+  cfg.height = cfg.width = 512;
+  cfg.patch = 1;
+  CHECK(Flat::estimate(cfg, 1).total() > 0);
+  require_invalid([&] { Flat::estimate(cfg, 2048); },
+                  {"dchag::FlatFrontEnd::estimate", "token rows B * J * L = 2048 * 5 * 262144",
+                   "is 2684354560", "expected <= INT_MAX"});
+
+  Flat flat(exec, good);
+  require_invalid([&] { flat.memory_estimate(0); },
+                  {"dchag::FlatFrontEnd::estimate", "B is 0", "expected >= 1"});
+  dchag::DchagEmulation<Exec, float> emu(exec, good, {PartialKind::linear, 1}, {{0, 1}, {2, 3, 4}});
+  require_invalid([&] { emu.memory_estimate(0); },
+                  {"dchag::DchagEmulation::memory_estimate", "B is 0", "expected >= 1"});
+  require_invalid([&] { emu.memory_estimate(-1); },
+                  {"dchag::DchagEmulation::memory_estimate", "B is -1", "expected >= 1"});
+  CHECK(emu.memory_estimate(2).total() > 0);
+}

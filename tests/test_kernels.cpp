@@ -802,3 +802,50 @@ TEST_CASE("Building blocks refuse sizes the kernels cannot index", "[kernels][er
                     {"dchag::PositionalEmbedding", "grid_h is 0", "expected >= 1"});
   }
 }
+
+TEST_CASE("Building-block estimates validate their arguments", "[kernels][errors][memory]") {
+  using Tok = dchag::Tokenizer<Exec, float>;
+  using Pos = dchag::PositionalEmbedding<Exec, float>;
+  using Lin = dchag::LinearAggregation<Exec, float>;
+  using Part = dchag::PartialAggregator<Exec, float>;
+  const AttentionConfig att{8, 2, Convention::climax, Strategy::pooled};
+
+  CHECK(Tok::estimate(3, 2, 8, 2, 3, 6).total() > 0);
+  require_invalid([] { Tok::estimate(3, 2, 8, 0, 3, 6); },
+                  {"dchag::Tokenizer::estimate", "B is 0", "expected >= 1"});
+  require_invalid([] { Tok::estimate(3, 2, 8, 2, 4, 6); },
+                  {"dchag::Tokenizer::estimate", "J is 4", "expected 1 <= J <= owned = 3"});
+  require_invalid([] { Tok::estimate(0, 2, 8, 2, 1, 6); },
+                  {"dchag::Tokenizer::estimate", "owned is 0", "expected >= 1"});
+  require_invalid([] { Tok::estimate(3, 0, 8, 2, 3, 6); },
+                  {"dchag::Tokenizer::estimate", "patch is 0", "expected >= 1"});
+  require_invalid([] { Tok::estimate(3, 65536, 8, 1, 1, 1); },
+                  {"dchag::Tokenizer::estimate", "patch pixels p * p", "expected <= INT_MAX"});
+  require_invalid([] { Tok::estimate(3, 2, 8, 2, 3, std::int64_t(1) << 31); },
+                  {"dchag::Tokenizer::estimate", "token rows B * J * L", "expected <= INT_MAX"});
+
+  CHECK(Pos::estimate(6, 8).total() > 0);
+  require_invalid([] { Pos::estimate(0, 8); },
+                  {"dchag::PositionalEmbedding::estimate", "patches is 0", "expected >= 1"});
+  require_invalid(
+      [] { Pos::estimate(std::int64_t(1) << 32, 8); },
+      {"dchag::PositionalEmbedding::estimate", "patches L is 4294967296", "expected <= INT_MAX"});
+
+  CHECK(Lin::estimate(3).total() > 0);
+  require_invalid([] { Lin::estimate(0); },
+                  {"dchag::LinearAggregation::estimate", "inputs is 0", "expected >= 1"});
+
+  CHECK(Part::estimate(PartialKind::cross_attention, 4, 2, att, 2, 6).total() > 0);
+  require_invalid([&] { Part::estimate(PartialKind::linear, 5, 2, att, 2, 6); },
+                  {"dchag::PartialAggregator::estimate", "linear tree over 5 channels"});
+  require_invalid([&] { Part::estimate(PartialKind::cross_attention, 3, 4, att, 2, 6); },
+                  {"dchag::PartialAggregator::estimate", "tree is 4"});
+  require_invalid([&] { Part::estimate(PartialKind::cross_attention, 4, 1, att, 0, 6); },
+                  {"dchag::PartialAggregator::estimate", "B is 0", "expected >= 1"});
+  require_invalid(
+      [&] {
+        Part::estimate(PartialKind::cross_attention, 4, 1,
+                       {8, 3, Convention::climax, Strategy::pooled}, 2, 6);
+      },
+      {"dchag::PartialAggregator::estimate", "attention.heads is 3", "expected a divisor"});
+}

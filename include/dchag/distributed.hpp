@@ -14,6 +14,7 @@
 #include <dchag/communicator.hpp>
 #include <dchag/front_end.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -83,15 +84,55 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
   return h;
 }
 
+constexpr bool is_dchag(Mode m) { return m == Mode::dchag_linear || m == Mode::dchag_xattn; }
+
+/// What rank `rank` of map.ranks() may be built with: the configuration, the map against it,
+/// the rank, the local tree and what each mode needs. The constructor and estimate_memory share
+/// it.
+inline void validate_rank(const char* where, const FrontEndConfig& cfg, Mode mode,
+                          const ChannelMap& map, int rank, int tree) {
+  cfg.validate(where);
+  DCHAG_EXPECT(map.channels() == cfg.channels, where, "map.channels() is ", map.channels(),
+               ", expected config.channels = ", cfg.channels);
+  DCHAG_EXPECT(rank >= 0 && rank < map.ranks(), where, "rank is ", rank,
+               ", expected 0 <= rank < map.ranks() = ", map.ranks());
+  const int held = static_cast<int>(map.channels_of(rank).size());
+  DCHAG_EXPECT(tree >= 1 && (!is_dchag(mode) || tree <= held), where, "tree is ", tree,
+               ", expected 1 <= tree <= channels of rank ", rank, " = ", held);
+  DCHAG_EXPECT(mode != Mode::dchag_linear || held % tree == 0, where, "rank ", rank, " holds ",
+               held, " channels, expected a multiple of tree = ", tree,
+               " (the linear tree shares one weight vector across groups)");
+  DCHAG_EXPECT(mode != Mode::exact_flat || cfg.strategy == Strategy::pooled, where,
+               "exact_flat needs the pooled strategy, config.strategy is ",
+               to_string(cfg.strategy));
+  DCHAG_EXPECT(mode != Mode::tp_only || cfg.strategy == Strategy::materialized, where,
+               "tp_only is the materialized baseline, config.strategy is ",
+               to_string(cfg.strategy));
+  DCHAG_EXPECT(mode != Mode::tp_only || cfg.heads >= map.ranks(), where, "tp_only splits ",
+               cfg.heads, " heads over ", map.ranks(), " ranks, expected heads >= ranks");
+}
+
+/// Channels the largest module of `rank` folds in one call: its own (exact_flat), every channel
+/// (tp_only), or the larger of its own and the P gathered partial tokens (D-CHAG modes).
+inline int channels_folded(Mode mode, const ChannelMap& map, int rank) {
+  const int held = static_cast<int>(map.channels_of(rank).size());
+  if (mode == Mode::tp_only) return map.channels();
+  return is_dchag(mode) ? std::max(held, map.ranks()) : held;
+}
+
 }  // namespace detail
 
 /// Bytes rank `rank` holds for one training step of `mode` on B images (DESIGN 5), without
 /// allocating anything. Measured high-water marks (MemoryTracker) agree within a few percent.
+/// Validates its arguments as the constructor and forward do.
 template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace>
 MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map,
                                int rank, std::int64_t B, int tree = 1) {
   using Attention = CrossAttention<ExecSpace, Scalar>;
-  cfg.validate("dchag::estimate_memory");
+  constexpr const char* where = "dchag::estimate_memory";
+  detail::validate_rank(where, cfg, mode, map, rank, tree);
+  cfg.validate_batch(where, B, detail::channels_folded(mode, map, rank));
+  // Within the limits validate_batch checks, B and L fit the attention estimate's ints.
   const int P = map.ranks(), D = cfg.dim, b = static_cast<int>(B);
   const int L = static_cast<int>(cfg.patches());
   const int Cr = static_cast<int>(map.channels_of(rank).size());
@@ -326,29 +367,14 @@ class DistributedFrontEnd {
   }
 
  private:
-  bool is_dchag() const { return mode_ == Mode::dchag_linear || mode_ == Mode::dchag_xattn; }
+  bool is_dchag() const { return detail::is_dchag(mode_); }
 
   void validate_local() const {
     constexpr const char* where = "dchag::DistributedFrontEnd";
     cfg_.validate(where);
-    DCHAG_EXPECT(map_.channels() == cfg_.channels, where, "map.channels() is ", map_.channels(),
-                 ", expected config.channels = ", cfg_.channels);
     DCHAG_EXPECT(map_.ranks() == comm_.size(), where, "map.ranks() is ", map_.ranks(),
                  ", expected the communicator size ", comm_.size());
-    const int held = static_cast<int>(map_.channels_of(comm_.rank()).size());
-    DCHAG_EXPECT(tree_ >= 1 && (!is_dchag() || tree_ <= held), where, "tree is ", tree_,
-                 ", expected 1 <= tree <= channels of rank ", comm_.rank(), " = ", held);
-    DCHAG_EXPECT(mode_ != Mode::dchag_linear || held % tree_ == 0, where, "rank ", comm_.rank(),
-                 " holds ", held, " channels, expected a multiple of tree = ", tree_,
-                 " (the linear tree shares one weight vector across groups)");
-    DCHAG_EXPECT(mode_ != Mode::exact_flat || cfg_.strategy == Strategy::pooled, where,
-                 "exact_flat needs the pooled strategy, config.strategy is ",
-                 to_string(cfg_.strategy));
-    DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.strategy == Strategy::materialized, where,
-                 "tp_only is the materialized baseline, config.strategy is ",
-                 to_string(cfg_.strategy));
-    DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.heads >= comm_.size(), where, "tp_only splits ",
-                 cfg_.heads, " heads over ", comm_.size(), " ranks, expected heads >= ranks");
+    detail::validate_rank(where, cfg_, mode_, map_, comm_.rank(), tree_);
   }
 
   void check_forward(const View4<const Scalar, memory_space>& images, const V3& out,

@@ -57,7 +57,7 @@ struct FrontEndConfig {
   }
 
   /// Refuses a call on `batch` images with `channels` channels tokenized by one module (after
-  /// validate()) whose sizes the kernels cannot index.
+  /// validate()) whose sizes the kernels cannot index. Estimates call it.
   void validate_batch(const char* where, std::int64_t batch, std::int64_t channels_used) const {
     DCHAG_EXPECT(batch >= 1, where, "B is ", batch, ", expected >= 1");
     DCHAG_EXPECT(channels_used >= 1, where, "channels is ", channels_used, ", expected >= 1");
@@ -131,7 +131,7 @@ int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channe
   if constexpr (!Kokkos::SpaceAccessibility<Kokkos::HostSpace, MemSpace>::accessible) {
     return channels;
   } else {
-    const std::size_t per_channel = B * L * D * sizeof(Scalar);
+    const std::size_t per_channel = std::max<std::size_t>(B * L * D * sizeof(Scalar), 1);
     return static_cast<int>(
         std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
   }
@@ -244,7 +244,8 @@ class ChannelStage {
     append(list, partial_.gradients());
     return list;
   }
-  /// Tokenizer, partial aggregator and the token buffers for `channels` channels.
+  /// Tokenizer, partial aggregator and the token buffers for `channels` channels. The callers
+  /// validate `cfg` and the batch; the modules validate the rest.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind,
                                  int tree, std::int64_t B) {
     const std::int64_t L = cfg.patches();
@@ -339,12 +340,21 @@ class FlatFrontEnd {
     chunk_channels_ = channels;
   }
 
-  /// Bytes held for one training step on B images of `channels_in` channels (default: all C),
-  /// with `chunk` channels per fused chunk (0: automatic).
+  /// Bytes held for one training step on B images of `channels_in` channels (default -1: all C),
+  /// with `chunk` channels per fused chunk (0: automatic). Validates as construction and forward
+  /// do.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, std::int64_t B, int channels_in = -1,
                                  int chunk = 0) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
+    constexpr const char* where = "dchag::FlatFrontEnd::estimate";
+    cfg.validate(where);
+    DCHAG_EXPECT(channels_in == -1 || (channels_in >= 1 && channels_in <= cfg.channels), where,
+                 "channels_in is ", channels_in,
+                 ", expected -1 (all) or 1 <= channels_in <= C = ", cfg.channels);
+    DCHAG_EXPECT(chunk >= 0, where, "chunk is ", chunk, ", expected >= 0");
     const int J = channels_in < 0 ? cfg.channels : channels_in;
+    cfg.validate_batch(where, B, J);
+    // Within the limits validate_batch checks, B, J and L fit the attention estimate's ints.
     const std::int64_t L = cfg.patches();
     MemoryEstimate e =
         Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
@@ -487,9 +497,11 @@ class DchagEmulation {
     for (auto& st : stages_) st->set_strategy(s);
   }
 
-  /// Bytes held for one training step on B images, all groups on this process.
+  /// Bytes held for one training step on B images, all groups on this process. Validates B as
+  /// forward does.
   MemoryEstimate memory_estimate(std::int64_t B) const {
     using Attention = CrossAttention<ExecSpace, Scalar>;
+    cfg_.validate_batch("dchag::DchagEmulation::memory_estimate", B, cfg_.channels);
     const int P = groups();
     const std::int64_t L = cfg_.patches();
     MemoryEstimate e;
@@ -498,6 +510,7 @@ class DchagEmulation {
                                                              options_.partial, options_.tree, B);
     }
     e += Attention::estimate_module(cfg_.attention());
+    // validate_batch bounds B * C * L, so B and L fit the attention estimate's ints.
     e += Attention::estimate_application(cfg_.attention(), static_cast<int>(B), P,
                                          static_cast<int>(L), 1, cfg_.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);

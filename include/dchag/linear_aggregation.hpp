@@ -130,7 +130,10 @@ class LinearAggregation {
     return {detail::whole<Scalar, memory_space>(prefix + weight, {n_}, d_weight_),
             detail::whole<Scalar, memory_space>(prefix + bias, {1}, d_bias_)};
   }
+  /// Validates `inputs` as the constructor does.
   static MemoryEstimate estimate(int inputs) {
+    DCHAG_EXPECT(inputs >= 1, "dchag::LinearAggregation::estimate", "inputs is ", inputs,
+                 ", expected >= 1");
     MemoryEstimate e;
     e.parameters = std::int64_t(sizeof(Scalar)) * (inputs + 1);
     e.gradients = e.parameters;

@@ -57,7 +57,13 @@ class PositionalEmbedding {
   void zero_gradients(const ExecSpace& exec) { Kokkos::deep_copy(exec, d_pos_, Scalar(0)); }
   TensorList<Scalar, memory_space> parameters() const { return named(pos_); }
   TensorList<Scalar, memory_space> gradients() const { return named(d_pos_); }
+  /// Validates its arguments as the constructor does.
   static MemoryEstimate estimate(std::int64_t patches, int dim) {
+    constexpr const char* where = "dchag::PositionalEmbedding::estimate";
+    DCHAG_EXPECT(patches >= 1, where, "patches is ", patches, ", expected >= 1");
+    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
+    detail::expect_int_size(where, "patches L", {patches});
+    detail::expect_elements(where, "positional embedding L * D", {patches, dim});
     MemoryEstimate e;
     e.parameters = std::int64_t(sizeof(Scalar)) * patches * dim;
     e.gradients = e.parameters;

@@ -244,8 +244,17 @@ class Tokenizer {
 
   /// Bytes held for `owned` channels and one forward/backward of B images of J channels with L
   /// patches each (the patches are kept for the weight gradient).
+  /// Validates its arguments as the constructor and forward do.
   static MemoryEstimate estimate(std::int64_t owned, int patch, int dim, std::int64_t B,
                                  std::int64_t J, std::int64_t L) {
+    constexpr const char* where = "dchag::Tokenizer::estimate";
+    DCHAG_EXPECT(owned >= 1, where, "owned is ", owned, ", expected >= 1");
+    check_module(where, owned, patch, dim, owned);
+    DCHAG_EXPECT(B >= 1, where, "B is ", B, ", expected >= 1");
+    DCHAG_EXPECT(J >= 1 && J <= owned, where, "J is ", J, ", expected 1 <= J <= owned = ", owned);
+    DCHAG_EXPECT(L >= 1, where, "L is ", L, ", expected >= 1");
+    detail::expect_int_size(where, "token rows B * J * L", {B, J, L});
+    detail::expect_elements(where, "patches B * J * L * p * p", {B, J, L, patch, patch});
     const std::int64_t S = sizeof(Scalar), pp = std::int64_t(patch) * patch;
     MemoryEstimate e;
     e.parameters = S * owned * (pp * dim + 2 * dim);
@@ -255,7 +264,7 @@ class Tokenizer {
   }
 
  private:
-  // The constructor's arguments: counts >= 1 and weights the kernels index.
+  // The constructor's and the estimate's arguments: counts >= 1 and weights the kernels index.
   static void check_module(const char* where, std::int64_t model_channels, int patch, int dim,
                            std::int64_t owned) {
     DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels,
