@@ -363,9 +363,9 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
       require_invalid([&] { flat.backward(exec, out); },
                       {"dchag::FlatFrontEnd::backward", "before forward"});
       V3<float> bad("bad", B, L, D + 1);
-      require_invalid([&] { flat.forward(exec, images, bad); },
-                      {"dchag::FlatFrontEnd::forward", "output is [2, 6, 9]",
-                       "expected [B, L, D] = [2, 6, 8]"});
+      require_invalid(
+          [&] { flat.forward(exec, images, bad); },
+          {"dchag::FlatFrontEnd::forward", "out is [2, 6, 9]", "expected [B, L, D] = [2, 6, 8]"});
       require_invalid([&] { flat.forward(exec, images, ChannelSelection::own({}), out); },
                       {"selection is empty", "expected at least one channel"});
       require_invalid(
@@ -375,7 +375,7 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
           {"channel id 7", "expected 0 <= id < C = 5"});
       flat.forward(exec, images, out);
       require_invalid([&] { flat.backward(exec, bad); },
-                      {"dchag::FlatFrontEnd::backward", "output is [2, 6, 9]",
+                      {"dchag::FlatFrontEnd::backward", "d_out is [2, 6, 9]",
                        "expected [B, L, D] = [2, 6, 8]"});
     }
   }
@@ -437,6 +437,81 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
           [&] { emu.backward(exec, bad); },
           {"dchag::DchagEmulation::backward", "d_out is [", "expected [B, L, D] = [2, 6, 8]"});
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images against the configuration: every forward checks every extent (B, channels, H, W) with
+// one helper, and messages name the caller's argument.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Front ends check every extent of their images against the configuration",
+          "[front_end][errors]") {
+  Exec exec;
+  // 16 x 16 images with p = 4 have L = 16 patches, and so do 8 x 32 ones: only H and W tell them
+  // apart, so only a check of H and W catches images on the wrong positional grid.
+  const FrontEndConfig cfg{5, 16, 16, 4, 8, 2, Strategy::pooled, Convention::climax, 3};
+  const int B = 2, L = 16, D = 8;
+  REQUIRE(cfg.patches() == L);
+  V3<float> out("out", B, L, D);
+  V4<float> wide("wide", B, 5, 8, 32), wider("wider", B, 5, 16, 32), fewer("fewer", B, 4, 16, 16),
+      none("none", 0, 5, 16, 16), good("good", B, 5, 16, 16);
+  V3<float> out0("out0", 0, L, D);
+
+  SECTION("FlatFrontEnd, every channel") {
+    for (const auto strat : kStrategies) {
+      FrontEndConfig c = cfg;
+      c.strategy = strat;
+      dchag::FlatFrontEnd<Exec, float> flat(exec, c);
+      require_invalid([&] { flat.forward(exec, wide, out); },
+                      {"dchag::FlatFrontEnd::forward", "images.extent(2) is 8", "expected H = 16"});
+      require_invalid(
+          [&] { flat.forward(exec, wider, out); },
+          {"dchag::FlatFrontEnd::forward", "images.extent(3) is 32", "expected W = 16"});
+      // One channel short used to be read as a 4-channel selection, dropping the last channel.
+      require_invalid([&] { flat.forward(exec, fewer, out); },
+                      {"dchag::FlatFrontEnd::forward", "images.extent(1) is 4", "expected C = 5"});
+      require_invalid([&] { flat.forward(exec, none, out0); },
+                      {"dchag::FlatFrontEnd::forward", "images.extent(0) is 0", "expected B >= 1"});
+      flat.forward(exec, good, out);
+    }
+  }
+
+  SECTION("FlatFrontEnd, a selection") {
+    dchag::FlatFrontEnd<Exec, float> flat(exec, cfg);
+    V4<float> three("three", B, 3, 16, 16), three_wide("three_wide", B, 3, 8, 32);
+    // own(): the images hold exactly the selected channels.
+    require_invalid(
+        [&] {
+          flat.forward(exec, three, ChannelSelection::own({4, 1}), out);
+        },
+        {"dchag::FlatFrontEnd::forward", "images.extent(1) is 3", "expected J = 2"});
+    require_invalid(
+        [&] {
+          flat.forward(exec, three_wide, ChannelSelection::own({4, 1, 0}), out);
+        },
+        {"dchag::FlatFrontEnd::forward", "images.extent(2) is 8", "expected H = 16"});
+    // from_full_image(): the images hold every model channel.
+    require_invalid(
+        [&] {
+          flat.forward(exec, three, ChannelSelection::from_full_image({2, 0}), out);
+        },
+        {"dchag::FlatFrontEnd::forward", "images.extent(1) is 3", "expected C = 5"});
+    flat.forward(exec, three, ChannelSelection::own({4, 1, 0}), out);
+    flat.forward(exec, good, ChannelSelection::from_full_image({2, 0}), out);
+  }
+
+  SECTION("DchagEmulation") {
+    dchag::DchagEmulation<Exec, float> emu(exec, cfg, {PartialKind::linear, 1},
+                                           {{0, 1}, {2, 3, 4}});
+    require_invalid([&] { emu.forward(exec, wide, out); },
+                    {"dchag::DchagEmulation::forward", "images.extent(2) is 8", "expected H = 16"});
+    require_invalid(
+        [&] { emu.forward(exec, wider, out); },
+        {"dchag::DchagEmulation::forward", "images.extent(3) is 32", "expected W = 16"});
+    require_invalid([&] { emu.forward(exec, none, out0); },
+                    {"dchag::DchagEmulation::forward", "images.extent(0) is 0", "expected B >= 1"});
+    emu.forward(exec, good, out);
   }
 }
 

@@ -618,9 +618,14 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
         {"dchag::Tokenizer::forward", "channel id 5", "expected 0 <= id < C = 4"});
     require_invalid(
         [&] {
-          tok.forward(exec, images, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+          tok.forward(exec, images, ChannelSelection{{0, 1, 3}, {0, 1, 3}}, tokens);
         },
         {"dchag::Tokenizer::forward", "image index 3", "expected < images.extent(1) = 3"});
+    require_invalid(
+        [&] {
+          tok.forward(exec, images, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+        },
+        {"dchag::Tokenizer::forward", "images.extent(1) is 3", "expected C = 4"});
     {
       V4<float> t("t", B, 0, L, D);
       require_invalid(
@@ -800,6 +805,24 @@ TEST_CASE("Building blocks refuse sizes the kernels cannot index", "[kernels][er
                      "is 4294967296", "expected <= INT_MAX"});
     require_invalid([&] { dchag::PositionalEmbedding<Exec, float>(exec, 0, 3, 8); },
                     {"dchag::PositionalEmbedding", "grid_h is 0", "expected >= 1"});
+  }
+  SECTION("Tokenizer::forward: images of a selection") {
+    const int B = 2, H = 4, W = 6, p = 2, D = 8, L = 6;
+    dchag::Tokenizer<Exec, float> tok(exec, 5, p, D, {0, 1, 3});
+    V4<float> four("four", B, 4, H, W), five("five", B, 5, H, W), tokens("tokens", B, 3, L, D);
+    // own(): exactly the selected channels; a fourth image channel would be silently ignored.
+    require_invalid(
+        [&] {
+          tok.forward(exec, four, ChannelSelection::own({0, 1, 3}), tokens);
+        },
+        {"dchag::Tokenizer::forward", "images.extent(1) is 4", "expected J = 3"});
+    // from_full_image(): every model channel.
+    require_invalid(
+        [&] {
+          tok.forward(exec, four, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+        },
+        {"dchag::Tokenizer::forward", "images.extent(1) is 4", "expected C = 5"});
+    tok.forward(exec, five, ChannelSelection::from_full_image({0, 1, 3}), tokens);
   }
 }
 

@@ -282,9 +282,7 @@ class DistributedFrontEnd {
     const std::size_t B = saved_.B, L = cfg_.patches(), D = cfg_.dim;
     comm_.check_collectively(where, [&] {
       DCHAG_EXPECT(forwarded_, where, "called before forward");
-      DCHAG_EXPECT(d_out.extent(0) == B && d_out.extent(1) == L && d_out.extent(2) == D, where,
-                   "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
-                   "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
+      detail::check_tokens(where, cfg_, "d_out", d_out, B);
     });
     const View4<const Scalar, memory_space> d_out4(d_out.data(), B, 1, L, D);
     pos_->backward(exec, d_out);
@@ -381,21 +379,12 @@ class DistributedFrontEnd {
                      ImageInput input) const {
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     const bool full = input == ImageInput::full_image;
-    const std::size_t want = full ? cfg_.channels : channels_.size();
-    DCHAG_EXPECT(images.extent(1) == want, where, "images.extent(1) is ", images.extent(1),
-                 ", expected ", full ? "C = " : "this rank's channel count ", want);
     DCHAG_EXPECT(mode_ != Mode::tp_only || full || comm_.size() == 1, where,
                  "tp_only tokenizes every channel on every rank: pass ImageInput::full_image");
-    DCHAG_EXPECT(
-        images.extent(2) == std::size_t(cfg_.height) && images.extent(3) == std::size_t(cfg_.width),
-        where, "images is [.., .., ", images.extent(2), ", ", images.extent(3),
-        "], expected H x W = ", cfg_.height, " x ", cfg_.width);
-    DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is 0, expected a batch >= 1");
-    DCHAG_EXPECT(
-        out.extent(0) == images.extent(0) && out.extent(1) == std::size_t(cfg_.patches()) &&
-            out.extent(2) == std::size_t(cfg_.dim),
-        where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-        "], expected [B, L, D] = [", images.extent(0), ", ", cfg_.patches(), ", ", cfg_.dim, "]");
+    detail::check_images(where, cfg_, images, full ? cfg_.channels : std::int64_t(channels_.size()),
+                         full ? "C = " : "this rank's channel count ",
+                         detail::channels_folded(mode_, map_, comm_.rank()));
+    detail::check_tokens(where, cfg_, "out", out, images.extent(0));
   }
 
   ChannelSelection selection(ImageInput input) const {

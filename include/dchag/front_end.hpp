@@ -57,7 +57,7 @@ struct FrontEndConfig {
   }
 
   /// Refuses a call on `batch` images with `channels` channels tokenized by one module (after
-  /// validate()) whose sizes the kernels cannot index. Estimates call it.
+  /// validate()) whose sizes the kernels cannot index. Forwards and estimates call it.
   void validate_batch(const char* where, std::int64_t batch, std::int64_t channels_used) const {
     DCHAG_EXPECT(batch >= 1, where, "B is ", batch, ", expected >= 1");
     DCHAG_EXPECT(channels_used >= 1, where, "channels is ", channels_used, ", expected >= 1");
@@ -91,6 +91,52 @@ struct FrontEndConfig {
     }
   }
 };
+
+namespace detail {
+
+/// What every front end's forward requires of images [B, Cimg, H, W]: B >= 1, Cimg = `channels`
+/// (`channels_are` says what that count is, e.g. "C = "; -1: any), the config's H and W, and
+/// sizes the kernels can index with `tokenized` channels folded by one module.
+template <class V>
+void check_images(const char* where, const FrontEndConfig& cfg, const V& images,
+                  std::int64_t channels, const char* channels_are, std::int64_t tokenized) {
+  DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is ", images.extent(0),
+               ", expected B >= 1");
+  DCHAG_EXPECT(channels < 0 || images.extent(1) == std::size_t(channels), where,
+               "images.extent(1) is ", images.extent(1), ", expected ", channels_are, channels);
+  DCHAG_EXPECT(images.extent(2) == std::size_t(cfg.height), where, "images.extent(2) is ",
+               images.extent(2), ", expected H = ", cfg.height);
+  DCHAG_EXPECT(images.extent(3) == std::size_t(cfg.width), where, "images.extent(3) is ",
+               images.extent(3), ", expected W = ", cfg.width);
+  cfg.validate_batch(where, std::int64_t(images.extent(0)), tokenized);
+}
+
+/// The same for images read through `sel`: own() images hold exactly its channels,
+/// from_full_image() ones every model channel; a hand-built selection any count (the tokenizer
+/// checks its indices).
+template <class V>
+void check_images(const char* where, const FrontEndConfig& cfg, const V& images,
+                  const ChannelSelection& sel) {
+  DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
+  const auto holds = sel.holds;
+  check_images(where, cfg, images,
+               holds == ChannelSelection::Holds::selected ? sel.size()
+               : holds == ChannelSelection::Holds::all    ? cfg.channels
+                                                          : -1,
+               holds == ChannelSelection::Holds::selected ? "J = " : "C = ", sel.size());
+}
+
+/// A front end's tokens [B, L, D]: forward's `out`, backward's `d_out` (`name`).
+template <class V>
+void check_tokens(const char* where, const FrontEndConfig& cfg, const char* name, const V& out,
+                  std::size_t B) {
+  DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg.patches()) &&
+                   out.extent(2) == std::size_t(cfg.dim),
+               where, name, " is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
+               "], expected [B, L, D] = [", B, ", ", cfg.patches(), ", ", cfg.dim, "]");
+}
+
+}  // namespace detail
 
 namespace detail {
 
@@ -290,7 +336,9 @@ class FlatFrontEnd {
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
-    check_out("dchag::FlatFrontEnd::forward", images.extent(0), out);
+    constexpr const char* where = "dchag::FlatFrontEnd::forward";
+    detail::check_images(where, cfg_, images, sel);
+    detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
     detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
     if (cfg_.strategy == Strategy::pooled) {
@@ -302,18 +350,18 @@ class FlatFrontEnd {
     }
     pos_.forward(exec, out);
   }
-  /// All C channels, in model order.
+  /// All C channels, in model order: images [B, C, H, W].
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
-    forward(exec, images,
-            ChannelSelection::own(detail::iota_ids(static_cast<int>(images.extent(1)))), out);
+    forward(exec, images, ChannelSelection::from_full_image(detail::iota_ids(cfg_.channels)), out);
   }
 
   /// Accumulates every parameter gradient from d_out [B, L, D] of the last forward.
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::backward");
-    DCHAG_EXPECT(saved_.k == 1, "dchag::FlatFrontEnd::backward", "called before forward");
-    check_out("dchag::FlatFrontEnd::backward", tokens_.extent(0), d_out);
+    constexpr const char* where = "dchag::FlatFrontEnd::backward";
+    DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
+    detail::check_tokens(where, cfg_, "d_out", d_out, tokens_.extent(0));
     pos_.backward(exec, d_out);
     if (cfg_.strategy == Strategy::pooled) {
       detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out),
@@ -398,13 +446,6 @@ class FlatFrontEnd {
     return cfg;
   }
   template <class V>
-  void check_out(const char* where, std::size_t B, const V& out) const {
-    DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg_.patches()) &&
-                     out.extent(2) == std::size_t(cfg_.dim),
-                 where, "output is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-                 "], expected [B, L, D] = [", B, ", ", cfg_.patches(), ", ", cfg_.dim, "]");
-  }
-  template <class V>
   static auto as4(const V& v) {
     using T = typename V::value_type;
     return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
@@ -455,12 +496,11 @@ class DchagEmulation {
                const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
-    DCHAG_EXPECT(images.extent(1) == std::size_t(cfg_.channels), where, "images.extent(1) is ",
-                 images.extent(1), ", expected C = ", cfg_.channels);
+    // Every channel is tokenized here; the largest module (a stage or the final fold) takes at
+    // most C of them.
+    detail::check_images(where, cfg_, images, cfg_.channels, "C = ", cfg_.channels);
+    detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), P = stages_.size(), L = cfg_.patches(), D = cfg_.dim;
-    DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == L && out.extent(2) == D, where, "out is [",
-                 out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-                 "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
     detail::ensure_view(gathered_, "dchag::emulation::gathered", B, P, L, D);
     detail::ensure_view(d_gathered_, "dchag::emulation::d_gathered", B, P, L, D);
     detail::ensure_view(partial_, "dchag::emulation::partial", B, 1, L, D);
@@ -478,9 +518,7 @@ class DchagEmulation {
     constexpr const char* where = "dchag::DchagEmulation::backward";
     DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
     const std::size_t B = gathered_.extent(0), L = cfg_.patches(), D = cfg_.dim;
-    DCHAG_EXPECT(d_out.extent(0) == B && d_out.extent(1) == L && d_out.extent(2) == D, where,
-                 "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
-                 "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
+    detail::check_tokens(where, cfg_, "d_out", d_out, B);
     pos_.backward(exec, d_out);
     final_.backward(exec, gathered_, saved_,
                     View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D), d_gathered_);

@@ -22,17 +22,22 @@ namespace dchag {
 /// Which image channels become which model channels. Token j reads channel image_index[j] of the
 /// images and is tokenized with the weights of global channel channel_id[j].
 struct ChannelSelection {
+  /// What the images hold: exactly the selected channels (own), every model channel
+  /// (from_full_image), or, for a selection built by hand, any channels its indices fit.
+  enum class Holds { any, selected, all };
+
   std::vector<int> image_index;
   std::vector<int> channel_id;
+  Holds holds = Holds::any;
 
   /// The images hold exactly these channels, in this order.
   static ChannelSelection own(std::vector<int> ids) {
     std::vector<int> idx(ids.size());
     for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<int>(j);
-    return {std::move(idx), std::move(ids)};
+    return {std::move(idx), std::move(ids), Holds::selected};
   }
   /// The images hold every model channel; read these ones.
-  static ChannelSelection from_full_image(std::vector<int> ids) { return {ids, ids}; }
+  static ChannelSelection from_full_image(std::vector<int> ids) { return {ids, ids, Holds::all}; }
   int size() const { return static_cast<int>(channel_id.size()); }
 };
 
@@ -306,6 +311,8 @@ class Tokenizer {
                      const View4<Scalar, memory_space>& tokens) const {
     constexpr const char* where = "dchag::Tokenizer::forward";
     const std::size_t H = images.extent(2), W = images.extent(3), p = patch_;
+    DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is ", images.extent(0),
+                 ", expected B >= 1");
     DCHAG_EXPECT(H % p == 0 && H > 0, where, "images.extent(2) is H = ", H,
                  ", expected a positive multiple of patch = ", p);
     DCHAG_EXPECT(W % p == 0 && W > 0, where, "images.extent(3) is W = ", W,
@@ -314,6 +321,14 @@ class Tokenizer {
                  sel.image_index.size(), " image indices and ", sel.channel_id.size(),
                  " channel ids, expected the same count");
     DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
+    DCHAG_EXPECT(sel.holds != ChannelSelection::Holds::selected ||
+                     images.extent(1) == std::size_t(sel.size()),
+                 where, "images.extent(1) is ", images.extent(1), ", expected J = ", sel.size(),
+                 " (the images hold the selected channels)");
+    DCHAG_EXPECT(
+        sel.holds != ChannelSelection::Holds::all || images.extent(1) == std::size_t(channels_),
+        where, "images.extent(1) is ", images.extent(1), ", expected C = ", channels_,
+        " (the images hold every model channel)");
     const std::int64_t B = images.extent(0), J = sel.size();
     detail::expect_int_size(where, "image width W", {std::int64_t(W)});
     detail::expect_int_size(where, "image rows B * J * H", {B, J, std::int64_t(H)});
