@@ -4,8 +4,10 @@
 #include <catch2/catch.hpp>
 
 #include <dchag/aggregate.hpp>
+#include <dchag/check.hpp>
 
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -640,4 +642,103 @@ TEST_CASE("Front-end estimates reject what construction and forward reject",
   require_invalid([&] { emu.memory_estimate(-1); },
                   {"dchag::DchagEmulation::memory_estimate", "B is -1", "expected >= 1"});
   CHECK(emu.memory_estimate(2).total() > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dchag::check_finite: the opt-in check that names the first non-finite value.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// The message of the dchag::error that `f` throws, or "<no error>".
+template <class F>
+std::string finite_error(F&& f) {
+  try {
+    f();
+  } catch (const dchag::error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+}  // namespace
+
+TEST_CASE("check_finite names the first non-finite element", "[front_end][check_finite]") {
+  Exec exec;
+  using Catch::Matchers::Contains;
+
+  SECTION("a view") {
+    V4<float> images("images", 2, 3, 4, 6);
+    fill_normal(images, 5);
+    dchag::check_finite(exec, "images", images);
+    auto values = to_host(images);
+    values[37] = std::numeric_limits<float>::quiet_NaN();
+    values[100] = std::numeric_limits<float>::infinity();  // a later one is not the first
+    from_host(images, values);
+    // Element 37 of [2, 3, 4, 6] is [0, 1, 2, 1]: 37 = 1 * 24 + 2 * 6 + 1.
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, "images", images); }),
+               Contains("dchag::check_finite: images element 37 ([0, 1, 2, 1] of [2, 3, 4, 6])") &&
+                   Contains("is nan") && Contains("expected every element finite"));
+    values[37] = 0;
+    values[100] = -std::numeric_limits<float>::infinity();
+    from_host(images, values);
+    const V4<const float> read_only = images;
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, "x", read_only); }),
+               Contains("x element 100") && Contains("is -inf"));
+  }
+
+  SECTION("parameters and gradients by ClimaX name") {
+    const FrontEndConfig cfg{4, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 9};
+    dchag::FlatFrontEnd<Exec, double> flat(exec, cfg);
+    V4<double> images("images", 2, 4, 4, 6);
+    V3<double> out("out", 2, cfg.patches(), cfg.dim);
+    fill_normal(images, 6);
+    flat.zero_gradients(exec);
+    flat.forward(exec, images, out);
+    flat.backward(exec, out);
+    // A clean model passes.
+    dchag::check_finite(exec, flat.parameters());
+    dchag::check_finite(exec, flat.gradients());
+
+    const auto params = flat.parameters();
+    const auto* w = find(params, "token_embeds.2.proj.weight");
+    REQUIRE(w != nullptr);
+    REQUIRE(w->transposed_rows == cfg.dim);
+    // Memory [p*p, D] holds the file's [D, 1, p, p]: memory (k = 3, d = 5) is file element
+    // 5 * 4 + 3 = 23, [5, 0, 1, 1].
+    const Flat<double> values = w->pieces.front().values;
+    write_element(values, 3 * cfg.dim + 5, std::numeric_limits<double>::infinity());
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, flat.parameters()); }),
+               Contains("token_embeds.2.proj.weight element 23 ([5, 0, 1, 1] of [8, 1, 2, 2])") &&
+                   Contains("is inf"));
+    write_element(values, 3 * cfg.dim + 5, 0.5);
+    dchag::check_finite(exec, flat.parameters());
+
+    // One NaN pixel poisons the gradients through the shared parameters (CONTRIBUTING, Errors).
+    auto pixels = to_host(images);
+    pixels[7] = std::numeric_limits<double>::quiet_NaN();
+    from_host(images, pixels);
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, "images", images); }),
+               Contains("images element 7"));
+    flat.zero_gradients(exec);
+    flat.forward(exec, images, out);
+    flat.backward(exec, out);
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, flat.gradients()); }),
+               Contains("dchag::check_finite:") && Contains("is nan"));
+  }
+
+  SECTION("a tensor in pieces reports the file index") {
+    const FrontEndConfig cfg{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+    dchag::DchagEmulation<Exec, float> emu(exec, cfg, {PartialKind::linear, 1},
+                                           {{3, 1}, {0, 2, 4}});
+    dchag::check_finite(exec, emu.parameters());
+    const auto params = emu.parameters();
+    const auto* e = find(params, "var_embed");
+    REQUIRE(e != nullptr);
+    // The second piece is channel 1's row: element 6 of it is file element 1 * 8 + 6 = 14.
+    REQUIRE(e->pieces[1].offset == 8);
+    write_element(Flat<float>(e->pieces[1].values), 6, std::numeric_limits<float>::quiet_NaN());
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, emu.parameters()); }),
+               Contains("var_embed element 14 ([0, 1, 6] of [1, 5, 8])") && Contains("nan"));
+  }
 }
