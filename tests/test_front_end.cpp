@@ -4,9 +4,12 @@
 #include <catch2/catch.hpp>
 
 #include <dchag/aggregate.hpp>
+#include <dchag/check.hpp>
 
 #include <cstdint>
+#include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "test_support.hpp"
@@ -362,9 +365,9 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
       require_invalid([&] { flat.backward(exec, out); },
                       {"dchag::FlatFrontEnd::backward", "before forward"});
       V3<float> bad("bad", B, L, D + 1);
-      require_invalid([&] { flat.forward(exec, images, bad); },
-                      {"dchag::FlatFrontEnd::forward", "output is [2, 6, 9]",
-                       "expected [B, L, D] = [2, 6, 8]"});
+      require_invalid(
+          [&] { flat.forward(exec, images, bad); },
+          {"dchag::FlatFrontEnd::forward", "out is [2, 6, 9]", "expected [B, L, D] = [2, 6, 8]"});
       require_invalid([&] { flat.forward(exec, images, ChannelSelection::own({}), out); },
                       {"selection is empty", "expected at least one channel"});
       require_invalid(
@@ -374,7 +377,7 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
           {"channel id 7", "expected 0 <= id < C = 5"});
       flat.forward(exec, images, out);
       require_invalid([&] { flat.backward(exec, bad); },
-                      {"dchag::FlatFrontEnd::backward", "output is [2, 6, 9]",
+                      {"dchag::FlatFrontEnd::backward", "d_out is [2, 6, 9]",
                        "expected [B, L, D] = [2, 6, 8]"});
     }
   }
@@ -436,5 +439,306 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
           [&] { emu.backward(exec, bad); },
           {"dchag::DchagEmulation::backward", "d_out is [", "expected [B, L, D] = [2, 6, 8]"});
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Images against the configuration: every forward checks every extent (B, channels, H, W) with
+// one helper, and messages name the caller's argument.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Front ends check every extent of their images against the configuration",
+          "[front_end][errors]") {
+  Exec exec;
+  // 16 x 16 images with p = 4 have L = 16 patches, and so do 8 x 32 ones: only H and W tell them
+  // apart, so only a check of H and W catches images on the wrong positional grid.
+  const FrontEndConfig cfg{5, 16, 16, 4, 8, 2, Strategy::pooled, Convention::climax, 3};
+  const int B = 2, L = 16, D = 8;
+  REQUIRE(cfg.patches() == L);
+  V3<float> out("out", B, L, D);
+  V4<float> wide("wide", B, 5, 8, 32), wider("wider", B, 5, 16, 32), fewer("fewer", B, 4, 16, 16),
+      none("none", 0, 5, 16, 16), good("good", B, 5, 16, 16);
+  V3<float> out0("out0", 0, L, D);
+
+  SECTION("FlatFrontEnd, every channel") {
+    for (const auto strat : kStrategies) {
+      FrontEndConfig c = cfg;
+      c.strategy = strat;
+      dchag::FlatFrontEnd<Exec, float> flat(exec, c);
+      require_invalid([&] { flat.forward(exec, wide, out); },
+                      {"dchag::FlatFrontEnd::forward", "images.extent(2) is 8", "expected H = 16"});
+      require_invalid(
+          [&] { flat.forward(exec, wider, out); },
+          {"dchag::FlatFrontEnd::forward", "images.extent(3) is 32", "expected W = 16"});
+      // One channel short used to be read as a 4-channel selection, dropping the last channel.
+      require_invalid([&] { flat.forward(exec, fewer, out); },
+                      {"dchag::FlatFrontEnd::forward", "images.extent(1) is 4", "expected C = 5"});
+      require_invalid([&] { flat.forward(exec, none, out0); },
+                      {"dchag::FlatFrontEnd::forward", "images.extent(0) is 0", "expected B >= 1"});
+      flat.forward(exec, good, out);
+    }
+  }
+
+  SECTION("FlatFrontEnd, a selection") {
+    dchag::FlatFrontEnd<Exec, float> flat(exec, cfg);
+    V4<float> three("three", B, 3, 16, 16), three_wide("three_wide", B, 3, 8, 32);
+    // own(): the images hold exactly the selected channels.
+    require_invalid(
+        [&] {
+          flat.forward(exec, three, ChannelSelection::own({4, 1}), out);
+        },
+        {"dchag::FlatFrontEnd::forward", "images.extent(1) is 3", "expected J = 2"});
+    require_invalid(
+        [&] {
+          flat.forward(exec, three_wide, ChannelSelection::own({4, 1, 0}), out);
+        },
+        {"dchag::FlatFrontEnd::forward", "images.extent(2) is 8", "expected H = 16"});
+    // from_full_image(): the images hold every model channel.
+    require_invalid(
+        [&] {
+          flat.forward(exec, three, ChannelSelection::from_full_image({2, 0}), out);
+        },
+        {"dchag::FlatFrontEnd::forward", "images.extent(1) is 3", "expected C = 5"});
+    flat.forward(exec, three, ChannelSelection::own({4, 1, 0}), out);
+    flat.forward(exec, good, ChannelSelection::from_full_image({2, 0}), out);
+  }
+
+  SECTION("DchagEmulation") {
+    dchag::DchagEmulation<Exec, float> emu(exec, cfg, {PartialKind::linear, 1},
+                                           {{0, 1}, {2, 3, 4}});
+    require_invalid([&] { emu.forward(exec, wide, out); },
+                    {"dchag::DchagEmulation::forward", "images.extent(2) is 8", "expected H = 16"});
+    require_invalid(
+        [&] { emu.forward(exec, wider, out); },
+        {"dchag::DchagEmulation::forward", "images.extent(3) is 32", "expected W = 16"});
+    require_invalid([&] { emu.forward(exec, none, out0); },
+                    {"dchag::DchagEmulation::forward", "images.extent(0) is 0", "expected B >= 1"});
+    emu.forward(exec, good, out);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes: 64-bit, and refused where the kernels' int indices (league sizes) cannot hold them.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Configurations whose sizes the kernels cannot index are refused",
+          "[front_end][errors][sizes]") {
+  Exec exec;
+  static_assert(std::is_same_v<decltype(FrontEndConfig{}.patches()), std::int64_t>);
+  const FrontEndConfig small{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+
+  SECTION("more than INT_MAX patches") {
+    // 131072 x 131072 images, p = 2: L = 65536^2 = 2^32, which an int patches() wrapped to 0.
+    FrontEndConfig cfg = small;
+    cfg.height = cfg.width = 131072;
+    CHECK(cfg.patches() == std::int64_t(1) << 32);
+    const std::vector<std::string> msg = {"patches L = (H / p) * (W / p) = 65536 * 65536",
+                                          "is 4294967296", "expected <= INT_MAX = 2147483647"};
+    std::vector<std::string> flat_msg = msg, emu_msg = msg;
+    flat_msg.insert(flat_msg.begin(), "dchag::FlatFrontEnd:");
+    emu_msg.insert(emu_msg.begin(), "dchag::DchagEmulation:");
+    require_invalid([&] { cfg.validate("dchag::FlatFrontEnd"); }, flat_msg);
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); }, flat_msg);
+    require_invalid(
+        [&] {
+          dchag::DchagEmulation<Exec, float>(exec, cfg, {}, {{0, 1, 2, 3, 4}});
+        },
+        emu_msg);
+  }
+
+  SECTION("more than INT_MAX token rows for one image") {
+    // L = 2048^2 = 2^22 fits, but C * L = 1024 * 2^22 = 2^32 rows do not fit a league.
+    FrontEndConfig cfg = small;
+    cfg.channels = 1024;
+    cfg.height = cfg.width = 2048;
+    cfg.patch = 1;
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); },
+                    {"dchag::FlatFrontEnd", "token rows C * L (B = 1) = 1024 * 4194304",
+                     "is 4294967296", "expected <= INT_MAX"});
+  }
+
+  SECTION("a batch whose rows overflow a league") {
+    // 5 channels, L = 512^2 = 2^18: one image is 1.3 M rows; 2048 images are 2.7 G.
+    FrontEndConfig cfg = small;
+    cfg.height = cfg.width = 512;
+    cfg.patch = 1;
+    cfg.validate("test");
+    cfg.validate_batch("test", 1, 5);
+    require_invalid(
+        [&] { cfg.validate_batch("test", 2048, 5); },
+        {"test: token rows B * J * L = 2048 * 5 * 262144", "is 2684354560", "expected <= INT_MAX"});
+  }
+
+  SECTION("tensors over 2^53 elements") {
+    FrontEndConfig cfg = small;
+    cfg.dim = 1 << 27;  // attention weights 4 D^2 = 2^56
+    cfg.heads = 1;
+    require_invalid([&] { dchag::FlatFrontEnd<Exec, float>(exec, cfg); },
+                    {"dchag::FlatFrontEnd", "attention weights 4 * D * D", "expected <= 2^53"});
+  }
+
+  SECTION("the paper's configuration is accepted, in 64-bit bytes") {
+    // C = 1024, 128 x 256 images, p = 4 (L = 2048), D = 2048, 32 heads, B = 2 (DESIGN 5).
+    const FrontEndConfig paper{1024, 128, 256, 4, 2048, 32, Strategy::pooled, Convention::climax,
+                               0};
+    paper.validate("test");
+    const auto e = dchag::FlatFrontEnd<Exec, float>::estimate(paper, 2);
+    // Tokens kept for backward alone: 4 B * 2 * 1024 * 2048 * 2048 = 32 GiB, past 2^31.
+    CHECK(e.activations > std::int64_t(4) * 2 * 1024 * 2048 * 2048);
+    CHECK(e.total() > e.activations);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Estimates validate what they are given, as construction and forward do.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Front-end estimates reject what construction and forward reject",
+          "[front_end][errors][memory]") {
+  Exec exec;
+  using Flat = dchag::FlatFrontEnd<Exec, float>;
+  const FrontEndConfig good{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+  FrontEndConfig cfg = good;
+  cfg.patch = 0;  // divided by zero in patches()
+  require_invalid([&] { Flat::estimate(cfg, 2); },
+                  {"dchag::FlatFrontEnd::estimate", "config.patch is 0", "expected >= 1"});
+  cfg = good;
+  cfg.heads = 0;  // returned numbers
+  require_invalid([&] { Flat::estimate(cfg, 2); },
+                  {"dchag::FlatFrontEnd::estimate", "config.heads is 0", "expected a divisor"});
+  for (const std::int64_t B : {std::int64_t(0), std::int64_t(-3)}) {
+    require_invalid(
+        [&] { Flat::estimate(good, B); },
+        {"dchag::FlatFrontEnd::estimate", "B is " + std::to_string(B), "expected >= 1"});
+  }
+  for (const int J : {0, -2, 6}) {
+    require_invalid([&] { Flat::estimate(good, 2, J); },
+                    {"dchag::FlatFrontEnd::estimate", "channels_in is " + std::to_string(J),
+                     "expected -1 (all) or 1 <= channels_in <= C = 5"});
+  }
+  require_invalid([&] { Flat::estimate(good, 2, -1, -1); },
+                  {"dchag::FlatFrontEnd::estimate", "chunk is -1", "expected >= 0"});
+  CHECK(Flat::estimate(good, 2, 3, 2).total() > 0);
+  // Sizes the kernels cannot index, as validate() and validate_batch() refuse them.
+  cfg = good;
+  cfg.height = cfg.width = 131072;
+  require_invalid([&] { Flat::estimate(cfg, 1); },
+                  {"dchag::FlatFrontEnd::estimate", "patches L = (H / p) * (W / p)",
+                   "is 4294967296", "expected <= INT_MAX"});
+  cfg = good;
+  cfg.height = cfg.width = 512;
+  cfg.patch = 1;
+  CHECK(Flat::estimate(cfg, 1).total() > 0);
+  require_invalid([&] { Flat::estimate(cfg, 2048); },
+                  {"dchag::FlatFrontEnd::estimate", "token rows B * J * L = 2048 * 5 * 262144",
+                   "is 2684354560", "expected <= INT_MAX"});
+
+  Flat flat(exec, good);
+  require_invalid([&] { flat.memory_estimate(0); },
+                  {"dchag::FlatFrontEnd::estimate", "B is 0", "expected >= 1"});
+  dchag::DchagEmulation<Exec, float> emu(exec, good, {PartialKind::linear, 1}, {{0, 1}, {2, 3, 4}});
+  require_invalid([&] { emu.memory_estimate(0); },
+                  {"dchag::DchagEmulation::memory_estimate", "B is 0", "expected >= 1"});
+  require_invalid([&] { emu.memory_estimate(-1); },
+                  {"dchag::DchagEmulation::memory_estimate", "B is -1", "expected >= 1"});
+  CHECK(emu.memory_estimate(2).total() > 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// dchag::check_finite: the opt-in check that names the first non-finite value.
+// ---------------------------------------------------------------------------------------------
+
+namespace {
+
+// The message of the dchag::error that `f` throws, or "<no error>".
+template <class F>
+std::string finite_error(F&& f) {
+  try {
+    f();
+  } catch (const dchag::error& e) {
+    return e.what();
+  }
+  return "<no error>";
+}
+
+}  // namespace
+
+TEST_CASE("check_finite names the first non-finite element", "[front_end][check_finite]") {
+  Exec exec;
+  using Catch::Matchers::Contains;
+
+  SECTION("a view") {
+    V4<float> images("images", 2, 3, 4, 6);
+    fill_normal(images, 5);
+    dchag::check_finite(exec, "images", images);
+    auto values = to_host(images);
+    values[37] = std::numeric_limits<float>::quiet_NaN();
+    values[100] = std::numeric_limits<float>::infinity();  // a later one is not the first
+    from_host(images, values);
+    // Element 37 of [2, 3, 4, 6] is [0, 1, 2, 1]: 37 = 1 * 24 + 2 * 6 + 1.
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, "images", images); }),
+               Contains("dchag::check_finite: images element 37 ([0, 1, 2, 1] of [2, 3, 4, 6])") &&
+                   Contains("is nan") && Contains("expected every element finite"));
+    values[37] = 0;
+    values[100] = -std::numeric_limits<float>::infinity();
+    from_host(images, values);
+    const V4<const float> read_only = images;
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, "x", read_only); }),
+               Contains("x element 100") && Contains("is -inf"));
+  }
+
+  SECTION("parameters and gradients by ClimaX name") {
+    const FrontEndConfig cfg{4, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 9};
+    dchag::FlatFrontEnd<Exec, double> flat(exec, cfg);
+    V4<double> images("images", 2, 4, 4, 6);
+    V3<double> out("out", 2, cfg.patches(), cfg.dim);
+    fill_normal(images, 6);
+    flat.zero_gradients(exec);
+    flat.forward(exec, images, out);
+    flat.backward(exec, out);
+    // A clean model passes.
+    dchag::check_finite(exec, flat.parameters());
+    dchag::check_finite(exec, flat.gradients());
+
+    const auto params = flat.parameters();
+    const auto* w = find(params, "token_embeds.2.proj.weight");
+    REQUIRE(w != nullptr);
+    REQUIRE(w->transposed_rows == cfg.dim);
+    // Memory [p*p, D] holds the file's [D, 1, p, p]: memory (k = 3, d = 5) is file element
+    // 5 * 4 + 3 = 23, [5, 0, 1, 1].
+    const Flat<double> values = w->pieces.front().values;
+    write_element(values, 3 * cfg.dim + 5, std::numeric_limits<double>::infinity());
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, flat.parameters()); }),
+               Contains("token_embeds.2.proj.weight element 23 ([5, 0, 1, 1] of [8, 1, 2, 2])") &&
+                   Contains("is inf"));
+    write_element(values, 3 * cfg.dim + 5, 0.5);
+    dchag::check_finite(exec, flat.parameters());
+
+    // One NaN pixel poisons the gradients through the shared parameters (CONTRIBUTING, Errors).
+    auto pixels = to_host(images);
+    pixels[7] = std::numeric_limits<double>::quiet_NaN();
+    from_host(images, pixels);
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, "images", images); }),
+               Contains("images element 7"));
+    flat.zero_gradients(exec);
+    flat.forward(exec, images, out);
+    flat.backward(exec, out);
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, flat.gradients()); }),
+               Contains("dchag::check_finite:") && Contains("is nan"));
+  }
+
+  SECTION("a tensor in pieces reports the file index") {
+    const FrontEndConfig cfg{5, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 1};
+    dchag::DchagEmulation<Exec, float> emu(exec, cfg, {PartialKind::linear, 1},
+                                           {{3, 1}, {0, 2, 4}});
+    dchag::check_finite(exec, emu.parameters());
+    const auto params = emu.parameters();
+    const auto* e = find(params, "var_embed");
+    REQUIRE(e != nullptr);
+    // The second piece is channel 1's row: element 6 of it is file element 1 * 8 + 6 = 14.
+    REQUIRE(e->pieces[1].offset == 8);
+    write_element(Flat<float>(e->pieces[1].values), 6, std::numeric_limits<float>::quiet_NaN());
+    CHECK_THAT(finite_error([&] { dchag::check_finite(exec, emu.parameters()); }),
+               Contains("var_embed element 14 ([0, 1, 6] of [1, 5, 8])") && Contains("nan"));
   }
 }

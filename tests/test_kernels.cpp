@@ -618,9 +618,14 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
         {"dchag::Tokenizer::forward", "channel id 5", "expected 0 <= id < C = 4"});
     require_invalid(
         [&] {
-          tok.forward(exec, images, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+          tok.forward(exec, images, ChannelSelection{{0, 1, 3}, {0, 1, 3}}, tokens);
         },
         {"dchag::Tokenizer::forward", "image index 3", "expected < images.extent(1) = 3"});
+    require_invalid(
+        [&] {
+          tok.forward(exec, images, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+        },
+        {"dchag::Tokenizer::forward", "images.extent(1) is 3", "expected C = 4"});
     {
       V4<float> t("t", B, 0, L, D);
       require_invalid(
@@ -773,4 +778,97 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
                     {"dchag::PositionalEmbedding::backward", "tensor is [B, 5, 8]",
                      "expected [B, L, D] = [B, 6, 8]"});
   }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sizes the kernels cannot index, and estimates that validate what they are given.
+// ---------------------------------------------------------------------------------------------
+
+TEST_CASE("Building blocks refuse sizes the kernels cannot index", "[kernels][errors][sizes]") {
+  Exec exec;
+  SECTION("Tokenizer") {
+    // p = 65536: p * p = 2^32 wrapped to 0 in int, and the weights were sized from that.
+    require_invalid(
+        [&] {
+          dchag::Tokenizer<Exec, float>(exec, 2, 65536, 8, {0, 1});
+        },
+        {"dchag::Tokenizer", "patch pixels p * p = 65536 * 65536", "is 4294967296",
+         "expected <= INT_MAX = 2147483647"});
+    // p * p = 46340^2 fits an int; with D = 2^23 one channel's weights are 1.8e16 > 2^53.
+    require_invalid([&] { dchag::Tokenizer<Exec, float>(exec, 1, 46340, 1 << 23, {0}); },
+                    {"dchag::Tokenizer", "weights of the owned channels n * p * p * D",
+                     "= 1 * 46340 * 46340 * 8388608", "expected <= 2^53"});
+  }
+  SECTION("PositionalEmbedding") {
+    require_invalid([&] { dchag::PositionalEmbedding<Exec, float>(exec, 65536, 65536, 8); },
+                    {"dchag::PositionalEmbedding", "patches L = grid_h * grid_w = 65536 * 65536",
+                     "is 4294967296", "expected <= INT_MAX"});
+    require_invalid([&] { dchag::PositionalEmbedding<Exec, float>(exec, 0, 3, 8); },
+                    {"dchag::PositionalEmbedding", "grid_h is 0", "expected >= 1"});
+  }
+  SECTION("Tokenizer::forward: images of a selection") {
+    const int B = 2, H = 4, W = 6, p = 2, D = 8, L = 6;
+    dchag::Tokenizer<Exec, float> tok(exec, 5, p, D, {0, 1, 3});
+    V4<float> four("four", B, 4, H, W), five("five", B, 5, H, W), tokens("tokens", B, 3, L, D);
+    // own(): exactly the selected channels; a fourth image channel would be silently ignored.
+    require_invalid(
+        [&] {
+          tok.forward(exec, four, ChannelSelection::own({0, 1, 3}), tokens);
+        },
+        {"dchag::Tokenizer::forward", "images.extent(1) is 4", "expected J = 3"});
+    // from_full_image(): every model channel.
+    require_invalid(
+        [&] {
+          tok.forward(exec, four, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+        },
+        {"dchag::Tokenizer::forward", "images.extent(1) is 4", "expected C = 5"});
+    tok.forward(exec, five, ChannelSelection::from_full_image({0, 1, 3}), tokens);
+  }
+}
+
+TEST_CASE("Building-block estimates validate their arguments", "[kernels][errors][memory]") {
+  using Tok = dchag::Tokenizer<Exec, float>;
+  using Pos = dchag::PositionalEmbedding<Exec, float>;
+  using Lin = dchag::LinearAggregation<Exec, float>;
+  using Part = dchag::PartialAggregator<Exec, float>;
+  const AttentionConfig att{8, 2, Convention::climax, Strategy::pooled};
+
+  CHECK(Tok::estimate(3, 2, 8, 2, 3, 6).total() > 0);
+  require_invalid([] { Tok::estimate(3, 2, 8, 0, 3, 6); },
+                  {"dchag::Tokenizer::estimate", "B is 0", "expected >= 1"});
+  require_invalid([] { Tok::estimate(3, 2, 8, 2, 4, 6); },
+                  {"dchag::Tokenizer::estimate", "J is 4", "expected 1 <= J <= owned = 3"});
+  require_invalid([] { Tok::estimate(0, 2, 8, 2, 1, 6); },
+                  {"dchag::Tokenizer::estimate", "owned is 0", "expected >= 1"});
+  require_invalid([] { Tok::estimate(3, 0, 8, 2, 3, 6); },
+                  {"dchag::Tokenizer::estimate", "patch is 0", "expected >= 1"});
+  require_invalid([] { Tok::estimate(3, 65536, 8, 1, 1, 1); },
+                  {"dchag::Tokenizer::estimate", "patch pixels p * p", "expected <= INT_MAX"});
+  require_invalid([] { Tok::estimate(3, 2, 8, 2, 3, std::int64_t(1) << 31); },
+                  {"dchag::Tokenizer::estimate", "token rows B * J * L", "expected <= INT_MAX"});
+
+  CHECK(Pos::estimate(6, 8).total() > 0);
+  require_invalid([] { Pos::estimate(0, 8); },
+                  {"dchag::PositionalEmbedding::estimate", "patches is 0", "expected >= 1"});
+  require_invalid(
+      [] { Pos::estimate(std::int64_t(1) << 32, 8); },
+      {"dchag::PositionalEmbedding::estimate", "patches L is 4294967296", "expected <= INT_MAX"});
+
+  CHECK(Lin::estimate(3).total() > 0);
+  require_invalid([] { Lin::estimate(0); },
+                  {"dchag::LinearAggregation::estimate", "inputs is 0", "expected >= 1"});
+
+  CHECK(Part::estimate(PartialKind::cross_attention, 4, 2, att, 2, 6).total() > 0);
+  require_invalid([&] { Part::estimate(PartialKind::linear, 5, 2, att, 2, 6); },
+                  {"dchag::PartialAggregator::estimate", "linear tree over 5 channels"});
+  require_invalid([&] { Part::estimate(PartialKind::cross_attention, 3, 4, att, 2, 6); },
+                  {"dchag::PartialAggregator::estimate", "tree is 4"});
+  require_invalid([&] { Part::estimate(PartialKind::cross_attention, 4, 1, att, 0, 6); },
+                  {"dchag::PartialAggregator::estimate", "B is 0", "expected >= 1"});
+  require_invalid(
+      [&] {
+        Part::estimate(PartialKind::cross_attention, 4, 1,
+                       {8, 3, Convention::climax, Strategy::pooled}, 2, 6);
+      },
+      {"dchag::PartialAggregator::estimate", "attention.heads is 3", "expected a divisor"});
 }

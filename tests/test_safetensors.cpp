@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <limits>
 #include <random>
 #include <string>
@@ -315,6 +316,38 @@ TEST_CASE("safetensors: write and read a file", "[safetensors]") {
 
   CHECK_THROWS_AS(st::File::read(path.string()), dchag::error);
   CHECK_THROWS_WITH(st::File::read(path.string()), Contains(path.string()));
+}
+
+TEST_CASE("safetensors: a path that is not a regular readable file is an error naming it",
+          "[safetensors]") {
+  // A directory used to open fine, report a size of 2^63 - 1 from tellg() and throw bad_alloc.
+  const auto dir = temp_path("dir.safetensors");
+  std::filesystem::create_directory(dir);
+  CHECK_THROWS_AS(st::File::read(dir.string()), dchag::error);
+  CHECK_THROWS_WITH(st::File::read(dir.string()),
+                    Contains("dchag::safetensors::File::read") && Contains(dir.string()) &&
+                        Contains("is a directory") && Contains("expected a regular file"));
+  std::filesystem::remove(dir);
+
+  const auto missing = temp_path("missing.safetensors");
+  CHECK_THROWS_WITH(st::File::read(missing.string()),
+                    Contains(missing.string()) && Contains("does not exist"));
+
+  // A file without read permission (root reads it anyway: then there is nothing to test).
+  const auto locked = temp_path("locked.safetensors");
+  st::Writer w;
+  const std::vector<float> v = {1.0f, 2.0f};
+  w.add("t", {2}, v.data());
+  w.write(locked.string());
+  std::filesystem::permissions(locked, std::filesystem::perms::none);
+  if (!std::ifstream(locked, std::ios::binary)) {
+    CHECK_THROWS_AS(st::File::read(locked.string()), dchag::error);
+    CHECK_THROWS_WITH(st::File::read(locked.string()),
+                      Contains(locked.string()) && Contains("cannot be opened for reading"));
+  }
+  std::filesystem::permissions(locked, std::filesystem::perms::owner_all);
+  CHECK(st::File::read(locked.string()).values<float>("t") == v);
+  std::filesystem::remove(locked);
 }
 
 // ----------------------------------------------------------------------------------------------

@@ -173,6 +173,22 @@ TEST_CASE("weights: save and load through a path", "[weights]") {
   require_equal(a.parameters(), b.parameters());
 }
 
+TEST_CASE("weights: loading from a directory or a missing path is an error naming it",
+          "[weights]") {
+  Exec exec;
+  dchag::CrossAttention<Exec, float> a(exec, {8, 2, dchag::Convention::climax}, 5);
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("dchag_test_weights_dir_" + std::to_string(std::random_device{}()));
+  std::filesystem::create_directory(dir);
+  // Used to throw std::bad_alloc: the size of a directory read as a file is 2^63 - 1.
+  CHECK_THROWS_AS(dchag::load_weights(dir.string(), a.parameters()), dchag::error);
+  CHECK_THROWS_WITH(dchag::load_weights(dir.string(), a.parameters()),
+                    Contains(dir.string()) && Contains("is a directory"));
+  std::filesystem::remove(dir);
+  CHECK_THROWS_WITH(dchag::load_weights(dir.string(), a.parameters()),
+                    Contains(dir.string()) && Contains("does not exist"));
+}
+
 TEST_CASE("weights: F16 and BF16 values are converted on load", "[weights]") {
   Exec exec;
   const int D = 4;

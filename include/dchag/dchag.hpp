@@ -3,6 +3,7 @@
 /// configured with it (the dchag::dchag target defines DCHAG_ENABLE_MPI).
 #include <dchag/aggregate.hpp>
 #include <dchag/channel_map.hpp>
+#include <dchag/check.hpp>
 #include <dchag/memory.hpp>
 #include <dchag/safetensors.hpp>
 #include <dchag/weights.hpp>

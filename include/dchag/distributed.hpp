@@ -14,6 +14,8 @@
 #include <dchag/communicator.hpp>
 #include <dchag/front_end.hpp>
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 #include <memory>
 #include <optional>
@@ -89,6 +91,42 @@ std::uint64_t checksum(const TensorList<Scalar, MemSpace>& list) {
   return h;
 }
 
+constexpr bool is_dchag(Mode m) { return m == Mode::dchag_linear || m == Mode::dchag_xattn; }
+
+/// What rank `rank` of map.ranks() may be built with: the configuration, the map against it,
+/// the rank, the local tree and what each mode needs. The constructor and estimate_memory share
+/// it.
+inline void validate_rank(const char* where, const FrontEndConfig& cfg, Mode mode,
+                          const ChannelMap& map, int rank, int tree) {
+  cfg.validate(where);
+  DCHAG_EXPECT(map.channels() == cfg.channels, where, "map.channels() is ", map.channels(),
+               ", expected config.channels = ", cfg.channels);
+  DCHAG_EXPECT(rank >= 0 && rank < map.ranks(), where, "rank is ", rank,
+               ", expected 0 <= rank < map.ranks() = ", map.ranks());
+  const int held = static_cast<int>(map.channels_of(rank).size());
+  DCHAG_EXPECT(tree >= 1 && (!is_dchag(mode) || tree <= held), where, "tree is ", tree,
+               ", expected 1 <= tree <= channels of rank ", rank, " = ", held);
+  DCHAG_EXPECT(mode != Mode::dchag_linear || held % tree == 0, where, "rank ", rank, " holds ",
+               held, " channels, expected a multiple of tree = ", tree,
+               " (the linear tree shares one weight vector across groups)");
+  DCHAG_EXPECT(mode != Mode::exact_flat || cfg.strategy == Strategy::pooled, where,
+               "exact_flat needs the pooled strategy, config.strategy is ",
+               to_string(cfg.strategy));
+  DCHAG_EXPECT(mode != Mode::tp_only || cfg.strategy == Strategy::materialized, where,
+               "tp_only is the materialized baseline, config.strategy is ",
+               to_string(cfg.strategy));
+  DCHAG_EXPECT(mode != Mode::tp_only || cfg.heads >= map.ranks(), where, "tp_only splits ",
+               cfg.heads, " heads over ", map.ranks(), " ranks, expected heads >= ranks");
+}
+
+/// Channels the largest module of `rank` folds in one call: its own (exact_flat), every channel
+/// (tp_only), or the larger of its own and the P gathered partial tokens (D-CHAG modes).
+inline int channels_folded(Mode mode, const ChannelMap& map, int rank) {
+  const int held = static_cast<int>(map.channels_of(rank).size());
+  if (mode == Mode::tp_only) return map.channels();
+  return is_dchag(mode) ? std::max(held, map.ranks()) : held;
+}
+
 /// Host bytes the largest collective of one training step stages through when MPI cannot read
 /// the execution space's memory (0 when it can): D-CHAG's all-gather of the partial tokens,
 /// exact_flat's merge of the pooled sums or its summed parameter gradients, tp_only's all-reduce
@@ -114,12 +152,17 @@ std::int64_t staging_bytes(const FrontEndConfig& cfg, Mode mode, int P, std::int
 
 /// Bytes rank `rank` holds for one training step of `mode` on B images (DESIGN 5), without
 /// allocating anything. Measured high-water marks (MemoryTracker) agree within a few percent.
+/// Validates its arguments as the constructor and forward do.
 template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace>
 MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map,
-                               int rank, int B, int tree = 1) {
+                               int rank, std::int64_t B, int tree = 1) {
   using Attention = CrossAttention<ExecSpace, Scalar>;
-  cfg.validate("dchag::estimate_memory");
-  const int P = map.ranks(), L = cfg.patches(), D = cfg.dim;
+  constexpr const char* where = "dchag::estimate_memory";
+  detail::validate_rank(where, cfg, mode, map, rank, tree);
+  cfg.validate_batch(where, B, detail::channels_folded(mode, map, rank));
+  // Within the limits validate_batch checks, B and L fit the attention estimate's ints.
+  const int P = map.ranks(), D = cfg.dim, b = static_cast<int>(B);
+  const int L = static_cast<int>(cfg.patches());
   const int Cr = static_cast<int>(map.channels_of(rank).size());
   const std::int64_t S = sizeof(Scalar), token = S * B * L * D;
   MemoryEstimate e = PositionalEmbedding<ExecSpace, Scalar>::estimate(L, D);
@@ -128,7 +171,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
     const auto kind =
         mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
     e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg, Cr, kind, tree, B);
-    e += Attention::estimate_application(cfg.attention(), B, P, L, 1, cfg.heads, false);
+    e += Attention::estimate_application(cfg.attention(), b, P, L, 1, cfg.heads, false);
     e.activations += token * (P + 1);  // gathered, partial
     e.communication += token * P;      // received
     e.workspace += token * P;          // d_gathered
@@ -139,7 +182,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   const int J = tp ? cfg.channels : Cr;
   const auto [h0, h1] = detail::head_share(cfg.heads, P, rank);
   e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
-  e += Attention::estimate_application(cfg.attention(), B, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
+  e += Attention::estimate_application(cfg.attention(), b, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
   e.activations += token * J;  // tokens
   e.workspace += tp ? token * J : detail::fused_chunk_bytes<ExecSpace, Scalar>(B, L, D, J);
   if (tp) e.workspace += S * D;  // the query gradient before this call
@@ -200,7 +243,7 @@ class DistributedFrontEnd {
 
   Mode mode() const { return mode_; }
   /// Bytes this rank holds for one training step on B images.
-  MemoryEstimate memory_estimate(int B) const {
+  MemoryEstimate memory_estimate(std::int64_t B) const {
     return estimate_memory<Scalar, ExecSpace>(cfg_, mode_, map_, comm_.rank(), B, tree_);
   }
   const FrontEndConfig& config() const { return cfg_; }
@@ -266,9 +309,7 @@ class DistributedFrontEnd {
     const std::size_t B = saved_.B, L = cfg_.patches(), D = cfg_.dim;
     comm_.check_collectively(where, [&] {
       DCHAG_EXPECT(forwarded_, where, "called before forward");
-      DCHAG_EXPECT(d_out.extent(0) == B && d_out.extent(1) == L && d_out.extent(2) == D, where,
-                   "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
-                   "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
+      detail::check_tokens(where, cfg_, "d_out", d_out, B);
     });
     if (check_replicas_) {
       comm_.agree(where,
@@ -358,7 +399,7 @@ class DistributedFrontEnd {
   }
 
  private:
-  bool is_dchag() const { return mode_ == Mode::dchag_linear || mode_ == Mode::dchag_xattn; }
+  bool is_dchag() const { return detail::is_dchag(mode_); }
 
   // The buffers of one forward and backward of B images (local; run under check_collectively).
   void reserve(std::size_t B) {
@@ -391,45 +432,21 @@ class DistributedFrontEnd {
   void validate_local() const {
     constexpr const char* where = "dchag::DistributedFrontEnd";
     cfg_.validate(where);
-    DCHAG_EXPECT(map_.channels() == cfg_.channels, where, "map.channels() is ", map_.channels(),
-                 ", expected config.channels = ", cfg_.channels);
     DCHAG_EXPECT(map_.ranks() == comm_.size(), where, "map.ranks() is ", map_.ranks(),
                  ", expected the communicator size ", comm_.size());
-    const int held = static_cast<int>(map_.channels_of(comm_.rank()).size());
-    DCHAG_EXPECT(tree_ >= 1 && (!is_dchag() || tree_ <= held), where, "tree is ", tree_,
-                 ", expected 1 <= tree <= channels of rank ", comm_.rank(), " = ", held);
-    DCHAG_EXPECT(mode_ != Mode::dchag_linear || held % tree_ == 0, where, "rank ", comm_.rank(),
-                 " holds ", held, " channels, expected a multiple of tree = ", tree_,
-                 " (the linear tree shares one weight vector across groups)");
-    DCHAG_EXPECT(mode_ != Mode::exact_flat || cfg_.strategy == Strategy::pooled, where,
-                 "exact_flat needs the pooled strategy, config.strategy is ",
-                 to_string(cfg_.strategy));
-    DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.strategy == Strategy::materialized, where,
-                 "tp_only is the materialized baseline, config.strategy is ",
-                 to_string(cfg_.strategy));
-    DCHAG_EXPECT(mode_ != Mode::tp_only || cfg_.heads >= comm_.size(), where, "tp_only splits ",
-                 cfg_.heads, " heads over ", comm_.size(), " ranks, expected heads >= ranks");
+    detail::validate_rank(where, cfg_, mode_, map_, comm_.rank(), tree_);
   }
 
   void check_forward(const View4<const Scalar, memory_space>& images, const V3& out,
                      ImageInput input) const {
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     const bool full = input == ImageInput::full_image;
-    const std::size_t want = full ? cfg_.channels : channels_.size();
-    DCHAG_EXPECT(images.extent(1) == want, where, "images.extent(1) is ", images.extent(1),
-                 ", expected ", full ? "C = " : "this rank's channel count ", want);
     DCHAG_EXPECT(mode_ != Mode::tp_only || full || comm_.size() == 1, where,
                  "tp_only tokenizes every channel on every rank: pass ImageInput::full_image");
-    DCHAG_EXPECT(
-        images.extent(2) == std::size_t(cfg_.height) && images.extent(3) == std::size_t(cfg_.width),
-        where, "images is [.., .., ", images.extent(2), ", ", images.extent(3),
-        "], expected H x W = ", cfg_.height, " x ", cfg_.width);
-    DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is 0, expected a batch >= 1");
-    DCHAG_EXPECT(
-        out.extent(0) == images.extent(0) && out.extent(1) == std::size_t(cfg_.patches()) &&
-            out.extent(2) == std::size_t(cfg_.dim),
-        where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-        "], expected [B, L, D] = [", images.extent(0), ", ", cfg_.patches(), ", ", cfg_.dim, "]");
+    detail::check_images(where, cfg_, images, full ? cfg_.channels : std::int64_t(channels_.size()),
+                         full ? "C = " : "this rank's channel count ",
+                         detail::channels_folded(mode_, map_, comm_.rank()));
+    detail::check_tokens(where, cfg_, "out", out, images.extent(0));
   }
 
   ChannelSelection selection(ImageInput input) const {

@@ -7,12 +7,14 @@
 ///   tokens, then the positional embedding. The reference for the distributed engine.
 #include <dchag/config.hpp>
 #include <dchag/cross_attention.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/partial_aggregator.hpp>
 #include <dchag/positional_embedding.hpp>
 #include <dchag/tokenizer.hpp>
 
 #include <algorithm>
+#include <cstdint>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -35,9 +37,12 @@ struct FrontEndConfig {
 
   int grid_h() const { return height / patch; }
   int grid_w() const { return width / patch; }
-  int patches() const { return grid_h() * grid_w(); }
+  /// L = (H / p) * (W / p), in 64 bits: it can exceed INT_MAX, which validate() refuses.
+  std::int64_t patches() const { return std::int64_t(grid_h()) * grid_w(); }
   AttentionConfig attention() const { return {dim, heads, convention, strategy}; }
 
+  /// Refuses a configuration that is inconsistent or whose sizes for one image of every channel
+  /// the kernels cannot index (detail/sizes.hpp: int league sizes, 2^53 elements per tensor).
   void validate(const char* where) const {
     DCHAG_EXPECT(channels >= 1, where, "config.channels is ", channels, ", expected >= 1");
     DCHAG_EXPECT(patch >= 1, where, "config.patch is ", patch, ", expected >= 1");
@@ -48,8 +53,90 @@ struct FrontEndConfig {
     DCHAG_EXPECT(dim >= 1, where, "config.dim is ", dim, ", expected >= 1");
     DCHAG_EXPECT(heads >= 1 && dim % heads == 0, where, "config.heads is ", heads,
                  ", expected a divisor of dim = ", dim);
+    check_sizes(where, 0, channels);
+  }
+
+  /// Refuses a call on `batch` images with `channels` channels tokenized by one module (after
+  /// validate()) whose sizes the kernels cannot index. Forwards and estimates call it.
+  void validate_batch(const char* where, std::int64_t batch, std::int64_t channels_used) const {
+    DCHAG_EXPECT(batch >= 1, where, "B is ", batch, ", expected >= 1");
+    DCHAG_EXPECT(channels_used >= 1, where, "channels is ", channels_used, ", expected >= 1");
+    check_sizes(where, batch, channels_used);
+  }
+
+ private:
+  // B = 0: the configuration alone, one image of all J = C channels.
+  void check_sizes(const char* where, std::int64_t B, std::int64_t J) const {
+    using detail::expect_elements;
+    using detail::expect_int_size;
+    const std::int64_t p = patch, D = dim, H = height, W = width, nh = heads;
+    const std::int64_t L =
+        expect_int_size(where, "patches L = (H / p) * (W / p)", {grid_h(), grid_w()});
+    expect_int_size(where, "patch pixels p * p", {p, p});
+    expect_elements(where, "tokenizer weights C * p * p * D", {channels, p, p, D});
+    expect_elements(where, "positional embedding L * D", {L, D});
+    expect_elements(where, "attention weights 4 * D * D", {4, D, D});
+    if (B == 0) {
+      expect_int_size(where, "token rows C * L (B = 1)", {J, L});
+      expect_int_size(where, "image rows C * H (B = 1)", {J, H});
+      expect_elements(where, "tokens C * L * D (B = 1)", {J, L, D});
+      expect_elements(where, "pixels C * H * W (B = 1)", {J, H, W});
+      expect_elements(where, "pooled attention state heads * L * D (B = 1)", {nh, L, D});
+    } else {
+      expect_int_size(where, "token rows B * J * L", {B, J, L});
+      expect_int_size(where, "image rows B * J * H", {B, J, H});
+      expect_elements(where, "tokens B * J * L * D", {B, J, L, D});
+      expect_elements(where, "pixels B * J * H * W", {B, J, H, W});
+      expect_elements(where, "pooled attention state heads * B * L * D", {nh, B, L, D});
+    }
   }
 };
+
+namespace detail {
+
+/// What every front end's forward requires of images [B, Cimg, H, W]: B >= 1, Cimg = `channels`
+/// (`channels_are` says what that count is, e.g. "C = "; -1: any), the config's H and W, and
+/// sizes the kernels can index with `tokenized` channels folded by one module.
+template <class V>
+void check_images(const char* where, const FrontEndConfig& cfg, const V& images,
+                  std::int64_t channels, const char* channels_are, std::int64_t tokenized) {
+  DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is ", images.extent(0),
+               ", expected B >= 1");
+  DCHAG_EXPECT(channels < 0 || images.extent(1) == std::size_t(channels), where,
+               "images.extent(1) is ", images.extent(1), ", expected ", channels_are, channels);
+  DCHAG_EXPECT(images.extent(2) == std::size_t(cfg.height), where, "images.extent(2) is ",
+               images.extent(2), ", expected H = ", cfg.height);
+  DCHAG_EXPECT(images.extent(3) == std::size_t(cfg.width), where, "images.extent(3) is ",
+               images.extent(3), ", expected W = ", cfg.width);
+  cfg.validate_batch(where, std::int64_t(images.extent(0)), tokenized);
+}
+
+/// The same for images read through `sel`: own() images hold exactly its channels,
+/// from_full_image() ones every model channel; a hand-built selection any count (the tokenizer
+/// checks its indices).
+template <class V>
+void check_images(const char* where, const FrontEndConfig& cfg, const V& images,
+                  const ChannelSelection& sel) {
+  DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
+  const auto holds = sel.holds;
+  check_images(where, cfg, images,
+               holds == ChannelSelection::Holds::selected ? sel.size()
+               : holds == ChannelSelection::Holds::all    ? cfg.channels
+                                                          : -1,
+               holds == ChannelSelection::Holds::selected ? "J = " : "C = ", sel.size());
+}
+
+/// A front end's tokens [B, L, D]: forward's `out`, backward's `d_out` (`name`).
+template <class V>
+void check_tokens(const char* where, const FrontEndConfig& cfg, const char* name, const V& out,
+                  std::size_t B) {
+  DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg.patches()) &&
+                   out.extent(2) == std::size_t(cfg.dim),
+               where, name, " is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
+               "], expected [B, L, D] = [", B, ", ", cfg.patches(), ", ", cfg.dim, "]");
+}
+
+}  // namespace detail
 
 namespace detail {
 
@@ -90,7 +177,7 @@ int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channe
   if constexpr (!runs_on_host<ExecSpace>) {
     return channels;
   } else {
-    const std::size_t per_channel = B * L * D * sizeof(Scalar);
+    const std::size_t per_channel = std::max<std::size_t>(B * L * D * sizeof(Scalar), 1);
     return static_cast<int>(
         std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
   }
@@ -225,10 +312,11 @@ class ChannelStage {
     append(list, partial_.gradients());
     return list;
   }
-  /// Tokenizer, partial aggregator and the token buffers for `channels` channels.
+  /// Tokenizer, partial aggregator and the token buffers for `channels` channels. The callers
+  /// validate `cfg` and the batch; the modules validate the rest.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind,
-                                 int tree, int B) {
-    const int L = cfg.patches();
+                                 int tree, std::int64_t B) {
+    const std::int64_t L = cfg.patches();
     MemoryEstimate e =
         Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
     e +=
@@ -270,7 +358,9 @@ class FlatFrontEnd {
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
-    check_out("dchag::FlatFrontEnd::forward", images.extent(0), out);
+    constexpr const char* where = "dchag::FlatFrontEnd::forward";
+    detail::check_images(where, cfg_, images, sel);
+    detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
     detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
     if (cfg_.strategy == Strategy::pooled) {
@@ -282,18 +372,18 @@ class FlatFrontEnd {
     }
     pos_.forward(exec, out);
   }
-  /// All C channels, in model order.
+  /// All C channels, in model order: images [B, C, H, W].
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
-    forward(exec, images,
-            ChannelSelection::own(detail::iota_ids(static_cast<int>(images.extent(1)))), out);
+    forward(exec, images, ChannelSelection::from_full_image(detail::iota_ids(cfg_.channels)), out);
   }
 
   /// Accumulates every parameter gradient from d_out [B, L, D] of the last forward.
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::backward");
-    DCHAG_EXPECT(saved_.k == 1, "dchag::FlatFrontEnd::backward", "called before forward");
-    check_out("dchag::FlatFrontEnd::backward", tokens_.extent(0), d_out);
+    constexpr const char* where = "dchag::FlatFrontEnd::backward";
+    DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
+    detail::check_tokens(where, cfg_, "d_out", d_out, tokens_.extent(0));
     pos_.backward(exec, d_out);
     if (saved_.strategy == Strategy::pooled) {  // the forward's strategy, not the current one
       detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out),
@@ -320,16 +410,27 @@ class FlatFrontEnd {
     chunk_channels_ = channels;
   }
 
-  /// Bytes held for one training step on B images of `channels_in` channels (default: all C),
-  /// with `chunk` channels per fused chunk (0: automatic).
-  static MemoryEstimate estimate(const FrontEndConfig& cfg, int B, int channels_in = -1,
+  /// Bytes held for one training step on B images of `channels_in` channels (default -1: all C),
+  /// with `chunk` channels per fused chunk (0: automatic). Validates as construction and forward
+  /// do.
+  static MemoryEstimate estimate(const FrontEndConfig& cfg, std::int64_t B, int channels_in = -1,
                                  int chunk = 0) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
-    const int J = channels_in < 0 ? cfg.channels : channels_in, L = cfg.patches();
+    constexpr const char* where = "dchag::FlatFrontEnd::estimate";
+    cfg.validate(where);
+    DCHAG_EXPECT(channels_in == -1 || (channels_in >= 1 && channels_in <= cfg.channels), where,
+                 "channels_in is ", channels_in,
+                 ", expected -1 (all) or 1 <= channels_in <= C = ", cfg.channels);
+    DCHAG_EXPECT(chunk >= 0, where, "chunk is ", chunk, ", expected >= 0");
+    const int J = channels_in < 0 ? cfg.channels : channels_in;
+    cfg.validate_batch(where, B, J);
+    // Within the limits validate_batch checks, B, J and L fit the attention estimate's ints.
+    const std::int64_t L = cfg.patches();
     MemoryEstimate e =
         Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
     e += Attention::estimate_module(cfg.attention());
-    e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
+    e += Attention::estimate_application(cfg.attention(), static_cast<int>(B), J,
+                                         static_cast<int>(L), 1, cfg.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
     const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
     e.activations += tokens;
@@ -339,7 +440,7 @@ class FlatFrontEnd {
                        : tokens;
     return e;
   }
-  MemoryEstimate memory_estimate(int B, int channels_in = -1) const {
+  MemoryEstimate memory_estimate(std::int64_t B, int channels_in = -1) const {
     return estimate(cfg_, B, channels_in, chunk_channels_);
   }
   void zero_gradients(const ExecSpace& exec) {
@@ -365,13 +466,6 @@ class FlatFrontEnd {
   static const FrontEndConfig& validated(const FrontEndConfig& cfg) {
     cfg.validate("dchag::FlatFrontEnd");
     return cfg;
-  }
-  template <class V>
-  void check_out(const char* where, std::size_t B, const V& out) const {
-    DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg_.patches()) &&
-                     out.extent(2) == std::size_t(cfg_.dim),
-                 where, "output is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-                 "], expected [B, L, D] = [", B, ", ", cfg_.patches(), ", ", cfg_.dim, "]");
   }
   template <class V>
   static auto as4(const V& v) {
@@ -424,12 +518,11 @@ class DchagEmulation {
                const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
-    DCHAG_EXPECT(images.extent(1) == std::size_t(cfg_.channels), where, "images.extent(1) is ",
-                 images.extent(1), ", expected C = ", cfg_.channels);
+    // Every channel is tokenized here; the largest module (a stage or the final fold) takes at
+    // most C of them.
+    detail::check_images(where, cfg_, images, cfg_.channels, "C = ", cfg_.channels);
+    detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), P = stages_.size(), L = cfg_.patches(), D = cfg_.dim;
-    DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == L && out.extent(2) == D, where, "out is [",
-                 out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-                 "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
     detail::ensure_view(gathered_, "dchag::emulation::gathered", B, P, L, D);
     detail::ensure_view(d_gathered_, "dchag::emulation::d_gathered", B, P, L, D);
     detail::ensure_view(partial_, "dchag::emulation::partial", B, 1, L, D);
@@ -447,9 +540,7 @@ class DchagEmulation {
     constexpr const char* where = "dchag::DchagEmulation::backward";
     DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
     const std::size_t B = gathered_.extent(0), L = cfg_.patches(), D = cfg_.dim;
-    DCHAG_EXPECT(d_out.extent(0) == B && d_out.extent(1) == L && d_out.extent(2) == D, where,
-                 "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
-                 "], expected [B, L, D] = [", B, ", ", L, ", ", D, "]");
+    detail::check_tokens(where, cfg_, "d_out", d_out, B);
     pos_.backward(exec, d_out);
     final_.backward(exec, gathered_, saved_,
                     View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D), d_gathered_);
@@ -466,17 +557,22 @@ class DchagEmulation {
     for (auto& st : stages_) st->set_strategy(s);
   }
 
-  /// Bytes held for one training step on B images, all groups on this process.
-  MemoryEstimate memory_estimate(int B) const {
+  /// Bytes held for one training step on B images, all groups on this process. Validates B as
+  /// forward does.
+  MemoryEstimate memory_estimate(std::int64_t B) const {
     using Attention = CrossAttention<ExecSpace, Scalar>;
-    const int P = groups(), L = cfg_.patches();
+    cfg_.validate_batch("dchag::DchagEmulation::memory_estimate", B, cfg_.channels);
+    const int P = groups();
+    const std::int64_t L = cfg_.patches();
     MemoryEstimate e;
     for (const auto& st : stages_) {
       e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg_, int(st->channels().size()),
                                                              options_.partial, options_.tree, B);
     }
     e += Attention::estimate_module(cfg_.attention());
-    e += Attention::estimate_application(cfg_.attention(), B, P, L, 1, cfg_.heads, false);
+    // validate_batch bounds B * C * L, so B and L fit the attention estimate's ints.
+    e += Attention::estimate_application(cfg_.attention(), static_cast<int>(B), P,
+                                         static_cast<int>(L), 1, cfg_.heads, false);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);
     const std::int64_t token = std::int64_t(sizeof(Scalar)) * B * L * cfg_.dim;
     e.activations += token * (P + 1);  // gathered, partial

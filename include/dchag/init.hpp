@@ -112,7 +112,7 @@ void init_sincos_2d(const V& v, int grid_h, int grid_w) {
   std::vector<double> values(v.span());
   for (int r = 0; r < grid_h; ++r) {
     for (int c = 0; c < grid_w; ++c) {
-      double* row = &values[static_cast<std::size_t>(r * grid_w + c) * dim];
+      double* row = &values[(static_cast<std::size_t>(r) * grid_w + c) * dim];
       detail::sincos_1d(r, half, row);
       detail::sincos_1d(c, dim - half, row + half);
     }

@@ -69,10 +69,11 @@ class LinearAggregation {
                      dx.extent(2) == x.extent(2) && dx.extent(3) == x.extent(3),
                  where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
                  dx.extent(3), "], expected the shape of x");
-    const int n = n_, k = seg.count(), B = x.extent(0), L = x.extent(2), D = x.extent(3);
+    const int n = n_, k = seg.count(), L = x.extent(2), D = x.extent(3);
+    const std::int64_t B = x.extent(0);
     auto w = weight_;
     detail::for_each_row(
-        exec, "dchag::linear::input_grad", std::int64_t(B) * n * k * L, D,
+        exec, "dchag::linear::input_grad", B * n * k * L, D,
         KOKKOS_LAMBDA(const std::int64_t r, const int d) {
           const int l = static_cast<int>(r % L);
           const int c = static_cast<int>((r / L) % (n * k));
@@ -81,7 +82,7 @@ class LinearAggregation {
         });
     // dw_i = sum over (b, j, l) of dy[b, j, l] . x[b, j*n + i, l]: one team per weight.
     using Team = Kokkos::TeamPolicy<ExecSpace>;
-    const std::int64_t rows = std::int64_t(B) * k * L;
+    const std::int64_t rows = B * k * L;
     auto dw = d_weight_;
     Kokkos::parallel_for(
         "dchag::linear::weight_grad", Team(exec, n, Kokkos::AUTO),
@@ -129,7 +130,10 @@ class LinearAggregation {
     return {detail::whole<Scalar, memory_space>(prefix + weight, {n_}, d_weight_),
             detail::whole<Scalar, memory_space>(prefix + bias, {1}, d_bias_)};
   }
+  /// Validates `inputs` as the constructor does.
   static MemoryEstimate estimate(int inputs) {
+    DCHAG_EXPECT(inputs >= 1, "dchag::LinearAggregation::estimate", "inputs is ", inputs,
+                 ", expected >= 1");
     MemoryEstimate e;
     e.parameters = std::int64_t(sizeof(Scalar)) * (inputs + 1);
     e.gradients = e.parameters;

@@ -6,6 +6,7 @@
 /// weight vector shared by the groups plus a k-vector on top (names `top_weight`, `top_bias`).
 #include <dchag/config.hpp>
 #include <dchag/cross_attention.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/linear_aggregation.hpp>
 
 #include <optional>
@@ -27,14 +28,8 @@ class PartialAggregator {
                     AttentionConfig attention, std::uint64_t seed = 0,
                     std::string name = "partial.")
       : kind_(kind), inputs_(inputs), tree_(tree), name_(std::move(name)) {
-    constexpr const char* where = "dchag::PartialAggregator";
-    DCHAG_EXPECT(inputs >= 1, where, "inputs is ", inputs, ", expected >= 1");
-    DCHAG_EXPECT(tree >= 1 && tree <= inputs, where, "tree is ", tree,
-                 ", expected 1 <= tree <= inputs = ", inputs);
+    check_module("dchag::PartialAggregator", kind, inputs, tree);
     if (kind == PartialKind::linear) {
-      DCHAG_EXPECT(inputs % tree == 0, where, "linear tree over ", inputs,
-                   " channels with tree = ", tree,
-                   ", expected tree to divide the channel count (groups share one weight vector)");
       group_.emplace(exec, inputs / tree, seed, name_ + "weight");
       if (tree > 1) top_.emplace(exec, tree, seed, name_ + "top_weight");
     } else {
@@ -98,22 +93,36 @@ class PartialAggregator {
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
 
   /// Memory for `inputs` channels folded with a k = `tree` local tree, B x L positions.
+  /// Validates its arguments as the constructor and forward do.
   static MemoryEstimate estimate(PartialKind kind, int inputs, int tree,
-                                 const AttentionConfig& attention, int B, int L) {
+                                 const AttentionConfig& attention, std::int64_t B, std::int64_t L) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
+    constexpr const char* where = "dchag::PartialAggregator::estimate";
+    check_module(where, kind, inputs, tree);
+    DCHAG_EXPECT(attention.dim >= 1, where, "attention.dim is ", attention.dim, ", expected >= 1");
+    DCHAG_EXPECT(attention.heads >= 1 && attention.dim % attention.heads == 0, where,
+                 "attention.heads is ", attention.heads,
+                 ", expected a divisor of dim = ", attention.dim);
+    DCHAG_EXPECT(B >= 1, where, "B is ", B, ", expected >= 1");
+    DCHAG_EXPECT(L >= 1, where, "L is ", L, ", expected >= 1");
+    // The cross-attention's league is B * inputs * L rows; within INT_MAX, B and L fit its int
+    // arguments below.
+    detail::expect_int_size(where, "token rows B * inputs * L", {B, inputs, L});
+    detail::expect_elements(where, "tokens B * inputs * L * D", {B, inputs, L, attention.dim});
     MemoryEstimate e;
     if (kind == PartialKind::linear) {
       e += LinearAggregation<ExecSpace, Scalar>::estimate(inputs / tree);
       if (tree > 1) e += LinearAggregation<ExecSpace, Scalar>::estimate(tree);
     } else {
       e += Attention::estimate_module(attention);
+      const int b = static_cast<int>(B), l = static_cast<int>(L);
       const MemoryEstimate level0 =
-          Attention::estimate_application(attention, B, inputs, L, tree, attention.heads, false);
+          Attention::estimate_application(attention, b, inputs, l, tree, attention.heads, false);
       e.activations += level0.activations;
       e.workspace += level0.workspace;  // the larger level; scratch is reused by the other
       if (tree > 1)
         e.activations +=
-            Attention::estimate_application(attention, B, tree, L, 1, attention.heads, false)
+            Attention::estimate_application(attention, b, tree, l, 1, attention.heads, false)
                 .activations;
     }
     if (tree > 1)
@@ -122,6 +131,15 @@ class PartialAggregator {
   }
 
  private:
+  static void check_module(const char* where, PartialKind kind, int inputs, int tree) {
+    DCHAG_EXPECT(inputs >= 1, where, "inputs is ", inputs, ", expected >= 1");
+    DCHAG_EXPECT(tree >= 1 && tree <= inputs, where, "tree is ", tree,
+                 ", expected 1 <= tree <= inputs = ", inputs);
+    DCHAG_EXPECT(kind != PartialKind::linear || inputs % tree == 0, where, "linear tree over ",
+                 inputs, " channels with tree = ", tree,
+                 ", expected tree to divide the channel count (groups share one weight vector)");
+  }
+
   Segments group_segments() const { return Segments::split(inputs_, tree_); }
 
   void ensure_mid(std::size_t B, std::size_t L, std::size_t D) {

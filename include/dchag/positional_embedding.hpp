@@ -4,6 +4,7 @@
 /// [1, L, D].
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
@@ -17,8 +18,9 @@ class PositionalEmbedding {
   using memory_space = typename ExecSpace::memory_space;
 
   PositionalEmbedding(const ExecSpace& exec, int grid_h, int grid_w, int dim)
-      : pos_("dchag::pos_embed", std::size_t(grid_h) * grid_w, dim),
-        d_pos_("dchag::d_pos_embed", std::size_t(grid_h) * grid_w, dim) {
+      : pos_("dchag::pos_embed", checked_patches("dchag::PositionalEmbedding", grid_h, grid_w, dim),
+             dim),
+        d_pos_("dchag::d_pos_embed", pos_.extent(0), dim) {
     init_sincos_2d(pos_, grid_h, grid_w);
     exec.fence();
   }
@@ -27,7 +29,7 @@ class PositionalEmbedding {
   void forward(const ExecSpace& exec, const View3<Scalar, memory_space>& out) const {
     detail::ScopedRegion region("dchag::PositionalEmbedding::forward");
     check("dchag::PositionalEmbedding::forward", out.extent(1), out.extent(2));
-    const int L = pos_.extent(0), D = pos_.extent(1);
+    const int L = pos_.extent(0), D = pos_.extent(1);  // L <= INT_MAX: checked at construction
     auto pos = pos_;
     detail::for_each_row(
         exec, "dchag::pos_embed::forward", std::int64_t(out.extent(0)) * L, D,
@@ -40,13 +42,14 @@ class PositionalEmbedding {
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::PositionalEmbedding::backward");
     check("dchag::PositionalEmbedding::backward", d_out.extent(1), d_out.extent(2));
-    const int B = d_out.extent(0), D = pos_.extent(1);
+    const std::int64_t B = d_out.extent(0);
+    const int D = pos_.extent(1);
     auto d_pos = d_pos_;
     detail::for_each_row(
         exec, "dchag::pos_embed::backward", d_pos.extent(0), D,
         KOKKOS_LAMBDA(const std::int64_t l, const int d) {
           Scalar acc = 0;
-          for (int b = 0; b < B; ++b) acc += d_out(b, l, d);
+          for (std::int64_t b = 0; b < B; ++b) acc += d_out(b, l, d);
           d_pos(l, d) += acc;
         });
   }
@@ -54,7 +57,13 @@ class PositionalEmbedding {
   void zero_gradients(const ExecSpace& exec) { Kokkos::deep_copy(exec, d_pos_, Scalar(0)); }
   TensorList<Scalar, memory_space> parameters() const { return named(pos_); }
   TensorList<Scalar, memory_space> gradients() const { return named(d_pos_); }
-  static MemoryEstimate estimate(int patches, int dim) {
+  /// Validates its arguments as the constructor does.
+  static MemoryEstimate estimate(std::int64_t patches, int dim) {
+    constexpr const char* where = "dchag::PositionalEmbedding::estimate";
+    DCHAG_EXPECT(patches >= 1, where, "patches is ", patches, ", expected >= 1");
+    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
+    detail::expect_int_size(where, "patches L", {patches});
+    detail::expect_elements(where, "positional embedding L * D", {patches, dim});
     MemoryEstimate e;
     e.parameters = std::int64_t(sizeof(Scalar)) * patches * dim;
     e.gradients = e.parameters;
@@ -62,6 +71,17 @@ class PositionalEmbedding {
   }
 
  private:
+  // L = grid_h * grid_w, refused unless the kernels can index it and L * D elements.
+  static std::int64_t checked_patches(const char* where, int grid_h, int grid_w, int dim) {
+    DCHAG_EXPECT(grid_h >= 1, where, "grid_h is ", grid_h, ", expected >= 1");
+    DCHAG_EXPECT(grid_w >= 1, where, "grid_w is ", grid_w, ", expected >= 1");
+    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
+    const std::int64_t L =
+        detail::expect_int_size(where, "patches L = grid_h * grid_w", {grid_h, grid_w});
+    detail::expect_elements(where, "positional embedding L * D", {L, dim});
+    return L;
+  }
+
   void check(const char* where, std::size_t l, std::size_t d) const {
     DCHAG_EXPECT(l == pos_.extent(0) && d == pos_.extent(1), where, "tensor is [B, ", l, ", ", d,
                  "], expected [B, L, D] = [B, ", pos_.extent(0), ", ", pos_.extent(1), "]");

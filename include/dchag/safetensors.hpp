@@ -19,6 +19,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <limits>
 #include <optional>
@@ -122,21 +123,63 @@ inline void store_from_double(unsigned char* p, double v, DType t) {
 template <class T>
 inline constexpr bool is_value_type_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+/// "a directory", "a symbolic link", ...: what a path that is not a regular file is.
+inline std::string file_kind(std::filesystem::file_type t) {
+  using ft = std::filesystem::file_type;
+  switch (t) {
+    case ft::directory:
+      return "a directory";
+    case ft::symlink:
+      return "a symbolic link";
+    case ft::block:
+      return "a block device";
+    case ft::character:
+      return "a character device";
+    case ft::fifo:
+      return "a FIFO";
+    case ft::socket:
+      return "a socket";
+    default:
+      return "not a regular file";
+  }
+}
+
 }  // namespace detail
 
 /// A parsed, validated safetensors file held in memory.
 class File {
  public:
-  /// Reads the whole file at `path` and validates it. Throws dchag::error.
+  /// Reads the whole file at `path` and validates it. Throws dchag::error naming the path when it
+  /// is not a regular readable file (missing, a directory, a device, unreadable) or reading fails.
   static File read(const std::string& path) {
-    std::ifstream in(path, std::ios::binary | std::ios::ate);
-    if (!in) throw error("dchag::safetensors: cannot open '" + path + "'");
-    const std::streamoff size = in.tellg();
-    if (size < 0) throw error("dchag::safetensors: cannot determine the size of '" + path + "'");
-    std::vector<unsigned char> bytes(static_cast<std::size_t>(size));
-    in.seekg(0);
-    if (size > 0 && !in.read(reinterpret_cast<char*>(bytes.data()), size)) {
-      throw error("dchag::safetensors: error reading '" + path + "'");
+    namespace fs = std::filesystem;
+    const std::string where = "dchag::safetensors::File::read: '" + path + "'";
+    std::error_code ec;
+    const fs::file_status st = fs::status(path, ec);
+    if (st.type() == fs::file_type::not_found) {
+      throw error(where + " does not exist, expected a regular file");
+    }
+    if (ec) throw error(where + " cannot be inspected (" + ec.message() + ")");
+    if (!fs::is_regular_file(st)) {
+      throw error(where + " is " + detail::file_kind(st.type()) + ", expected a regular file");
+    }
+    const std::uintmax_t expected = fs::file_size(path, ec);
+    if (ec) throw error(where + ": cannot determine the size (" + ec.message() + ")");
+    if (expected > std::numeric_limits<std::size_t>::max() / 2) {
+      throw error(where + " holds " + std::to_string(expected) + " bytes, more than fit in memory");
+    }
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw error(where + " cannot be opened for reading");
+    std::vector<unsigned char> bytes(static_cast<std::size_t>(expected));
+    in.read(reinterpret_cast<char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
+    if (in.bad() || static_cast<std::uintmax_t>(in.gcount()) != expected) {
+      throw error(where + ": error reading: got " + std::to_string(in.gcount()) + " of " +
+                  std::to_string(expected) + " bytes");
+    }
+    // A file that grew since file_size is read as it was; one byte more tells.
+    if (in.peek() != std::ifstream::traits_type::eof()) {
+      throw error(where + " changed while it was read (longer than its size " +
+                  std::to_string(expected) + ")");
     }
     return parse(std::move(bytes), path);
   }

@@ -8,6 +8,7 @@
 #include <dchag/detail/batched_gemm.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/detail/workspace.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
@@ -22,17 +23,22 @@ namespace dchag {
 /// Which image channels become which model channels. Token j reads channel image_index[j] of the
 /// images and is tokenized with the weights of global channel channel_id[j].
 struct ChannelSelection {
+  /// What the images hold: exactly the selected channels (own), every model channel
+  /// (from_full_image), or, for a selection built by hand, any channels its indices fit.
+  enum class Holds { any, selected, all };
+
   std::vector<int> image_index;
   std::vector<int> channel_id;
+  Holds holds = Holds::any;
 
   /// The images hold exactly these channels, in this order.
   static ChannelSelection own(std::vector<int> ids) {
     std::vector<int> idx(ids.size());
     for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<int>(j);
-    return {std::move(idx), std::move(ids)};
+    return {std::move(idx), std::move(ids), Holds::selected};
   }
   /// The images hold every model channel; read these ones.
-  static ChannelSelection from_full_image(std::vector<int> ids) { return {ids, ids}; }
+  static ChannelSelection from_full_image(std::vector<int> ids) { return {ids, ids, Holds::all}; }
   int size() const { return static_cast<int>(channel_id.size()); }
 };
 
@@ -49,12 +55,7 @@ class Tokenizer {
             std::uint64_t seed = 0)
       : channels_(model_channels), patch_(patch), dim_(dim), owned_(std::move(owned)) {
     constexpr const char* where = "dchag::Tokenizer";
-    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels,
-                 ", expected >= 1");
-    DCHAG_EXPECT(patch >= 1, where, "patch is ", patch, ", expected >= 1");
-    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
-    DCHAG_EXPECT(!owned_.empty(), where,
-                 "owned channel list is empty, expected at least one channel");
+    check_module(where, model_channels, patch, dim, static_cast<std::int64_t>(owned_.size()));
     slot_of_.assign(model_channels, -1);
     for (std::size_t s = 0; s < owned_.size(); ++s) {
       const int c = owned_[s];
@@ -65,7 +66,7 @@ class Tokenizer {
       slot_of_[c] = static_cast<int>(s);
     }
     const int n = static_cast<int>(owned_.size());
-    const int pp = patch * patch;
+    const std::int64_t pp = std::int64_t(patch) * patch;  // <= INT_MAX: checked above
     // Held as Wt_c^T [p*p, D] so the projection is a plain (untransposed) GEMM.
     weight_ = View3<Scalar, memory_space>("dchag::tokenizer::weight", n, pp, dim);
     bias_ = View2<Scalar, memory_space>("dchag::tokenizer::bias", n, dim);
@@ -80,7 +81,7 @@ class Tokenizer {
       for (int s = 0; s < n; ++s) {
         init_trunc_normal(drawn, 0.02, seed, weight_name(owned_[s]));
         for (int d = 0; d < dim; ++d)
-          for (int k = 0; k < pp; ++k) h_weight(s, k, d) = drawn(d, k);
+          for (std::int64_t k = 0; k < pp; ++k) h_weight(s, k, d) = drawn(d, k);
       }
       Kokkos::deep_copy(weight_, h_weight);
     }
@@ -96,7 +97,8 @@ class Tokenizer {
   /// Allocates what a forward and backward of B images, J selected channels and L patches need,
   /// so that a collective caller can agree on the allocation before its first collective.
   void reserve(int B, int J, int L) {
-    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L, patch_ * patch_);
+    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L,
+                        std::int64_t(patch_) * patch_);
     detail::ensure_view(slot_, "dchag::tokenizer::slot", J);
     detail::ensure_view(image_index_, "dchag::tokenizer::image_index", J);
   }
@@ -138,8 +140,10 @@ class Tokenizer {
     auto patches = patches_;
     auto img_idx = image_index_;
     using Team = Kokkos::TeamPolicy<ExecSpace>;
+    // J * B * H <= INT_MAX: check_forward refuses more.
     Kokkos::parallel_for(
-        "dchag::tokenize::im2col", Team(exec, J * B * H, Kokkos::AUTO),
+        "dchag::tokenize::im2col",
+        Team(exec, static_cast<int>(std::int64_t(J) * B * H), Kokkos::AUTO),
         KOKKOS_LAMBDA(const typename Team::member_type& team) {
           const int y = team.league_rank() % H;
           const int b = (team.league_rank() / H) % B;
@@ -266,7 +270,17 @@ class Tokenizer {
 
   /// Bytes held for `owned` channels and one forward/backward of B images of J channels with L
   /// patches each (the patches are kept for the weight gradient).
-  static MemoryEstimate estimate(int owned, int patch, int dim, int B, int J, int L) {
+  /// Validates its arguments as the constructor and forward do.
+  static MemoryEstimate estimate(std::int64_t owned, int patch, int dim, std::int64_t B,
+                                 std::int64_t J, std::int64_t L) {
+    constexpr const char* where = "dchag::Tokenizer::estimate";
+    DCHAG_EXPECT(owned >= 1, where, "owned is ", owned, ", expected >= 1");
+    check_module(where, owned, patch, dim, owned);
+    DCHAG_EXPECT(B >= 1, where, "B is ", B, ", expected >= 1");
+    DCHAG_EXPECT(J >= 1 && J <= owned, where, "J is ", J, ", expected 1 <= J <= owned = ", owned);
+    DCHAG_EXPECT(L >= 1, where, "L is ", L, ", expected >= 1");
+    detail::expect_int_size(where, "token rows B * J * L", {B, J, L});
+    detail::expect_elements(where, "patches B * J * L * p * p", {B, J, L, patch, patch});
     const std::int64_t S = sizeof(Scalar), pp = std::int64_t(patch) * patch;
     MemoryEstimate e;
     e.parameters = S * owned * (pp * dim + 2 * dim);
@@ -276,6 +290,19 @@ class Tokenizer {
   }
 
  private:
+  // The constructor's and the estimate's arguments: counts >= 1 and weights the kernels index.
+  static void check_module(const char* where, std::int64_t model_channels, int patch, int dim,
+                           std::int64_t owned) {
+    DCHAG_EXPECT(model_channels >= 1, where, "model_channels is ", model_channels,
+                 ", expected >= 1");
+    DCHAG_EXPECT(patch >= 1, where, "patch is ", patch, ", expected >= 1");
+    DCHAG_EXPECT(dim >= 1, where, "dim is ", dim, ", expected >= 1");
+    DCHAG_EXPECT(owned >= 1, where, "owned channel list is empty, expected at least one channel");
+    detail::expect_int_size(where, "patch pixels p * p", {patch, patch});
+    detail::expect_elements(where, "weights of the owned channels n * p * p * D",
+                            {owned, patch, patch, dim});
+  }
+
   static std::string weight_name(int c) {
     return "token_embeds." + std::to_string(c) + ".proj.weight";
   }
@@ -305,6 +332,8 @@ class Tokenizer {
                      const View4<Scalar, memory_space>& tokens) const {
     constexpr const char* where = "dchag::Tokenizer::forward";
     const std::size_t H = images.extent(2), W = images.extent(3), p = patch_;
+    DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is ", images.extent(0),
+                 ", expected B >= 1");
     DCHAG_EXPECT(H % p == 0 && H > 0, where, "images.extent(2) is H = ", H,
                  ", expected a positive multiple of patch = ", p);
     DCHAG_EXPECT(W % p == 0 && W > 0, where, "images.extent(3) is W = ", W,
@@ -313,6 +342,20 @@ class Tokenizer {
                  sel.image_index.size(), " image indices and ", sel.channel_id.size(),
                  " channel ids, expected the same count");
     DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
+    DCHAG_EXPECT(sel.holds != ChannelSelection::Holds::selected ||
+                     images.extent(1) == std::size_t(sel.size()),
+                 where, "images.extent(1) is ", images.extent(1), ", expected J = ", sel.size(),
+                 " (the images hold the selected channels)");
+    DCHAG_EXPECT(
+        sel.holds != ChannelSelection::Holds::all || images.extent(1) == std::size_t(channels_),
+        where, "images.extent(1) is ", images.extent(1), ", expected C = ", channels_,
+        " (the images hold every model channel)");
+    const std::int64_t B = images.extent(0), J = sel.size();
+    detail::expect_int_size(where, "image width W", {std::int64_t(W)});
+    detail::expect_int_size(where, "image rows B * J * H", {B, J, std::int64_t(H)});
+    detail::expect_int_size(where, "token rows B * J * L", {B, J, std::int64_t((H / p) * (W / p))});
+    detail::expect_elements(where, "pixels B * J * H * W",
+                            {B, J, std::int64_t(H), std::int64_t(W)});
     std::vector<char> seen(channels_, 0);
     for (int j = 0; j < sel.size(); ++j) {
       const int c = sel.channel_id[j], i = sel.image_index[j];

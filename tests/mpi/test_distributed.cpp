@@ -269,6 +269,41 @@ TEST_CASE("a rank that disagrees makes every rank throw", "[mpi][distributed]") 
   REQUIRE_THROWS_WITH(fe.backward(exec, out2), Catch::Contains("before forward"));
 }
 
+TEST_CASE("the distributed forward checks every extent of its images", "[mpi][distributed]") {
+  using Catch::Matchers::Contains;
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int P = comm.size();
+  auto pb = small_problem(8);  // 8 x 12 images, p = 4: L = 6, as for 12 x 8 ones
+  for (const auto mode : {dchag::Mode::dchag_linear, dchag::Mode::exact_flat}) {
+    dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, pb.cfg, mode,
+                                                dchag::ChannelMap::blocks(8, P));
+    const std::size_t Cr = fe.channels().size();
+    dchag::View3<Scalar, Mem> out("out", 2, pb.cfg.patches(), pb.cfg.dim);
+    dchag::View4<Scalar, Mem> transposed("transposed", 2, Cr, 12, 8), narrow("narrow", 2, Cr, 8, 8),
+        empty("empty", 0, Cr, 8, 12), good("good", 2, Cr, 8, 12);
+    REQUIRE_THROWS_WITH(fe.forward(exec, transposed, out),
+                        Contains("dchag::DistributedFrontEnd::forward") &&
+                            Contains("images.extent(2) is 12, expected H = 8"));
+    REQUIRE_THROWS_WITH(fe.forward(exec, narrow, out),
+                        Contains("images.extent(3) is 8, expected W = 12"));
+    dchag::View3<Scalar, Mem> out0("out0", 0, pb.cfg.patches(), pb.cfg.dim);
+    REQUIRE_THROWS_WITH(fe.forward(exec, empty, out0),
+                        Contains("images.extent(0) is 0, expected B >= 1"));
+    dchag::View4<Scalar, Mem> full("full", 2, 7, 8, 12);
+    REQUIRE_THROWS_WITH(fe.forward(exec, full, out, dchag::ImageInput::full_image),
+                        Contains("images.extent(1) is 7, expected C = 8"));
+    dchag::View3<Scalar, Mem> wide("wide", 2, pb.cfg.patches(), pb.cfg.dim + 1);
+    REQUIRE_THROWS_WITH(fe.forward(exec, good, wide),
+                        Contains("out is [2, 6, 17], expected [B, L, D] = [2, 6, 16]"));
+    fe.forward(exec, good, out);
+    REQUIRE_THROWS_WITH(fe.backward(exec, wide),
+                        Contains("dchag::DistributedFrontEnd::backward") &&
+                            Contains("d_out is [2, 6, 17], expected [B, L, D] = [2, 6, 16]"));
+    fe.backward(exec, out);
+  }
+}
+
 TEST_CASE("replicated parameters are verified and can be broadcast", "[mpi][distributed]") {
   Exec exec;
   dchag::Communicator comm(MPI_COMM_WORLD);

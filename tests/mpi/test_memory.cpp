@@ -5,6 +5,7 @@
 #include <dchag/distributed.hpp>
 #include <dchag/memory.hpp>
 
+#include <cstdint>
 #include <string>
 
 namespace {
@@ -130,4 +131,50 @@ TEST_CASE("the tracker counts allocations and frees", "[memory]") {
   tracker.reset_peak();
   REQUIRE(tracker.peak_bytes() == 0);
   REQUIRE_THROWS_WITH(dchag::MemoryTracker(), Catch::Contains("another MemoryTracker is active"));
+}
+
+TEST_CASE("distributed estimates validate what they are given", "[mpi][memory][errors]") {
+  using Catch::Matchers::Contains;
+  int P = 1;
+  MPI_Comm_size(MPI_COMM_WORLD, &P);
+  const auto cfg = config(4, 32, 4);
+  const auto map = dchag::ChannelMap::blocks(4, 2);  // held by 2 ranks, whatever P is
+  const auto est = [&](const dchag::FrontEndConfig& c, dchag::Mode mode, const dchag::ChannelMap& m,
+                       int rank, std::int64_t B, int tree) {
+    return dchag::estimate_memory<float, Exec>(c, mode, m, rank, B, tree);
+  };
+  CHECK(est(cfg, dchag::Mode::dchag_xattn, map, 1, 2, 1).total() > 0);
+  // B = 0 divided by zero, B < 0 gave negative bytes.
+  REQUIRE_THROWS_WITH(est(cfg, dchag::Mode::dchag_xattn, map, 0, 0, 1),
+                      Contains("dchag::estimate_memory: B is 0, expected >= 1"));
+  REQUIRE_THROWS_WITH(est(cfg, dchag::Mode::exact_flat, map, 0, -2, 1),
+                      Contains("dchag::estimate_memory: B is -2, expected >= 1"));
+  REQUIRE_THROWS_WITH(est(cfg, dchag::Mode::dchag_linear, map, 2, 2, 1),
+                      Contains("dchag::estimate_memory: rank is 2") &&
+                          Contains("expected 0 <= rank < map.ranks() = 2"));
+  REQUIRE_THROWS_WITH(est(cfg, dchag::Mode::dchag_linear, dchag::ChannelMap::blocks(6, 2), 0, 2, 1),
+                      Contains("map.channels() is 6, expected config.channels = 4"));
+  REQUIRE_THROWS_WITH(est(cfg, dchag::Mode::dchag_xattn, map, 0, 2, 3),
+                      Contains("tree is 3, expected 1 <= tree <= channels of rank 0 = 2"));
+  REQUIRE_THROWS_WITH(est(cfg, dchag::Mode::tp_only, map, 0, 2, 1),
+                      Contains("tp_only is the materialized baseline"));
+  auto bad = cfg;
+  bad.heads = 0;
+  REQUIRE_THROWS_WITH(est(bad, dchag::Mode::dchag_xattn, map, 0, 2, 1),
+                      Contains("dchag::estimate_memory: config.heads is 0"));
+  bad = cfg;
+  bad.height = bad.width = 131072;
+  bad.patch = 2;
+  REQUIRE_THROWS_WITH(est(bad, dchag::Mode::dchag_xattn, map, 0, 2, 1),
+                      Contains("patches L = (H / p) * (W / p) = 65536 * 65536 is 4294967296") &&
+                          Contains("expected <= INT_MAX"));
+
+  // The front end's own estimate checks B the same way.
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const auto cfg_p = config(4 * P, 32, 4);
+  dchag::DistributedFrontEnd<Exec, float> fe(exec, comm, cfg_p, dchag::Mode::dchag_linear,
+                                             dchag::ChannelMap::blocks(4 * P, P));
+  REQUIRE_THROWS_WITH(fe.memory_estimate(0), Contains("B is 0, expected >= 1"));
+  CHECK(fe.memory_estimate(1).total() > 0);
 }

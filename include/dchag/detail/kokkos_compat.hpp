@@ -24,6 +24,11 @@ template <class T>
 KOKKOS_INLINE_FUNCTION T sqrt(T x) {
   return kmath::sqrt(x);
 }
+/// False for NaN and +-Inf (Kokkos 3.4: Kokkos::Experimental::isfinite, later Kokkos::isfinite).
+template <class T>
+KOKKOS_INLINE_FUNCTION bool isfinite(T x) {
+  return kmath::isfinite(x);
+}
 template <class T>
 KOKKOS_INLINE_FUNCTION T max(T a, T b) {
   return a < b ? b : a;

@@ -6,6 +6,7 @@
 ///
 /// Kernels choose their host or device shape by the execution space (`runs_on_host`), never by
 /// whether the memory is host-accessible: a GPU with host-accessible memory takes the device shape.
+#include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 
 #include <Kokkos_Core.hpp>
@@ -39,6 +40,8 @@ Kokkos::TeamPolicy<ExecSpace> row_teams(const ExecSpace& exec, std::int64_t rows
 }
 
 /// f(row, col) for every row < rows and col < cols; each (row, col) is written by one lane.
+/// The rows are a league, so at most INT_MAX of them: entry points refuse larger problems before
+/// any kernel runs, and this is the last guard against a silently truncated launch.
 template <class ExecSpace, class F>
 void for_each_row(const ExecSpace& exec, const std::string& label, std::int64_t rows, int cols,
                   const F& f) {
