@@ -16,6 +16,7 @@
 #include <dchag/config.hpp>
 #include <dchag/detail/attention_materialized.hpp>
 #include <dchag/detail/attention_pooled.hpp>
+#include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
@@ -42,10 +43,7 @@ class CrossAttention {
   CrossAttention(const ExecSpace& exec, AttentionConfig cfg, std::uint64_t seed = 0,
                  std::string name = "var_agg")
       : cfg_(cfg), name_(std::move(name)) {
-    constexpr const char* where = "dchag::CrossAttention";
-    DCHAG_EXPECT(cfg.dim >= 1, where, "dim is ", cfg.dim, ", expected >= 1");
-    DCHAG_EXPECT(cfg.heads >= 1 && cfg.dim % cfg.heads == 0, where, "heads is ", cfg.heads,
-                 ", expected a divisor of dim = ", cfg.dim);
+    check_config("dchag::CrossAttention", cfg);
     const int D = cfg.dim, nh = cfg.heads;
     w_ = allocate_params("dchag::attention::", D);
     grad_ = allocate_params("dchag::attention::d_", D);
@@ -324,8 +322,16 @@ class CrossAttention {
   /// Memory of one application to B x N x L inputs folded into k segments: the Saved state
   /// (activations) and the forward/backward scratch (workspace). `heads_held` is the head share
   /// of the materialized strategy (all heads unless tensor-parallel); `group`: exact distributed.
-  static MemoryEstimate estimate_application(const AttentionConfig& cfg, int B, int N, int L, int k,
+  static MemoryEstimate estimate_application(const AttentionConfig& cfg, std::int64_t B,
+                                             std::int64_t N, std::int64_t L, std::int64_t k,
                                              int heads_held, bool group) {
+    constexpr const char* where = "dchag::CrossAttention::estimate_application";
+    check_config(where, cfg);
+    DCHAG_EXPECT(B >= 1 && N >= 1 && L >= 1 && k >= 1 && k <= N, where, "B, N, L, k are ", B, ", ",
+                 N, ", ", L, ", ", k, ", expected each >= 1 and k <= N");
+    DCHAG_EXPECT(heads_held >= 1 && heads_held <= cfg.heads, where, "heads_held is ", heads_held,
+                 ", expected 1 <= heads_held <= heads = ", cfg.heads);
+    detail::expect_int_size(where, "token rows B * N * L", {B, N, L});
     const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
     const std::int64_t M = std::int64_t(B) * N * L, P = std::int64_t(B) * k * L;
     const std::int64_t Dr = heads_held * (D / nh);
@@ -345,6 +351,7 @@ class CrossAttention {
   }
   /// Memory of the module itself: parameters, gradients and the per-call query vectors.
   static MemoryEstimate estimate_module(const AttentionConfig& cfg) {
+    check_config("dchag::CrossAttention::estimate_module", cfg);
     const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
     MemoryEstimate e;
     e.parameters = S * (4 * D * D + 5 * D);
@@ -358,6 +365,13 @@ class CrossAttention {
   using V2 = View2<Scalar, memory_space>;
   using V3 = View3<Scalar, memory_space>;
   using Params = detail::AttentionParams<Scalar, memory_space>;
+
+  static void check_config(const char* where, const AttentionConfig& cfg) {
+    DCHAG_EXPECT(cfg.dim >= 1, where, "dim is ", cfg.dim, ", expected >= 1");
+    DCHAG_EXPECT(cfg.heads >= 1 && cfg.dim % cfg.heads == 0, where, "heads is ", cfg.heads,
+                 ", expected a divisor of dim = ", cfg.dim);
+    detail::expect_elements(where, "in_proj weights 3 * D * D", {3, cfg.dim, cfg.dim});
+  }
 
   static Params allocate_params(const std::string& prefix, int D) {
     return {V1(prefix + "query", D), V3(prefix + "w_in", 3, D, D), V2(prefix + "b_in", 3, D),
@@ -391,6 +405,13 @@ class CrossAttention {
     DCHAG_EXPECT(x.extent(0) >= 1 && x.extent(1) >= 1 && x.extent(2) >= 1, where, "x is [",
                  x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ", x.extent(3),
                  "], expected every extent >= 1");
+    // Rows and positions are kernel league sizes and int indices.
+    detail::expect_int_size(
+        where, "token rows B * N * L",
+        {std::int64_t(x.extent(0)), std::int64_t(x.extent(1)), std::int64_t(x.extent(2))});
+    detail::expect_elements(
+        where, "pooled state heads * B * k * L * D",
+        {cfg_.heads, std::int64_t(x.extent(0)), seg.count(), std::int64_t(x.extent(2)), cfg_.dim});
     DCHAG_EXPECT(seg.count() >= 1 && seg.offsets.front() == 0 &&
                      seg.total() == static_cast<int>(x.extent(1)),
                  where, "segments cover ", seg.total(),
