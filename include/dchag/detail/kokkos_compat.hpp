@@ -109,6 +109,9 @@ template <class ExecSpace, class AV, class BV, class CV>
 void gemm(const ExecSpace& exec, const char* trans_a, const char* trans_b,
           typename CV::const_value_type alpha, const AV& a, const BV& b,
           typename CV::const_value_type beta, const CV& c) {
+  // One region per call, so that Kokkos Tools count GEMMs like kernel launches (a BLAS or
+  // cuBLAS call launches no Kokkos kernel of its own).
+  ScopedRegion region("dchag::gemm");
 #if defined(KOKKOSKERNELS_VERSION) && KOKKOSKERNELS_VERSION >= 40100
   KokkosBlas::gemm(exec, trans_a, trans_b, alpha, a, b, beta, c);
 #else
