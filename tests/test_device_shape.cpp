@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -22,9 +23,6 @@ namespace {
 
 struct Counts {
   int kernels = 0, copies = 0, gemms = 0;
-  bool operator==(const Counts& o) const {
-    return kernels == o.kernels && copies == o.copies && gemms == o.gemms;
-  }
 };
 Counts g_counts;
 
@@ -105,8 +103,16 @@ void require_flat_counts(const char* what, MakeFrontEnd&& make) {
                 << s.forward.copies << " copies, " << s.forward.gemms << " GEMMs; backward "
                 << s.backward.kernels << " kernels, " << s.backward.copies << " copies, "
                 << s.backward.gemms << " GEMMs");
-    CHECK(s.forward == base.forward);
-    CHECK(s.backward == base.backward);
+    CHECK(s.forward.kernels == base.forward.kernels);
+    CHECK(s.forward.copies == base.forward.copies);
+    CHECK(s.backward.kernels == base.backward.kernels);
+    CHECK(s.backward.copies == base.backward.copies);
+    // Devices run each batch of GEMMs as one launch; host spaces call the BLAS per channel and
+    // sample (a host call, no launch), so there the count may grow.
+    if (!dchag::detail::runs_on_host<Exec>) {
+      CHECK(s.forward.gemms == base.forward.gemms);
+      CHECK(s.backward.gemms == base.backward.gemms);
+    }
   }
 }
 
@@ -207,4 +213,58 @@ TEST_CASE("Forwards take the caller's memory through unmanaged Views without cop
   check(emulation, "DchagEmulation");
   Kokkos::kokkos_free<Mem>(field);
   Kokkos::kokkos_free<Mem>(result);
+}
+
+TEMPLATE_TEST_CASE("The device-shaped batched GEMM equals the BLAS path", "[batched_gemm]", float,
+                   double) {
+  using T = TestType;
+  Exec exec;
+  // Shapes as the tokenizer uses them: forward (A row-major), weight gradient (A transposed,
+  // summed over 3 sample blocks), and an odd shape with N not a multiple of anything.
+  struct Case {
+    int batch, M, N, K, KB;
+    bool transposed;
+  };
+  for (const Case c :
+       {Case{5, 6, 16, 9, 1, false}, Case{4, 9, 16, 6, 3, true}, Case{3, 7, 13, 5, 2, false}}) {
+    INFO("batch " << c.batch << ", M " << c.M << ", N " << c.N << ", K " << c.K << ", KB " << c.KB
+                  << (c.transposed ? ", A transposed" : ""));
+    const std::int64_t a_block = std::int64_t(c.M) * c.K, b_block = std::int64_t(c.K) * c.N;
+    dchag::View1<T, Mem> a("a", c.batch * c.KB * a_block), b("b", c.batch * c.KB * b_block);
+    dchag::View1<T, Mem> c_blas("c_blas", c.batch * c.M * c.N),
+        c_teams("c_teams", c.batch * c.M * c.N);
+    fill_normal(a, 1);
+    fill_normal(b, 2);
+    fill_normal(c_blas, 3);
+    Kokkos::deep_copy(c_teams, c_blas);
+    const auto operands = [&](const dchag::View1<T, Mem>& out) {
+      const T* ap = a.data();
+      const T* bp = b.data();
+      T* cp = out.data();
+      const int M = c.M, N = c.N, K = c.K, KB = c.KB;
+      const bool tr = c.transposed;
+      return KOKKOS_LAMBDA(const int t) {
+        return dchag::detail::GemmOperands<T>{ap + std::int64_t(t) * KB * a_block,
+                                              a_block,
+                                              tr ? 1 : K,
+                                              tr ? M : 1,
+                                              bp + std::int64_t(t) * KB * b_block,
+                                              b_block,
+                                              N,
+                                              cp + std::int64_t(t) * M * N,
+                                              N};
+      };
+    };
+    const dchag::detail::BatchShape shape{c.batch, c.M, c.N, c.K, c.KB};
+    if (dchag::detail::runs_on_host<Exec>)
+      dchag::detail::batched_gemm_blas(exec, "test::blas", shape, operands(c_blas));
+    else
+      dchag::detail::batched_gemm_teams(exec, "test::teams", shape, operands(c_blas));
+    dchag::detail::batched_gemm_teams(exec, "test::teams", shape, operands(c_teams));
+    exec.fence();
+    // Each element is a sum of KB * K products of N(0, 1) values: 2 K KB eps of its magnitude.
+    const double tol = 2.0 * c.K * c.KB * std::numeric_limits<T>::epsilon() * 10.0;
+    CHECK(max_abs_diff(c_teams, c_blas) <= tol * std::max(1.0, max_abs(to_host(c_blas))));
+    CHECK(max_abs(to_host(c_blas)) > 0.5);
+  }
 }
