@@ -486,6 +486,7 @@ TEST_CASE("node_placement numbers the ranks of a node and picks one device each"
 
 TEST_CASE("staged collectives reuse the communicator's host buffers across calls",
           "[mpi][staging]") {
+  using Host = Kokkos::DefaultHostExecutionSpace;
   dchag::Communicator comm(MPI_COMM_WORLD);
   const int p = comm.size();
   Kokkos::View<double*, Kokkos::HostSpace> send("send", 64), recv("recv", 64 * p), v("v", 100);
@@ -493,9 +494,9 @@ TEST_CASE("staged collectives reuse the communicator's host buffers across calls
   Kokkos::deep_copy(v, 2.0);
   // Staging forced on host memory: the path device Views take without GPU-aware MPI.
   const auto step = [&] {
-    dchag::detail::allgather<true>("dchag::allgather", Exec(), comm.comm(), p, send, recv,
+    dchag::detail::allgather<true>("dchag::allgather", Host(), comm.comm(), p, send, recv,
                                    comm.staging());
-    dchag::detail::allreduce<true>("dchag::allreduce_sum", Exec(), comm.comm(), v, MPI_SUM,
+    dchag::detail::allreduce<true>("dchag::allreduce_sum", Host(), comm.comm(), v, MPI_SUM,
                                    comm.staging());
   };
   comm.reserve_staging(dchag::detail::staged_bytes<double>(64) +
