@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Builds dchag and runs its whole test suite in two legs:
+# Builds dchag and runs its whole test suite in three legs:
 #   1. release: every test, benchmark and example, Release build in $DCHAG_BUILD_DIR (default build)
 #   2. sanitize: the test suite again under ASan and UBSan (scripts/sanitize.sh)
+#   3. fuzz: the safetensors reader and load_weights under libFuzzer for 60 s (scripts/fuzz.sh)
 # scripts/test.sh [extra CMake arguments], e.g. scripts/test.sh -DDCHAG_ENABLE_MPI=OFF; the
 # arguments go to the release and sanitize builds.
 set -euo pipefail
@@ -26,3 +27,6 @@ leg release
 
 scripts/sanitize.sh "$@"
 leg sanitize
+
+scripts/fuzz.sh 60
+leg fuzz
