@@ -7,7 +7,9 @@ set -euo pipefail
 
 packages=(cmake g++ make ccache
           libtrilinos-kokkos-dev libtrilinos-kokkos-kernels-dev
-          libopenmpi-dev openmpi-bin catch2 libbenchmark-dev libopenblas-dev python3-numpy)
+          libopenmpi-dev openmpi-bin catch2 libbenchmark-dev libopenblas-dev python3-numpy
+          # scripts/fuzz.sh: clang, libclang_rt.fuzzer and the sanitizer runtimes, llvm-symbolizer
+          clang-14 libclang-rt-14-dev llvm-14)
 for arg in "$@"; do
   case "$arg" in
     --torch) packages+=(python3-torch) ;;
