@@ -11,6 +11,7 @@
 /// Construction and every forward/backward are collective over the channel group. Configuration
 /// that must agree across ranks is checked first, so a mismatch throws on every rank.
 #include <dchag/channel_map.hpp>
+#include <dchag/check.hpp>
 #include <dchag/communicator.hpp>
 #include <dchag/front_end.hpp>
 
@@ -381,6 +382,18 @@ class DistributedFrontEnd {
   /// not defined), off in release builds unless asked for. Set it to the same value on all ranks.
   void set_replica_checks(bool on) { check_replicas_ = on; }
   bool replica_checks() const { return check_replicas_; }
+
+  /// Collective check of non-finite values (DESIGN 7): dchag::check_finite of this rank's
+  /// `images`, parameters and gradients on every rank; a NaN or Inf on any rank is a dchag::error
+  /// on every rank naming the rank, the tensor and the index. Off the hot path: call it when
+  /// debugging or every N steps.
+  void check_finite(const ExecSpace& exec, const View4<const Scalar, memory_space>& images) const {
+    comm_.check_collectively("dchag::DistributedFrontEnd::check_finite", [&] {
+      dchag::check_finite(exec, "images", images);
+      dchag::check_finite(exec, parameters());
+      dchag::check_finite(exec, gradients());
+    });
+  }
 
   /// Collective: copies rank `root`'s replicated parameters to every rank.
   void broadcast_replicated(const ExecSpace& exec, int root = 0) {

@@ -392,3 +392,28 @@ TEST_CASE("replica checks catch a diverged d_out or replicated parameter on one 
   fe.set_replica_checks(false);
   REQUIRE_NOTHROW(fe.forward(exec, images, out));
 }
+
+TEST_CASE("a non-finite value on one rank is reported on every rank",
+          "[mpi][distributed][finite]") {
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const int P = comm.size();
+  const auto pb = small_problem(8);
+  dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, pb.cfg, dchag::Mode::exact_flat,
+                                              dchag::ChannelMap::blocks(8, P));
+  dchag::View4<Scalar, Mem> images("images", pb.B, fe.channels().size(), 8, 12);
+  fill(images, 6);
+  REQUIRE_NOTHROW(fe.check_finite(exec, images));
+  if (comm.rank() == P - 1) Kokkos::deep_copy(Kokkos::subview(images, 1, 0, 2, 3), std::nan(""));
+  bool thrown = false;
+  try {
+    fe.check_finite(exec, images);
+  } catch (const dchag::error& e) {
+    thrown = true;
+    const std::string what = e.what();
+    INFO(what);
+    CHECK_THAT(what, Catch::Contains("images"));
+    if (comm.rank() != P - 1) CHECK_THAT(what, Catch::Contains("rank " + std::to_string(P - 1)));
+  }
+  CHECK(thrown);
+}
