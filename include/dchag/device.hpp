@@ -48,12 +48,15 @@ inline NodePlacement node_placement(MPI_Comm comm, int devices = -1) {
 namespace detail {
 inline bool names_device(int argc, char* argv[]) {
   if (std::getenv("KOKKOS_DEVICE_ID") != nullptr) return true;
+  // Every spelling Kokkos 3.4 to 4.x reads (--kokkos-device-id, --device-id, --kokkos-device,
+  // the device counts of 3.x, the mapping strategy of 4.x).
+  constexpr std::string_view flags[] = {"--kokkos-device",      "--device",
+                                        "--kokkos-num-devices", "--num-devices",
+                                        "--kokkos-ndevices",    "--kokkos-map-device-id-by"};
   for (int i = 1; i < argc; ++i) {
     const std::string_view a(argv[i]);
-    if (a.rfind("--kokkos-device-id", 0) == 0 || a.rfind("--kokkos-map-device-id-by", 0) == 0 ||
-        a.rfind("--kokkos-device=", 0) == 0 || a.rfind("--device-id", 0) == 0) {
-      return true;
-    }
+    for (const auto f : flags)
+      if (a.rfind(f, 0) == 0) return true;
   }
   return false;
 }
@@ -70,7 +73,7 @@ inline NodePlacement initialize_on_local_device(int& argc, char* argv[],
     return p;
   }
   // argv with the device flag appended; Kokkos consumes it and what it knows of the rest.
-  std::string flag = std::string(detail::device_id_flag) + "=" + std::to_string(p.device_id);
+  std::string flag = std::string("--kokkos-device-id=") + std::to_string(p.device_id);
   std::vector<char*> args(argv, argv + argc);
   args.push_back(flag.data());
   int n = static_cast<int>(args.size());

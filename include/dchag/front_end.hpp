@@ -136,10 +136,6 @@ void check_tokens(const char* where, const FrontEndConfig& cfg, const char* name
                "], expected [B, L, D] = [", B, ", ", cfg.patches(), ", ", cfg.dim, "]");
 }
 
-}  // namespace detail
-
-namespace detail {
-
 template <class T>
 void append(std::vector<T>& to, std::vector<T> from) {
   to.insert(to.end(), std::make_move_iterator(from.begin()), std::make_move_iterator(from.end()));

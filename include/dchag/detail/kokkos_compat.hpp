@@ -45,13 +45,6 @@ inline int visible_devices() {
 #endif
 }
 
-/// The command-line flag that picks a device at Kokkos::initialize.
-#if KOKKOS_VERSION >= 40000
-inline constexpr const char* device_id_flag = "--kokkos-device-id";
-#else
-inline constexpr const char* device_id_flag = "--kokkos-device";
-#endif
-
 /// Fence with a label where the Kokkos version takes one.
 template <class ExecSpace>
 void fence(const ExecSpace& exec, const char* label) {
