@@ -161,6 +161,8 @@ TEST_CASE("On host spaces the automatic chunks add a fixed set of launches per c
   const StepCounts one = step_counts(64, 1, with_chunk(64));
   const StepCounts two = step_counts(64, 1, with_chunk(32));
   const StepCounts four = step_counts(64, 1, with_chunk(16));
+  CHECK(two.forward.kernels > one.forward.kernels);  // chunks do add launches on host spaces
+  CHECK(two.backward.kernels > one.backward.kernels);
   CHECK(four.forward.kernels - two.forward.kernels ==
         2 * (two.forward.kernels - one.forward.kernels));
   CHECK(four.backward.kernels - two.backward.kernels ==
