@@ -10,7 +10,10 @@
 //   --dchag_config=B:1,C:500,H:64,W:64,p:8,D:256,heads:8   replaces the default C sweep; may be
 //       repeated; keys left out keep the values shown (the flagship configuration)
 //   --dchag_groups=4   channel groups of the D-CHAG emulation
+//   --dchag_profile=20 instead of benchmarks: time per kernel and GEMM of the flat pooled front
+//       end's forward and forward+backward over 20 calls (host execution spaces only)
 #include "flops.hpp"
+#include "kernel_profile.hpp"
 
 #include <dchag/aggregate.hpp>
 
@@ -251,6 +254,41 @@ void dchag_emulation(benchmark::State& state, dchag::PartialKind kind, int group
   state.counters["groups"] = groups;
 }
 
+/// --dchag_profile: the flat pooled front end's forward, then forward+backward, `calls` times
+/// each after one untimed call, with the per-kernel profile of each.
+void profile_flat(const Shape& s, int calls) {
+  Exec exec;
+  dchag::FlatFrontEnd<Exec, Scalar> fe(exec, front_end_config(s, dchag::Strategy::pooled));
+  dchag::View4<Scalar, Mem> images("images", s.B, s.C, s.H, s.W);
+  dchag::View3<Scalar, Mem> out("out", s.B, s.L(), s.D);
+  dchag::View3<Scalar, Mem> d_out("d_out", s.B, s.L(), s.D);
+  fill(images, 2);
+  Kokkos::deep_copy(d_out, Scalar(1));
+  const std::string config = "B:" + std::to_string(s.B) + ",C:" + std::to_string(s.C) +
+                             ",H:" + std::to_string(s.H) + ",W:" + std::to_string(s.W) +
+                             ",p:" + std::to_string(s.p) + ",D:" + std::to_string(s.D) +
+                             ",heads:" + std::to_string(s.heads);
+  for (const bool backward : {false, true}) {
+    auto op = [&] {
+      fe.forward(exec, images, out);
+      if (backward) fe.backward(exec, d_out);
+    };
+    op();
+    exec.fence();
+    dchag_bench::KernelProfile::install();
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < calls; ++i) op();
+    exec.fence();
+    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    dchag_bench::KernelProfile::uninstall();
+    const std::string title = std::string("FlatFrontEnd/") +
+                              (backward ? "forward_backward" : "forward") + "/pooled " + config +
+                              ", " + Exec::name() + " concurrency " +
+                              std::to_string(exec.concurrency());
+    dchag_bench::KernelProfile::print(title.c_str(), calls, total);
+  }
+}
+
 // ---- registration and main --------------------------------------------------------------------
 
 void register_all(const std::vector<Shape>& shapes, int groups) {
@@ -322,7 +360,8 @@ Shape parse_shape(const std::string& text) {
 }
 
 /// Removes the dchag flags from argv (Google Benchmark rejects flags it does not know).
-void take_own_flags(int& argc, char** argv, std::vector<Shape>& shapes, int& groups) {
+void take_own_flags(int& argc, char** argv, std::vector<Shape>& shapes, int& groups,
+                    int& profile_calls) {
   int kept = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -331,6 +370,15 @@ void take_own_flags(int& argc, char** argv, std::vector<Shape>& shapes, int& gro
     } else if (arg.rfind("--dchag_groups=", 0) == 0) {
       groups = std::atoi(arg.c_str() + std::strlen("--dchag_groups="));
       if (groups < 1) throw std::invalid_argument("--dchag_groups: expected a positive integer");
+    } else if (arg.rfind("--dchag_profile=", 0) == 0) {
+      profile_calls = std::atoi(arg.c_str() + std::strlen("--dchag_profile="));
+      if (profile_calls < 1) {
+        throw std::invalid_argument("--dchag_profile: expected a positive number of calls");
+      }
+      if (!dchag::detail::runs_on_host<Exec>) {
+        throw std::invalid_argument("--dchag_profile: needs a host execution space, not " +
+                                    std::string(Exec::name()));
+      }
     } else {
       argv[kept++] = argv[i];
     }
@@ -371,14 +419,17 @@ int main(int argc, char** argv) {
 #endif
   {
     std::vector<Shape> shapes;
-    int groups = 4;
+    int groups = 4, profile_calls = 0;
     try {
-      take_own_flags(argc, argv, shapes, groups);
+      take_own_flags(argc, argv, shapes, groups, profile_calls);
     } catch (const std::exception& e) {
       if (rank == 0) std::fprintf(stderr, "dchag_bench: %s\n", e.what());
       status = 2;
     }
-    if (status == 0) {
+    if (status == 0 && profile_calls > 0) {
+      if (shapes.empty()) shapes.push_back(Shape{});
+      for (const auto& s : shapes) profile_flat(s, profile_calls);
+    } else if (status == 0) {
       if (shapes.empty()) {
         for (std::int64_t c : {64, 128, 500}) {
           Shape s;

@@ -8,7 +8,9 @@
 /// saturated softmax x_n == z_h for the winning input, and the difference is then exactly zero.
 #include <dchag/detail/attention_common.hpp>
 #include <dchag/detail/batched_gemm.hpp>
+#include <dchag/detail/lane_tiles.hpp>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace dchag::detail {
@@ -106,13 +108,15 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
 }
 
 // Online softmax over the chunk [n0, n1) of one segment (k = 1), host shape: one thread per
-// position; scores, then the numerators, then z in blocks held in registers across the chunk.
+// position; the scores of all heads, then the numerators, then z in register tiles across the
+// chunk (lane_tiles.hpp).
 template <class ExecSpace, class Scalar, class MemSpace>
 void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
                       const Unmanaged2<const Scalar, MemSpace>& x2,
                       const AttentionSaved<Scalar, MemSpace>& s,
                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
-  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads;
+  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
+  const std::int64_t P = std::int64_t(s.B) * L;
   auto u = work.u;
   auto a = s.a;
   auto z = s.z;
@@ -120,17 +124,16 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
   auto run_sum = s.run_sum;
   auto e_chunk = work.e_chunk;
   Kokkos::parallel_for(
-      "dchag::attention::stream_pool",
-      Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(s.B) * L),
+      "dchag::attention::stream_pool", Kokkos::RangePolicy<ExecSpace>(exec, 0, P),
       KOKKOS_LAMBDA(const std::int64_t pos) {
         const std::int64_t row0 = (pos / L) * N * L + pos % L;
         for (int n = n0; n < n1; ++n) {
           const std::int64_t row = row0 + std::int64_t(n) * L;
-          for (int h = 0; h < nh; ++h) a(row, h) = lane_dot(&x2(row, 0), &u(h, 0), D);
+          tiled_dots(&x2(row, 0), &u(0, 0), D, nh, &a(row, 0), 1);
         }
         Scalar* e = &e_chunk(pos, 0, 0);
+        const bool first = n0 == 0;
         for (int h = 0; h < nh; ++h) {
-          const bool first = n0 == 0;
           Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
           for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
           const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
@@ -140,27 +143,12 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
             sum += e[(n - n0) * nh + h];
           }
           Scalar* zh = &z(h, pos, 0);
-          constexpr int block = 32;
-          int d0 = 0;
-          for (; d0 + block <= D; d0 += block) {
-            Scalar acc[block];
-            for (int v = 0; v < block; ++v) acc[v] = first ? Scalar(0) : zh[d0 + v] * rescale;
-            for (int n = n0; n < n1; ++n) {
-              const Scalar wt = e[(n - n0) * nh + h];
-              const Scalar* xr = &x2(row0 + std::int64_t(n) * L, d0);
-              for (int v = 0; v < block; ++v) acc[v] += wt * xr[v];
-            }
-            for (int v = 0; v < block; ++v) zh[d0 + v] = acc[v];
-          }
-          for (int d = d0; d < D; ++d) {
-            Scalar acc = first ? Scalar(0) : zh[d] * rescale;
-            for (int n = n0; n < n1; ++n)
-              acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
-            zh[d] = acc;
-          }
+          for (int d = 0; d < D; ++d) zh[d] = first ? Scalar(0) : zh[d] * rescale;
           run_max(pos, h) = mx;
           run_sum(pos, h) = sum;
         }
+        tiled_pool(e, nh, &x2(row0 + std::int64_t(n0) * L, 0), std::int64_t(L) * D, nc, D, nh,
+                   &z(0, pos, 0), P * D);
       });
 }
 
@@ -233,6 +221,18 @@ void rescale_to_group_max(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
+// Host pooled backward: how many blocks of patch positions (one per thread) share the work.
+// Zero on devices, which take the team shape and need no blocks.
+template <class ExecSpace>
+std::int64_t pooled_grad_blocks(std::int64_t positions) {
+  if constexpr (runs_on_host<ExecSpace>) {
+    const std::int64_t threads = Kokkos::is_initialized() ? ExecSpace().concurrency() : 1;
+    return std::max<std::int64_t>(1, std::min(positions, threads));
+  } else {
+    return 0;
+  }
+}
+
 // Pooled backward, the parts before the tokens: dbv, dWv (this rank's share when grouped),
 // gz_h = Wv_h^T go_h and, grouped, c_h = gz_h . z_h over the group; zeroes du.
 template <class ExecSpace, class Scalar, class MemSpace>
@@ -276,6 +276,11 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   }
   ensure_view(work.ds, "dchag::attention::ds", std::size_t(s.B) * s.N * s.L, std::size_t(nh));
   ensure_view(work.c, "dchag::attention::c", P, std::size_t(nh));
+  if constexpr (runs_on_host<ExecSpace>) {
+    ensure_view(work.du_blocks, "dchag::attention::du_blocks",
+                std::size_t(pooled_grad_blocks<ExecSpace>(std::int64_t(s.B) * s.L)), std::size_t(nh) * D);
+    Kokkos::deep_copy(exec, work.du_blocks, Scalar(0));
+  }
   if (!group) return;
   // c_h = gz_h . z_h of this rank's share of z, summed over the group: each rank then forms
   // gz_h . (x - z_h) as gz_h . (x - z_h,r) + (c_h,r - c_h), where z_h,r is its own normalized
@@ -301,28 +306,16 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
-// The score dot of one token and head: gz_h . (x - s z_h) on one lane (host) or the team.
-template <bool OnHost, class Member, class Scalar>
-KOKKOS_INLINE_FUNCTION Scalar residual_dot(const Member& team, const Scalar* gz, const Scalar* x,
-                                           const Scalar* z, Scalar s, int n) {
-  if constexpr (OnHost) {
-    (void)team;
-    return lane_dot_residual(gz, x, z, s, n);
-  } else {
-    return team_dot_residual(team, gz, x, z, s, n);
-  }
-}
-
-// Pooled backward for the tokens of inputs [n0, n1): ds_h = a_h gz_h . (x - z_h),
-// dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), du += ds^T x.
+// Pooled backward for the tokens of inputs [n0, n1), device shape: one team per token row;
+// ds_h = a_h gz_h . (x - z_h), dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), then
+// du += ds^T x as one batched GEMM over the chunk.
 template <class ExecSpace, class Scalar, class MemSpace>
-void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
-                       const Unmanaged2<const Scalar, MemSpace>& x2,
-                       const AttentionSaved<Scalar, MemSpace>& s,
-                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
-                       const View4<Scalar, MemSpace>& dx) {
+void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
+                            const Unmanaged2<const Scalar, MemSpace>& x2,
+                            const AttentionSaved<Scalar, MemSpace>& s,
+                            const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
+                            const View4<Scalar, MemSpace>& dx) {
   using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
-  constexpr bool on_host = runs_on_host<ExecSpace>;
   const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
   const bool grouped = s.grouped;
   auto dx2 = matrix<Scalar, MemSpace>(dx.data(), std::size_t(s.B) * nc * L, D);
@@ -348,7 +341,7 @@ void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
         for (int h = 0; h < nh; ++h) {
           const Scalar* gzh = &gz(h, pos, 0);
           const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
-          const Scalar t = residual_dot<on_host>(team, gzh, xr, &z(h, pos, 0), share, D) +
+          const Scalar t = team_dot_residual(team, gzh, xr, &z(h, pos, 0), share, D) +
                            (grouped ? c(pos, h) : Scalar(0));
           const Scalar ah = a(row, h);
           const Scalar dsh = ah * t;
@@ -374,6 +367,72 @@ void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
+// The same, host shape: the B*L patch positions split into one contiguous block per thread; a
+// thread walks the chunk's inputs of its positions, so each position's gz and z stay in cache
+// across inputs, and it accumulates du += ds x into its own share (du_blocks), summed by
+// pooled_backward_end. Fixed blocks for a fixed thread count: the result is reproducible.
+template <class ExecSpace, class Scalar, class MemSpace>
+void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
+                            const Unmanaged2<const Scalar, MemSpace>& x2,
+                            const AttentionSaved<Scalar, MemSpace>& s,
+                            const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
+                            const View4<Scalar, MemSpace>& dx) {
+  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
+  const std::int64_t positions = std::int64_t(s.B) * L;  // (b, l) pairs
+  const int blocks = static_cast<int>(work.du_blocks.extent(0));
+  const bool grouped = s.grouped;
+  auto dx2 = matrix<Scalar, MemSpace>(dx.data(), std::size_t(s.B) * nc * L, D);
+  auto gz = work.gz;
+  auto c = work.c;
+  auto a = s.a;
+  auto z = s.z;
+  auto inv_share = s.inv_share;
+  auto u = work.u;
+  auto seg = s.segment;
+  auto du_blocks = work.du_blocks;
+  auto ds = work.ds;
+  const std::int64_t gz_stride = std::int64_t(gz.extent(1)) * D;  // between heads
+  Kokkos::parallel_for(
+      "dchag::attention::pooled_token_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, blocks),
+      KOKKOS_LAMBDA(const int blk) {
+        Scalar* du = &du_blocks(blk, 0);
+        const std::int64_t first = positions * blk / blocks, last = positions * (blk + 1) / blocks;
+        for (std::int64_t bl = first; bl < last; ++bl) {
+          const int b = static_cast<int>(bl / L), l = static_cast<int>(bl % L);
+          for (int n = n0; n < n1; ++n) {
+            const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
+            const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
+            const Scalar* xr = &x2(row, 0);
+            Scalar* dxr = &dx2((std::int64_t(b) * nc + (n - n0)) * L + l, 0);
+            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h), kept in ds's row.
+            Scalar* dsr = &ds(row, 0);
+            for (int h = 0; h < nh; ++h) {
+              const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
+              const Scalar t = lane_dot_residual(&gz(h, pos, 0), xr, &z(h, pos, 0), share, D);
+              dsr[h] = a(row, h) * (t + (grouped ? c(pos, h) : Scalar(0)));
+            }
+            tiled_token_grad(xr, &a(row, 0), dsr, &gz(0, pos, 0), gz_stride, &u(0, 0), D, nh, dxr,
+                             du);
+          }
+        }
+      });
+}
+
+// Pooled backward for the tokens of inputs [n0, n1): ds_h = a_h gz_h . (x - z_h),
+// dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), du += ds^T x.
+template <class ExecSpace, class Scalar, class MemSpace>
+void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
+                       const Unmanaged2<const Scalar, MemSpace>& x2,
+                       const AttentionSaved<Scalar, MemSpace>& s,
+                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
+                       const View4<Scalar, MemSpace>& dx) {
+  if constexpr (runs_on_host<ExecSpace>) {
+    pooled_token_grad_host(exec, cfg, x2, s, work, n0, n1, dx);
+  } else {
+    pooled_token_grad_team(exec, cfg, x2, s, work, n0, n1, dx);
+  }
+}
+
 // Pooled backward after the tokens: group sums, then dWk_h = q_h (x) du_h / sqrt(hd) and
 // dq_h = Wk_h du_h / sqrt(hd).
 template <class ExecSpace, class Scalar, class MemSpace>
@@ -385,6 +444,18 @@ void pooled_backward_end(const ExecSpace& exec, const AttentionConfig& cfg,
   const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
   auto shared = work.shared;
   auto dw = grad.w_in;
+  if constexpr (runs_on_host<ExecSpace>) {
+    // du = the sum of the host blocks' shares (pooled_token_grad_host), in block order.
+    auto du_blocks = work.du_blocks;
+    const int blocks = static_cast<int>(du_blocks.extent(0));
+    Kokkos::parallel_for(
+        "dchag::attention::sum_du_blocks", Kokkos::RangePolicy<ExecSpace>(exec, 0, nh * D),
+        KOKKOS_LAMBDA(const int i) {
+          Scalar acc = shared(i);
+          for (int blk = 0; blk < blocks; ++blk) acc += du_blocks(blk, i);
+          shared(i) = acc;
+        });
+  }
   if (group) {
     group->sum(Unmanaged1<Scalar, MemSpace>(shared.data(), shared.span()));
     const std::size_t off = std::size_t(nh) * D;

@@ -10,12 +10,16 @@
 /// outer kb sum lets a gradient accumulate over samples whose rows are not contiguous.
 ///
 /// Devices run the batch as one launch, one team per row of C with its n over the lanes; host
-/// spaces call the BLAS once per GEMM (and sample block).
+/// spaces run it as one launch too, each thread calling the BLAS on its share of the GEMMs.
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
 #include <dchag/tensor.hpp>
 
+#include <KokkosKernels_config.h>
 #include <Kokkos_Core.hpp>
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+#include <KokkosBlas_Host_tpl.hpp>
+#endif
 #include <cstdint>
 #include <type_traits>
 
@@ -59,19 +63,46 @@ void batched_gemm_teams(const ExecSpace& exec, const char* label, const BatchSha
       });
 }
 
-/// The host shape: the BLAS behind Kokkos Kernels, one call per GEMM and sample block. Its
-/// register-blocked kernels beat a portable loop nest on host CPUs (measured in the commit that
-/// introduced this), and a host BLAS call launches no kernel.
+/// The host shape where Kokkos Kernels has a BLAS: the batch's GEMMs spread over the execution
+/// space's threads, each a single-threaded BLAS call on its own operands (one launch, however
+/// many GEMMs). Register-blocked BLAS kernels beat a portable loop nest on host CPUs, and a batch
+/// of many small GEMMs parallelizes across GEMMs where one small GEMM would not. The BLAS must be
+/// safe to call from several threads at once: OpenBLAS is, when it runs its own calls on one
+/// thread (OPENBLAS_NUM_THREADS=1, or a build without threads), as CONTRIBUTING says.
 template <class ExecSpace, class Operands>
-void batched_gemm_blas(const ExecSpace& exec, const char* label, const BatchShape& s,
-                       const Operands& operands) {
+void batched_gemm_host_blas(const ExecSpace& exec, const char* label, const BatchShape& s,
+                            const Operands& operands) {
+  static_assert(runs_on_host<ExecSpace>, "the host BLAS runs on host execution spaces only");
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+  using Scalar = typename std::invoke_result_t<const Operands&, int>::value_type;
+  using Blas = KokkosBlas::Impl::HostBlas<Scalar>;
+  Kokkos::parallel_for(label, Kokkos::RangePolicy<ExecSpace>(exec, 0, s.batch), [=](const int t) {
+    const auto g = operands(t);
+    // Column-major BLAS on row-major operands: C^T = B^T A^T.
+    const bool a_rows = g.a_k == 1;  // A row-major [M, K], else stored [K, M]
+    for (int kb = 0; kb < s.KB; ++kb) {
+      const Scalar* a = g.a + kb * g.a_kb;
+      Blas::gemm('N', a_rows ? 'N' : 'T', s.N, s.M, s.K, Scalar(1), g.b + kb * g.b_kb,
+                 static_cast<int>(g.ldb), a, static_cast<int>(a_rows ? g.a_m : g.a_k), Scalar(1),
+                 g.c, static_cast<int>(g.ldc));
+    }
+  });
+#else
+  (void)exec, (void)label, (void)s, (void)operands;
+#endif
+}
+
+/// The host shape without a BLAS library: Kokkos Kernels' own GEMM, one call per GEMM and
+/// sample block.
+template <class ExecSpace, class Operands>
+void batched_gemm_kokkos_kernels(const ExecSpace& exec, const char* label, const BatchShape& s,
+                                 const Operands& operands) {
   using Scalar = typename std::invoke_result_t<const Operands&, int>::value_type;
   using Mem = typename ExecSpace::memory_space;
+  ScopedRegion region(label);  // names the GEMMs below for Kokkos Tools
   for (int t = 0; t < s.batch; ++t) {
     const auto g = operands(t);
-    const bool a_rows = g.a_k == 1 && g.a_m == s.K;  // A row-major [M, K]
-    DCHAG_EXPECT((a_rows || (g.a_m == 1 && g.a_k == s.M)) && g.ldb == s.N && g.ldc == s.N, label,
-                 "a GEMM of the batch is not dense row-major (internal error)");
+    const bool a_rows = g.a_k == 1;
     const Unmanaged2<Scalar, Mem> c(g.c, s.M, s.N);
     for (int kb = 0; kb < s.KB; ++kb) {
       const Scalar* a = g.a + kb * g.a_kb;
@@ -85,6 +116,31 @@ void batched_gemm_blas(const ExecSpace& exec, const char* label, const BatchShap
       }
     }
   }
+}
+
+/// The host shape: the BLAS where there is one, else Kokkos Kernels' GEMM (also what a device
+/// execution space gets here: the tests compare it with the device shape). Every GEMM of the
+/// batch must be dense row-major (A may be transposed).
+template <class ExecSpace, class Operands>
+void batched_gemm_blas(const ExecSpace& exec, const char* label, const BatchShape& s,
+                       const Operands& operands) {
+  using Scalar = typename std::invoke_result_t<const Operands&, int>::value_type;
+  if (s.batch == 0 || s.M == 0 || s.N == 0) return;
+  {
+    // The layout is the same for every GEMM of a batch: check the first.
+    const auto g = operands(0);
+    const bool a_rows = g.a_k == 1 && g.a_m == s.K;
+    DCHAG_EXPECT((a_rows || (g.a_m == 1 && g.a_k == s.M)) && g.ldb == s.N && g.ldc == s.N, label,
+                 "a GEMM of the batch is not dense row-major (internal error)");
+  }
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
+  if constexpr (runs_on_host<ExecSpace> &&
+                (std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>)) {
+    batched_gemm_host_blas(exec, label, s, operands);
+    return;
+  }
+#endif
+  batched_gemm_kokkos_kernels(exec, label, s, operands);
 }
 
 /// Runs the batch; `operands(t)` gives the operands of GEMM t (callable where ExecSpace runs).
