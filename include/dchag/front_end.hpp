@@ -163,8 +163,9 @@ void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, boo
       });
 }
 
-/// Channels per chunk of the fused pooled front ends: about 512 KiB of tokens where the execution
-/// space runs on the host (a chunk stays in a core's L2 between being produced and consumed);
+/// Channels per chunk of the fused pooled front ends: about 512 KiB of tokens per thread where the
+/// execution space runs on the host (a chunk stays in the cores' L2 between being produced and
+/// consumed);
 /// every channel at once on devices, where launches cost more than cache misses.
 template <class ExecSpace, class Scalar>
 int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels,
@@ -173,9 +174,11 @@ int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channe
   if constexpr (!runs_on_host<ExecSpace>) {
     return channels;
   } else {
+    // Every thread's share of a chunk in its own core's L2.
     const std::size_t per_channel = std::max<std::size_t>(B * L * D * sizeof(Scalar), 1);
+    const std::size_t threads = std::max(ExecSpace().concurrency(), 1);
     return static_cast<int>(
-        std::clamp<std::size_t>((std::size_t(1) << 19) / per_channel, 1, channels));
+        std::clamp<std::size_t>((threads << 19) / per_channel, 1, channels));
   }
 }
 
