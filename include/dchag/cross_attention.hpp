@@ -104,7 +104,8 @@ class CrossAttention {
       ensure_view(work_.gz, "dchag::attention::gz", nh, P, D);
       ensure_view(work_.shared, "dchag::attention::group_grads", nh * D + (grouped ? D * D : 0));
       ensure_view(work_.du_blocks, "dchag::attention::du_blocks",
-                  std::size_t(detail::pooled_grad_blocks<ExecSpace>(std::int64_t(B) * L)), nh * D);
+                  std::size_t(detail::pooled_grad_blocks<ExecSpace>(std::int64_t(B) * L)),
+                  nh * (D + 1));
       if (grouped) {
         ensure_view(work_.merge, "dchag::attention::merge", P * (D + nh));
         ensure_view(work_.c_group, "dchag::attention::c_group", P, nh);
@@ -345,7 +346,7 @@ class CrossAttention {
       // Host spaces: one du share per thread block of the backward.
       e.workspace = S * (P * D + P * D + nh * P * D + P * nh + M * nh + nh * D +
                          (group ? D * D + P * nh : 0) +
-                         detail::pooled_grad_blocks<ExecSpace>(B * L) * nh * D);
+                         detail::pooled_grad_blocks<ExecSpace>(B * L) * nh * (D + 1));
       e.communication = group ? S * P * (D + nh) : 0;
     } else {
       e.activations += S * 2 * M * Dr;

@@ -36,7 +36,7 @@ struct AttentionWork {
   View3<Scalar, MemSpace> oh;          // [heads, P, hd] projected pooled tokens / their gradients
   View3<Scalar, MemSpace> gz;          // [heads, P, D] gradient at the pooled tokens
   View3<Scalar, MemSpace> e_chunk;     // streaming: [B*L, chunk, heads] softmax numerators
-  View2<Scalar, MemSpace> du_blocks;   // host pooled backward: [blocks, heads * D] du shares
+  View2<Scalar, MemSpace> du_blocks;   // host pooled backward: [blocks, heads * (D + 1)]
   int streamed = 0, back_streamed = 0;
   bool group_backward = false;
 };

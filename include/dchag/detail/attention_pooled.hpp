@@ -278,7 +278,8 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   ensure_view(work.c, "dchag::attention::c", P, std::size_t(nh));
   if constexpr (runs_on_host<ExecSpace>) {
     ensure_view(work.du_blocks, "dchag::attention::du_blocks",
-                std::size_t(pooled_grad_blocks<ExecSpace>(std::int64_t(s.B) * s.L)), std::size_t(nh) * D);
+                std::size_t(pooled_grad_blocks<ExecSpace>(std::int64_t(s.B) * s.L)),
+                std::size_t(nh) * (D + 1));
     Kokkos::deep_copy(exec, work.du_blocks, Scalar(0));
   }
   if (!group) return;
@@ -367,10 +368,12 @@ void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
-// The same, host shape: the B*L patch positions split into one contiguous block per thread; a
-// thread walks the chunk's inputs of its positions, so each position's gz and z stay in cache
-// across inputs, and it accumulates du += ds x into its own share (du_blocks), summed by
-// pooled_backward_end. Fixed blocks for a fixed thread count: the result is reproducible.
+// The same, host shape: the chunk's inputs split into one contiguous block per thread, the
+// split the tokenizer's weight-gradient batch takes next, so a thread consumes the dx it wrote
+// while it is in its own cache. Each position's gz and z stay in cache across the block's
+// inputs; du += ds x goes into the block's own share (du_blocks: du, then the ds of the current
+// token as scratch), summed by pooled_backward_end in block order: fixed blocks for a fixed
+// thread count, so the result is reproducible.
 template <class ExecSpace, class Scalar, class MemSpace>
 void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
                             const Unmanaged2<const Scalar, MemSpace>& x2,
@@ -390,22 +393,22 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
   auto u = work.u;
   auto seg = s.segment;
   auto du_blocks = work.du_blocks;
-  auto ds = work.ds;
   const std::int64_t gz_stride = std::int64_t(gz.extent(1)) * D;  // between heads
+  const int used = blocks < nc ? blocks : nc;
   Kokkos::parallel_for(
-      "dchag::attention::pooled_token_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, blocks),
+      "dchag::attention::pooled_token_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, used),
       KOKKOS_LAMBDA(const int blk) {
         Scalar* du = &du_blocks(blk, 0);
-        const std::int64_t first = positions * blk / blocks, last = positions * (blk + 1) / blocks;
-        for (std::int64_t bl = first; bl < last; ++bl) {
+        const int first = n0 + nc * blk / used, last = n0 + nc * (blk + 1) / used;
+        for (std::int64_t bl = 0; bl < positions; ++bl) {
           const int b = static_cast<int>(bl / L), l = static_cast<int>(bl % L);
-          for (int n = n0; n < n1; ++n) {
+          for (int n = first; n < last; ++n) {
             const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
             const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
             const Scalar* xr = &x2(row, 0);
             Scalar* dxr = &dx2((std::int64_t(b) * nc + (n - n0)) * L + l, 0);
-            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h), kept in ds's row.
-            Scalar* dsr = &ds(row, 0);
+            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h), in the block's scratch.
+            Scalar* dsr = du + std::int64_t(nh) * D;
             for (int h = 0; h < nh; ++h) {
               const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
               const Scalar t = lane_dot_residual(&gz(h, pos, 0), xr, &z(h, pos, 0), share, D);
