@@ -108,15 +108,13 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
 }
 
 // Online softmax over the chunk [n0, n1) of one segment (k = 1), host shape: one thread per
-// position; the scores of all heads, then the numerators, then z in register tiles across the
-// chunk (lane_tiles.hpp).
+// position; scores, then the numerators, then z in blocks held in registers across the chunk.
 template <class ExecSpace, class Scalar, class MemSpace>
 void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
                       const Unmanaged2<const Scalar, MemSpace>& x2,
                       const AttentionSaved<Scalar, MemSpace>& s,
                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
-  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
-  const std::int64_t P = std::int64_t(s.B) * L;
+  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads;
   auto u = work.u;
   auto a = s.a;
   auto z = s.z;
@@ -124,16 +122,17 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
   auto run_sum = s.run_sum;
   auto e_chunk = work.e_chunk;
   Kokkos::parallel_for(
-      "dchag::attention::stream_pool", Kokkos::RangePolicy<ExecSpace>(exec, 0, P),
+      "dchag::attention::stream_pool",
+      Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(s.B) * L),
       KOKKOS_LAMBDA(const std::int64_t pos) {
         const std::int64_t row0 = (pos / L) * N * L + pos % L;
         for (int n = n0; n < n1; ++n) {
           const std::int64_t row = row0 + std::int64_t(n) * L;
-          tiled_dots(&x2(row, 0), &u(0, 0), D, nh, &a(row, 0), 1);
+          for (int h = 0; h < nh; ++h) a(row, h) = lane_dot(&x2(row, 0), &u(h, 0), D);
         }
         Scalar* e = &e_chunk(pos, 0, 0);
-        const bool first = n0 == 0;
         for (int h = 0; h < nh; ++h) {
+          const bool first = n0 == 0;
           Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
           for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
           const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
@@ -143,12 +142,27 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
             sum += e[(n - n0) * nh + h];
           }
           Scalar* zh = &z(h, pos, 0);
-          for (int d = 0; d < D; ++d) zh[d] = first ? Scalar(0) : zh[d] * rescale;
+          constexpr int block = 32;
+          int d0 = 0;
+          for (; d0 + block <= D; d0 += block) {
+            Scalar acc[block];
+            for (int v = 0; v < block; ++v) acc[v] = first ? Scalar(0) : zh[d0 + v] * rescale;
+            for (int n = n0; n < n1; ++n) {
+              const Scalar wt = e[(n - n0) * nh + h];
+              const Scalar* xr = &x2(row0 + std::int64_t(n) * L, d0);
+              for (int v = 0; v < block; ++v) acc[v] += wt * xr[v];
+            }
+            for (int v = 0; v < block; ++v) zh[d0 + v] = acc[v];
+          }
+          for (int d = d0; d < D; ++d) {
+            Scalar acc = first ? Scalar(0) : zh[d] * rescale;
+            for (int n = n0; n < n1; ++n)
+              acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
+            zh[d] = acc;
+          }
           run_max(pos, h) = mx;
           run_sum(pos, h) = sum;
         }
-        tiled_pool(e, nh, &x2(row0 + std::int64_t(n0) * L, 0), std::int64_t(L) * D, nc, D, nh,
-                   &z(0, pos, 0), P * D);
       });
 }
 
