@@ -279,12 +279,12 @@ void profile_flat(const Shape& s, int calls) {
     const auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < calls; ++i) op();
     exec.fence();
-    const double total = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double total =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     dchag_bench::KernelProfile::uninstall();
-    const std::string title = std::string("FlatFrontEnd/") +
-                              (backward ? "forward_backward" : "forward") + "/pooled " + config +
-                              ", " + Exec::name() + " concurrency " +
-                              std::to_string(exec.concurrency());
+    const std::string title =
+        std::string("FlatFrontEnd/") + (backward ? "forward_backward" : "forward") + "/pooled " +
+        config + ", " + Exec::name() + " concurrency " + std::to_string(exec.concurrency());
     dchag_bench::KernelProfile::print(title.c_str(), calls, total);
   }
 }

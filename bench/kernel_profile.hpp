@@ -61,7 +61,7 @@ class KernelProfile {
                 static_cast<long long>(calls));
     std::printf("| %-52s | %9s | %8s | %6s |\n", "kernel or GEMM (caller)", "ms/call", "launches",
                 "share");
-    std::printf("|%s|%s|%s|%s|\n", std::string(54, '-').c_str(), std::string(10, '-').c_str() ,
+    std::printf("|%s|%s|%s|%s|\n", std::string(54, '-').c_str(), std::string(10, '-').c_str(),
                 std::string(10, '-').c_str(), std::string(8, '-').c_str());
     for (const auto& [name, e] : rows) {
       std::printf("| %-52s | %9.3f | %8.1f | %5.1f%% |\n", name.c_str(), 1e3 * e.seconds / calls,

@@ -98,7 +98,10 @@ class CrossAttention {
     using detail::ensure_view;
     ensure_view(work_.go, "dchag::attention::go", P, D);
     ensure_view(work_.c, "dchag::attention::c", P, nh);
-    ensure_view(work_.ds, "dchag::attention::ds", M, nh);
+    // Score gradients: materialized everywhere, pooled only in the device shape (the host shape
+    // keeps each token's in its block's scratch).
+    if (cfg_.strategy == Strategy::materialized || !detail::runs_on_host<ExecSpace>)
+      ensure_view(work_.ds, "dchag::attention::ds", M, nh);
     if (cfg_.strategy == Strategy::pooled) {
       ensure_view(work_.oh, "dchag::attention::oh", nh, P, hd);
       ensure_view(work_.gz, "dchag::attention::gz", nh, P, D);
@@ -343,10 +346,11 @@ class CrossAttention {
     if (cfg.strategy == Strategy::pooled) {
       e.activations += S * (nh * P * D + (group ? P * nh : 0));  // z, inv_share
       // oh, go, gz, c, ds, the group-summed gradients (du, dWv share), c_group, the merge buffer.
-      // Host spaces: one du share per thread block of the backward.
-      e.workspace = S * (P * D + P * D + nh * P * D + P * nh + M * nh + nh * D +
-                         (group ? D * D + P * nh : 0) +
-                         detail::pooled_grad_blocks<ExecSpace>(B * L) * nh * (D + 1));
+      // Devices: the score gradients ds; host spaces: one du share per thread block instead.
+      e.workspace =
+          S * (P * D + P * D + nh * P * D + P * nh + nh * D +
+               (detail::runs_on_host<ExecSpace> ? 0 : M * nh) + (group ? D * D + P * nh : 0) +
+               detail::pooled_grad_blocks<ExecSpace>(B * L) * nh * (D + 1));
       e.communication = group ? S * P * (D + nh) : 0;
     } else {
       e.activations += S * 2 * M * Dr;

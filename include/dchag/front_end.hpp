@@ -177,8 +177,7 @@ int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channe
     // Every thread's share of a chunk in its own core's L2.
     const std::size_t per_channel = std::max<std::size_t>(B * L * D * sizeof(Scalar), 1);
     const std::size_t threads = std::max(ExecSpace().concurrency(), 1);
-    return static_cast<int>(
-        std::clamp<std::size_t>((threads << 19) / per_channel, 1, channels));
+    return static_cast<int>(std::clamp<std::size_t>((threads << 19) / per_channel, 1, channels));
   }
 }
 

@@ -288,9 +288,10 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
     gemm(exec, "N", "N", Scalar(1), gh, Kokkos::subview(w.w_in, 2, rows, Kokkos::ALL), Scalar(0),
          Kokkos::subview(work.gz, h, Kokkos::ALL, Kokkos::ALL));
   }
-  ensure_view(work.ds, "dchag::attention::ds", std::size_t(s.B) * s.N * s.L, std::size_t(nh));
   ensure_view(work.c, "dchag::attention::c", P, std::size_t(nh));
-  if constexpr (runs_on_host<ExecSpace>) {
+  if constexpr (!runs_on_host<ExecSpace>) {
+    ensure_view(work.ds, "dchag::attention::ds", std::size_t(s.B) * s.N * s.L, std::size_t(nh));
+  } else {
     ensure_view(work.du_blocks, "dchag::attention::du_blocks",
                 std::size_t(pooled_grad_blocks<ExecSpace>(std::int64_t(s.B) * s.L)),
                 std::size_t(nh) * (D + 1));

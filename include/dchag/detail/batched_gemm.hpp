@@ -7,7 +7,8 @@
 ///
 /// with A_t(kb, m, k) = a[kb * a_kb + m * a_m + k * a_k] (so A may be transposed),
 /// B_t(kb, k, n) = b[kb * b_kb + k * ldb + n] and C_t row-major with leading dimension ldc. The
-/// outer kb sum lets a gradient accumulate over samples whose rows are not contiguous.
+/// outer kb sum lets a gradient accumulate over samples whose rows are not contiguous. The GEMMs
+/// of a batch run concurrently: no two of them may write the same C.
 ///
 /// Devices run the batch as one launch, one team per row of C with its n over the lanes; host
 /// spaces run it as one launch too, each thread calling the BLAS on its share of the GEMMs.
@@ -63,6 +64,7 @@ void batched_gemm_teams(const ExecSpace& exec, const char* label, const BatchSha
       });
 }
 
+#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
 /// The host shape where Kokkos Kernels has a BLAS: the batch's GEMMs spread over the execution
 /// space's threads, each a single-threaded BLAS call on its own operands (one launch, however
 /// many GEMMs). Register-blocked BLAS kernels beat a portable loop nest on host CPUs, and a batch
@@ -73,7 +75,6 @@ template <class ExecSpace, class Operands>
 void batched_gemm_host_blas(const ExecSpace& exec, const char* label, const BatchShape& s,
                             const Operands& operands) {
   static_assert(runs_on_host<ExecSpace>, "the host BLAS runs on host execution spaces only");
-#if defined(KOKKOSKERNELS_ENABLE_TPL_BLAS)
   using Scalar = typename std::invoke_result_t<const Operands&, int>::value_type;
   using Blas = KokkosBlas::Impl::HostBlas<Scalar>;
   Kokkos::parallel_for(label, Kokkos::RangePolicy<ExecSpace>(exec, 0, s.batch), [=](const int t) {
@@ -87,10 +88,8 @@ void batched_gemm_host_blas(const ExecSpace& exec, const char* label, const Batc
                  g.c, static_cast<int>(g.ldc));
     }
   });
-#else
-  (void)exec, (void)label, (void)s, (void)operands;
-#endif
 }
+#endif
 
 /// The host shape without a BLAS library: Kokkos Kernels' own GEMM, one call per GEMM and
 /// sample block.
