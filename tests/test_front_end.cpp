@@ -201,7 +201,8 @@ TEST_CASE("DchagEmulation backward matches finite differences", "[front_end][fd]
 // ---------------------------------------------------------------------------------------------
 // D-CHAG with one group is tokenizer -> partial aggregation -> final cross-attention over the one
 // partial token -> positional embedding. The emulation runs exactly these kernels in this order
-// on the same numbers, so outputs and gradients are equal bit for bit (tolerance 0).
+// on the same numbers (the partial aggregation streamed, in one chunk at these sizes, where its
+// strategy streams), so outputs and gradients are equal bit for bit (tolerance 0).
 // ---------------------------------------------------------------------------------------------
 
 namespace {
@@ -252,12 +253,24 @@ void compare_with_composition(PartialKind kind, int tree, Convention conv, Strat
   const V4<double> out4(out_hand.data(), B, 1, L, D), g4(g.data(), B, 1, L, D);
   typename dchag::CrossAttention<Exec, double>::Saved saved;
   tok.forward(exec, images, ChannelSelection::from_full_image(channels), tokens);
-  part.forward(exec, tokens, partial);
+  if (part.streams()) {
+    part.stream_begin(exec, partial, dchag::MemoryPolicy::keep);
+    part.stream_chunk(exec, tokens, 0, C);
+    part.stream_end(exec, partial);
+  } else {
+    part.forward(exec, tokens, partial);
+  }
   fin.forward(exec, partial, Segments::whole(1), out4, saved);
   pos.forward(exec, out_hand);
   pos.backward(exec, g);
   fin.backward(exec, partial, saved, g4, d_partial);
-  part.backward(exec, tokens, d_partial, d_tokens);
+  if (part.streams()) {
+    part.backward_begin(exec, d_partial);
+    part.backward_chunk(exec, tokens, 0, C, d_tokens);
+    part.backward_end(exec);
+  } else {
+    part.backward(exec, tokens, d_partial, d_tokens);
+  }
   tok.backward(exec, d_tokens);
   exec.fence();
 
@@ -267,6 +280,105 @@ void compare_with_composition(PartialKind kind, int tree, Convention conv, Strat
 }
 
 }  // namespace
+
+namespace {
+
+// Output and every gradient of one forward and backward (no backward: inference).
+struct Step {
+  std::vector<double> out;
+  std::vector<std::vector<double>> grads;
+};
+
+template <class FrontEnd, class Forward>
+Step run_step(FrontEnd& fe, const Forward& forward, const V3<double>& out, const V3<double>& g,
+              bool backward) {
+  Exec exec;
+  fe.zero_gradients(exec);
+  forward();
+  if (backward) fe.backward(exec, g);
+  exec.fence();
+  return {to_host(out), backward ? snapshot(fe.gradients()) : std::vector<std::vector<double>>{}};
+}
+
+// Recompute runs keep's kernels on tokens tokenized again: a few ulps of the results' scale.
+void require_same_step(const Step& a, const Step& ref,
+                       const dchag::TensorList<double, Mem>& names) {
+  const double ulps = 8 * std::numeric_limits<double>::epsilon();
+  CHECK(max_abs_diff(a.out, ref.out) <= ulps * std::max(1.0, max_abs(ref.out)));
+  for (std::size_t t = 0; t < a.grads.size(); ++t) {
+    INFO(names[t].name);
+    CHECK(max_abs_diff(a.grads[t], ref.grads[t]) <= ulps * std::max(1.0, max_abs(ref.grads[t])));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Every memory policy gives the forward and gradients of keep", "[front_end][recompute]") {
+  using dchag::MemoryPolicy;
+  Exec exec;
+  SECTION("flat, all channels and a subset, several chunk widths") {
+    const FrontEndConfig cfg{7, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 2500};
+    dchag::FlatFrontEnd<Exec, double> flat(exec, cfg);
+    fill_normal(flat.parameters(), 2501, param_sd(cfg.dim));
+    const int B = 2;
+    V4<double> images("images", B, cfg.channels, cfg.height, cfg.width);
+    V3<double> out("out", B, cfg.patches(), cfg.dim), g("g", B, cfg.patches(), cfg.dim);
+    fill_normal(images, 2502);
+    fill_normal(g, 2503);
+    for (const bool subset : {false, true}) {
+      const auto sel = subset ? ChannelSelection::from_full_image({5, 0, 3, 6})
+                              : ChannelSelection::from_full_image({0, 1, 2, 3, 4, 5, 6});
+      auto forward = [&] { flat.forward(exec, images, sel, out); };
+      for (const int chunk : {0, 1, 3}) {
+        INFO("subset " << subset << ", chunk " << chunk);
+        flat.set_chunk_channels(chunk);
+        flat.set_memory_policy(MemoryPolicy::keep);
+        const Step keep = run_step(flat, forward, out, g, true);
+        flat.set_memory_policy(MemoryPolicy::recompute);
+        require_same_step(run_step(flat, forward, out, g, true), keep, flat.gradients());
+        flat.set_memory_policy(MemoryPolicy::inference);
+        require_same_step(run_step(flat, forward, out, g, false), keep, flat.gradients());
+        require_invalid([&] { flat.backward(exec, g); },
+                        {"dchag::FlatFrontEnd::backward", "MemoryPolicy::inference"});
+      }
+    }
+    flat.set_memory_policy(MemoryPolicy::recompute);
+    require_invalid([&] { flat.set_strategy(Strategy::materialized); },
+                    {"dchag::FlatFrontEnd::set_strategy", "needs MemoryPolicy::keep"});
+    FrontEndConfig bad = cfg;
+    bad.strategy = Strategy::materialized;
+    bad.memory = MemoryPolicy::recompute;
+    require_invalid(
+        [&] { dchag::FlatFrontEnd<Exec, double>(exec, bad); },
+        {"dchag::FlatFrontEnd", "config.memory is recompute", "needs the pooled strategy"});
+  }
+  SECTION("D-CHAG emulation, both partial kinds, with and without a tree") {
+    std::uint64_t seed = 2600;
+    for (const auto kind : {PartialKind::linear, PartialKind::cross_attention}) {
+      for (const int tree : {1, 2}) {
+        INFO("partial " << dchag::to_string(kind) << ", tree " << tree);
+        const FrontEndConfig cfg{8,         4, 4, 2, 8, 2, Strategy::pooled, Convention::climax,
+                                 seed += 10};
+        dchag::DchagEmulation<Exec, double> emu(exec, cfg, DchagOptions{kind, tree},
+                                                Groups{{0, 1, 2, 3}, {4, 5, 6, 7}});
+        fill_normal(emu.parameters(), seed + 1, param_sd(cfg.dim));
+        const int B = 2;
+        V4<double> images("images", B, cfg.channels, cfg.height, cfg.width);
+        V3<double> out("out", B, cfg.patches(), cfg.dim), g("g", B, cfg.patches(), cfg.dim);
+        fill_normal(images, seed + 2);
+        fill_normal(g, seed + 3);
+        auto forward = [&] { emu.forward(exec, images, out); };
+        const Step keep = run_step(emu, forward, out, g, true);
+        emu.set_memory_policy(MemoryPolicy::recompute);
+        require_same_step(run_step(emu, forward, out, g, true), keep, emu.gradients());
+        emu.set_memory_policy(MemoryPolicy::inference);
+        require_same_step(run_step(emu, forward, out, g, false), keep, emu.gradients());
+        require_invalid([&] { emu.backward(exec, g); },
+                        {"dchag::DchagEmulation::backward", "MemoryPolicy::inference"});
+      }
+    }
+  }
+}
 
 TEST_CASE("DchagEmulation with one group equals the stages composed by hand",
           "[front_end][equivalence][dchag]") {

@@ -17,6 +17,7 @@ using namespace dchag_test;
 using dchag::AttentionConfig;
 using dchag::ChannelSelection;
 using dchag::Convention;
+using dchag::MemoryPolicy;
 using dchag::PartialKind;
 using dchag::Segments;
 using dchag::Strategy;
@@ -388,6 +389,104 @@ TEMPLATE_TEST_CASE("Streaming cross-attention equals one-shot forward and backwa
               rounding_tolerance<T>(n_grad, max_abs(ref_grads[t])));
       }
     }
+  }
+}
+
+// Recompute (DESIGN 3.8) runs the keep policy's kernels on the same tokens: the softmax weights
+// are the same expression of the same scores, so the two agree to a few ulps of the results'
+// scale (bit for bit on host spaces, where every dot product has a fixed order).
+TEMPLATE_TEST_CASE("Streamed cross-attention: every memory policy, chunk views and segments",
+                   "[kernels][equivalence][stream][recompute]", float, double) {
+  using T = TestType;
+  using Saved = typename dchag::CrossAttention<Exec, T>::Saved;
+  Exec exec;
+  const int B = 2, N = 7, L = 3, D = 8, heads = 2;
+  const std::vector<std::vector<int>> splits = {
+      {0, 7}, {0, 1, 2, 3, 4, 5, 6, 7}, {0, 3, 7}, {0, 5, 6, 7}};
+  dchag::CrossAttention<Exec, T> att(exec, {D, heads, Convention::climax, Strategy::pooled}, 910);
+  fill_normal(att.parameters(), 911, kParamSd);
+  V4<T> x("x", B, N, L, D), dx("dx", B, N, L, D);
+  fill_normal(x, 912);
+  const std::int64_t n_fwd = 2 * D + N, n_grad = n_fwd + std::int64_t(B) * N * L;
+  const double ulps = 8 * std::numeric_limits<T>::epsilon();
+  for (int k = 1; k <= 3; ++k) {
+    const Segments seg = Segments::split(N, k);
+    V4<T> g("g", B, k, L, D), out("out", B, k, L, D);
+    fill_normal(g, 913 + k);
+    Saved once;
+    att.zero_gradients(exec);
+    att.forward(exec, x, seg, out, once);
+    att.backward(exec, x, once, g, dx);
+    exec.fence();
+    const auto ref_out = to_host(out), ref_dx = to_host(dx);
+    const auto ref_grads = snapshot(att.gradients());
+    const auto names = att.gradients();
+    for (const auto& split : splits) {
+      AttentionRun kept;
+      for (const auto memory : {MemoryPolicy::keep, MemoryPolicy::recompute}) {
+        for (const bool chunk_views : {false, true}) {
+          INFO("segments " << k << ", chunks " << split.size() - 1 << ", memory "
+                           << dchag::to_string(memory) << ", chunk views " << chunk_views);
+          // The chunk's tokens in a view of their own, as the fused front ends pass them.
+          auto input = [&](int n0, int n1) {
+            if (!chunk_views) return x;
+            V4<T> xc("xc", B, n1 - n0, L, D);
+            Kokkos::deep_copy(xc, Kokkos::subview(x, Kokkos::ALL, Kokkos::make_pair(n0, n1),
+                                                  Kokkos::ALL, Kokkos::ALL));
+            return xc;
+          };
+          Saved saved;
+          Kokkos::deep_copy(out, T(0));
+          Kokkos::deep_copy(dx, T(0));
+          att.stream_begin(exec, saved, B, N, L, seg, memory);
+          for (std::size_t c = 0; c + 1 < split.size(); ++c)
+            att.stream_chunk(exec, input(split[c], split[c + 1]), split[c], split[c + 1], saved);
+          att.stream_end(exec, saved, out);
+          att.zero_gradients(exec);
+          att.backward_begin(exec, saved, g);
+          for (std::size_t c = 0; c + 1 < split.size(); ++c) {
+            const int n0 = split[c], n1 = split[c + 1];
+            V4<T> dxc("dxc", B, n1 - n0, L, D);
+            att.backward_chunk(exec, input(n0, n1), saved, n0, n1, dxc);
+            Kokkos::deep_copy(Kokkos::subview(dx, Kokkos::ALL, Kokkos::make_pair(n0, n1),
+                                              Kokkos::ALL, Kokkos::ALL),
+                              dxc);
+          }
+          att.backward_end(exec, saved);
+          exec.fence();
+          const AttentionRun run{to_host(out), to_host(dx), snapshot(att.gradients())};
+          CHECK(max_abs_diff(run.out, ref_out) <= rounding_tolerance<T>(n_fwd, max_abs(ref_out)));
+          CHECK(max_abs_diff(run.dx, ref_dx) <= rounding_tolerance<T>(n_fwd + D, max_abs(ref_dx)));
+          for (std::size_t t = 0; t < run.grads.size(); ++t) {
+            INFO(names[t].name);
+            CHECK(max_abs_diff(run.grads[t], ref_grads[t]) <=
+                  rounding_tolerance<T>(n_grad, max_abs(ref_grads[t])));
+          }
+          if (memory == MemoryPolicy::keep && !chunk_views) {
+            kept = run;
+            continue;
+          }
+          CHECK(max_abs_diff(run.out, kept.out) <= ulps * std::max(1.0, max_abs(kept.out)));
+          CHECK(max_abs_diff(run.dx, kept.dx) <= ulps * std::max(1.0, max_abs(kept.dx)));
+          for (std::size_t t = 0; t < run.grads.size(); ++t) {
+            INFO(names[t].name);
+            CHECK(max_abs_diff(run.grads[t], kept.grads[t]) <=
+                  ulps * std::max(1.0, max_abs(kept.grads[t])));
+          }
+        }
+      }
+    }
+    // Inference: the same output, and no backward.
+    Saved inferred;
+    att.stream_begin(exec, inferred, B, N, L, seg, MemoryPolicy::inference);
+    att.stream_chunk(exec, x, 0, N, inferred);
+    att.stream_end(exec, inferred, out);
+    exec.fence();
+    CHECK(max_abs_diff(to_host(out), ref_out) <= rounding_tolerance<T>(n_fwd, max_abs(ref_out)));
+    require_invalid([&] { att.backward_begin(exec, inferred, g); },
+                    {"dchag::CrossAttention::backward_begin", "MemoryPolicy::inference"});
+    require_invalid([&] { att.backward(exec, x, inferred, g, dx); },
+                    {"dchag::CrossAttention::backward", "MemoryPolicy::inference"});
   }
 }
 

@@ -52,15 +52,16 @@ template <class Scalar, class MemSpace>
 struct AttentionSaved {
   int B = 0, N = 0, L = 0, k = 0;
   Strategy strategy = Strategy::pooled;
-  int head_begin = 0, head_end = 0;  // materialized head share
-  bool grouped = false;              // forward ran over a channel group (exact distributed)
-  View1<int, MemSpace> offsets;      // [k+1]
-  View1<int, MemSpace> segment;      // [N]: segment of each input
-  View2<Scalar, MemSpace> a;         // [B*N*L, heads] softmax weights
-  View3<Scalar, MemSpace> z;         // pooled: [heads, P, D] pooled tokens (this rank's share)
-  View2<Scalar, MemSpace> kmat;      // materialized: [B*N*L, D]
-  View2<Scalar, MemSpace> vmat;      // materialized: [B*N*L, D]
-  View2<Scalar, MemSpace> ocat;      // [P, D] heads' outputs before out-projection
+  int head_begin = 0, head_end = 0;          // materialized head share
+  bool grouped = false;                      // forward ran over a channel group (exact distributed)
+  MemoryPolicy memory = MemoryPolicy::keep;  // what the forward kept (keep: the weights a)
+  View1<int, MemSpace> offsets;              // [k+1]
+  View1<int, MemSpace> segment;              // [N]: segment of each input
+  View2<Scalar, MemSpace> a;     // keep: [B*N*L, heads] softmax weights; else one chunk's scores
+  View3<Scalar, MemSpace> z;     // pooled: [heads, P, D] pooled tokens (this rank's share)
+  View2<Scalar, MemSpace> kmat;  // materialized: [B*N*L, D]
+  View2<Scalar, MemSpace> vmat;  // materialized: [B*N*L, D]
+  View2<Scalar, MemSpace> ocat;  // [P, D] heads' outputs before out-projection
   View2<Scalar, MemSpace> run_max, run_sum;  // [P, heads] softmax max and denominator
   View2<Scalar, MemSpace> inv_share;         // grouped: [P, heads] group denominator / this rank's
   std::vector<int> host_offsets;

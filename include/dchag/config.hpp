@@ -17,6 +17,15 @@ enum class Strategy { pooled, materialized };
 /// What folds a rank's channels into one partial token (DESIGN 3.3).
 enum class PartialKind { linear, cross_attention };
 
+/// What a forward keeps for its backward (DESIGN 3.8). Every policy gives the same forward and,
+/// where a backward may follow, the same gradients.
+/// - keep: every channel token (B·C·L·D); the backward reads them back. The fastest backward.
+/// - recompute: per patch position the softmax statistics and pooled tokens only; the backward
+///   tokenizes each chunk of channels again and consumes it at once. Memory flat in C.
+/// - inference: nothing; the forward streams channel chunks and no backward may follow.
+/// recompute and inference need the pooled strategy.
+enum class MemoryPolicy { keep, recompute, inference };
+
 constexpr std::string_view to_string(Convention c) {
   return c == Convention::climax ? "climax" : "artifact";
 }
@@ -25,6 +34,11 @@ constexpr std::string_view to_string(Strategy s) {
 }
 constexpr std::string_view to_string(PartialKind k) {
   return k == PartialKind::linear ? "linear" : "cross_attention";
+}
+constexpr std::string_view to_string(MemoryPolicy m) {
+  return m == MemoryPolicy::keep        ? "keep"
+         : m == MemoryPolicy::recompute ? "recompute"
+                                        : "inference";
 }
 
 }  // namespace dchag

@@ -11,11 +11,12 @@
 /// runs with the strategy its forward ran with, whatever set_strategy said in between.
 ///
 /// Kernels: detail/attention_common.hpp, detail/attention_pooled.hpp,
-/// detail/attention_materialized.hpp.
+/// detail/attention_stream.hpp, detail/attention_materialized.hpp.
 #include <dchag/attention_state.hpp>
 #include <dchag/config.hpp>
 #include <dchag/detail/attention_materialized.hpp>
 #include <dchag/detail/attention_pooled.hpp>
+#include <dchag/detail/attention_stream.hpp>
 #include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
@@ -88,33 +89,44 @@ class CrossAttention {
 
   /// Allocates the saved state and every workspace that one forward and backward of B x N x L
   /// inputs folded into `seg` need (`grouped`: over a channel group; `stream_chunk`: the widest
-  /// chunk a streaming forward will pass, 0 for none). A collective caller runs this before its
-  /// first collective and agrees that it succeeded; forward and backward then allocate nothing.
+  /// chunk a streaming forward and a chunked backward will pass, 0 for none; `memory`: what the
+  /// forward keeps). A collective caller runs this before its first collective and agrees that
+  /// it succeeded; forward and backward then allocate nothing.
   void reserve(Saved& saved, int B, int N, int L, const Segments& seg, bool grouped = false,
-               int stream_chunk = 0) {
-    prepare(B, N, L, seg, grouped, saved);
+               int stream_chunk = 0, MemoryPolicy memory = MemoryPolicy::keep) {
+    DCHAG_EXPECT(memory == MemoryPolicy::keep || cfg_.strategy == Strategy::pooled,
+                 "dchag::CrossAttention::reserve", "memory is ", to_string(memory),
+                 ", which needs the pooled strategy, strategy is ", to_string(cfg_.strategy));
+    const int chunk = stream_chunk > 0 ? stream_chunk : N;
+    prepare(B, N, L, seg, grouped, saved, memory, chunk);
     const std::size_t P = std::size_t(B) * seg.count() * L, M = std::size_t(B) * N * L;
     const std::size_t D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
     using detail::ensure_view;
-    ensure_view(work_.go, "dchag::attention::go", P, D);
-    ensure_view(work_.c, "dchag::attention::c", P, nh);
-    // Score gradients: materialized everywhere, pooled only in the device shape (the host shape
-    // keeps each token's in its block's scratch).
-    if (cfg_.strategy == Strategy::materialized || !detail::runs_on_host<ExecSpace>)
-      ensure_view(work_.ds, "dchag::attention::ds", M, nh);
     if (cfg_.strategy == Strategy::pooled) {
       ensure_view(work_.oh, "dchag::attention::oh", nh, P, hd);
-      ensure_view(work_.gz, "dchag::attention::gz", nh, P, D);
-      ensure_view(work_.shared, "dchag::attention::group_grads", nh * D + (grouped ? D * D : 0));
-      ensure_view(work_.du_blocks, "dchag::attention::du_blocks",
-                  std::size_t(detail::pooled_grad_blocks<ExecSpace>(std::int64_t(B) * L)),
-                  nh * (D + 1));
       if (grouped) {
         ensure_view(work_.merge, "dchag::attention::merge", P * (D + nh));
         ensure_view(work_.c_group, "dchag::attention::c_group", P, nh);
       }
       if (stream_chunk > 0) ensure_chunk_weights(std::size_t(B) * L, stream_chunk);
+      if (memory == MemoryPolicy::inference) return;  // no backward: none of its scratch
+      ensure_view(work_.go, "dchag::attention::go", P, D);
+      ensure_view(work_.c, "dchag::attention::c", P, nh);
+      ensure_view(work_.gz, "dchag::attention::gz", nh, P, D);
+      ensure_view(work_.shared, "dchag::attention::group_grads", nh * D + (grouped ? D * D : 0));
+      // Score gradients of one chunk in the device shape; the host shape keeps each token's in
+      // its block's scratch.
+      if constexpr (detail::runs_on_host<ExecSpace>) {
+        ensure_view(work_.du_blocks, "dchag::attention::du_blocks",
+                    std::size_t(detail::pooled_grad_blocks<ExecSpace>(std::int64_t(B) * L)),
+                    detail::pooled_grad_block_width(int(nh), int(D)));
+      } else {
+        ensure_view(work_.ds, "dchag::attention::ds", std::size_t(B) * chunk * L, nh);
+      }
     } else {
+      ensure_view(work_.go, "dchag::attention::go", P, D);
+      ensure_view(work_.c, "dchag::attention::c", P, nh);
+      ensure_view(work_.ds, "dchag::attention::ds", M, nh);
       const std::size_t Dr = std::size_t(head_end_ - head_begin_) * hd;
       ensure_view(work_.dk, "dchag::attention::dk", M, Dr);
       ensure_view(work_.dv, "dchag::attention::dv", M, Dr);
@@ -130,7 +142,8 @@ class CrossAttention {
     constexpr const char* where = "dchag::CrossAttention::forward";
     check_shapes(where, x, seg, out.extent(0), out.extent(1), out.extent(2), out.extent(3), "out");
     check_group(where, cfg_.strategy, seg, group);
-    prepare(x.extent(0), x.extent(1), x.extent(2), seg, group != nullptr, saved);
+    prepare(x.extent(0), x.extent(1), x.extent(2), seg, group != nullptr, saved, MemoryPolicy::keep,
+            0);
     detail::compute_query(exec, cfg_, w_, work_);
     const auto x2 = rows_of(x);
     if (cfg_.strategy == Strategy::pooled) {
@@ -140,7 +153,7 @@ class CrossAttention {
         group->max(Unmanaged1<Scalar, memory_space>(saved.run_max.data(), saved.run_max.span()));
       detail::exponentiate(exec, saved, 0, cfg_.heads);
       detail::pool_tokens(exec, cfg_, x2, saved);
-      detail::finish_pooled(exec, cfg_, w_, saved, work_, group);
+      detail::finish_pooled(exec, cfg_, w_, saved, work_, group, true);
     } else {
       detail::forward_materialized(exec, cfg_, w_, work_, x2, saved);
     }
@@ -170,7 +183,8 @@ class CrossAttention {
     detail::back_project_out(exec, saved, w_, grad_, out_bias_, d_out, work_);
     if (saved.strategy == Strategy::pooled) {
       detail::pooled_backward_begin(exec, cfg_, w_, grad_, saved, work_, group);
-      detail::pooled_token_grad(exec, cfg_, rows_of(x), saved, work_, 0, saved.N, dx);
+      detail::pooled_token_grad(exec, cfg_, rows_of(x), detail::InputRows::all(saved.N, saved.L),
+                                saved, work_, 0, saved.N, dx);
       detail::pooled_backward_end(exec, cfg_, w_, grad_, work_, group);
     } else {
       detail::backward_materialized(
@@ -190,58 +204,78 @@ class CrossAttention {
     backward(exec, x, own_saved_, as4(d_out), dx);
   }
 
-  /// Streaming forward of one segment (k = 1) for callers that produce tokens in chunks (the
-  /// fused flat front end, DESIGN 3.8): stream_begin, then stream_chunk for consecutive input
-  /// ranges [n0, n1) covering [0, N) once filled in x, then stream_end. Pooled strategy only.
-  /// Online softmax keeps only a running max and sum per position and head, so each chunk of
-  /// tokens is read once, while still in cache. Same result and Saved state as forward.
-  void stream_begin(const ExecSpace& exec, const X4& x, Saved& saved, bool grouped = false) {
+  /// Streaming forward (DESIGN 3.8) for callers that produce the inputs in chunks (the fused
+  /// front ends): stream_begin, then stream_chunk for consecutive input ranges [n0, n1) covering
+  /// [0, N) once, then stream_end. Pooled strategy only; a chunk may cut through segments. An
+  /// online softmax keeps a running max and sum per position and head, so each chunk of tokens
+  /// is read once, while it is in cache. The same result as forward. `memory`: what the Saved
+  /// state keeps: keep (every input's weights, as forward), recompute (the softmax statistics
+  /// and pooled tokens only; the backward is given the same inputs again, chunk by chunk) or
+  /// inference (no backward may follow). `grouped`: over a channel group (one segment).
+  void stream_begin(const ExecSpace& exec, Saved& saved, int B, int N, int L, const Segments& seg,
+                    MemoryPolicy memory = MemoryPolicy::keep, bool grouped = false) {
     detail::ScopedRegion region("dchag::CrossAttention::stream_begin");
     constexpr const char* where = "dchag::CrossAttention::stream_begin";
     DCHAG_EXPECT(cfg_.strategy == Strategy::pooled, where, "strategy is ", to_string(cfg_.strategy),
                  ", expected pooled");
-    const Segments seg = Segments::whole(static_cast<int>(x.extent(1)));
-    check_shapes(where, x, seg, x.extent(0), 1, x.extent(2), x.extent(3), "out");
-    prepare(x.extent(0), x.extent(1), x.extent(2), seg, grouped, saved);
+    check_extents(where, B, N, L, seg);
+    DCHAG_EXPECT(!grouped || seg.count() == 1, where, "a group stream needs one segment, got ",
+                 seg.count());
+    prepare(B, N, L, seg, grouped, saved, memory, 0);
     detail::compute_query(exec, cfg_, w_, work_);
     work_.streamed = 0;
   }
+  /// The same for all inputs of x [B, N, L, D] in one segment.
+  void stream_begin(const ExecSpace& exec, const X4& x, Saved& saved, bool grouped = false,
+                    MemoryPolicy memory = MemoryPolicy::keep) {
+    DCHAG_EXPECT(x.extent(3) == std::size_t(cfg_.dim), "dchag::CrossAttention::stream_begin",
+                 "x.extent(3) is ", x.extent(3), ", expected D = ", cfg_.dim);
+    const int N = static_cast<int>(x.extent(1));
+    stream_begin(exec, saved, static_cast<int>(x.extent(0)), N, static_cast<int>(x.extent(2)),
+                 Segments::whole(N), memory, grouped);
+  }
 
+  /// Folds inputs [n0, n1) in. x holds all N inputs [B, N, L, D] or these only [B, n1 - n0, L, D].
   void stream_chunk(const ExecSpace& exec, const X4& x, int n0, int n1, Saved& s) {
     detail::ScopedRegion region("dchag::CrossAttention::stream_chunk");
     constexpr const char* where = "dchag::CrossAttention::stream_chunk";
     DCHAG_EXPECT(n0 == work_.streamed && n1 > n0 && n1 <= s.N, where, "chunk [", n0, ", ", n1,
                  ") does not continue the stream at ", work_.streamed, " of N = ", s.N);
-    DCHAG_EXPECT(x.extent(0) == std::size_t(s.B) && x.extent(1) == std::size_t(s.N) &&
-                     x.extent(2) == std::size_t(s.L) && x.extent(3) == std::size_t(cfg_.dim),
-                 where, "x is [", x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ",
-                 x.extent(3), "], expected the view given to stream_begin [", s.B, ", ", s.N, ", ",
-                 s.L, ", ", cfg_.dim, "]");
+    const auto xr = input_rows(where, x, s, n0, n1);
     work_.streamed = n1;
+    const std::size_t chunk_rows = std::size_t(s.B) * (n1 - n0) * s.L;
+    // Not kept: the scores of the widest chunk, which is the first (released if a keep forward
+    // left all of them).
+    if (s.memory != MemoryPolicy::keep &&
+        (n0 == 0 ? s.a.extent(0) != chunk_rows : s.a.extent(0) < chunk_rows))
+      detail::ensure_view(s.a, "dchag::attention::chunk_scores", chunk_rows,
+                          std::size_t(cfg_.heads));
+    const auto ar = s.memory == MemoryPolicy::keep ? detail::InputRows::all(s.N, s.L)
+                                                   : detail::InputRows::chunk(n0, n1, s.L);
+    ensure_chunk_weights(std::size_t(s.B) * s.L, n1 - n0);
     if constexpr (detail::runs_on_host<ExecSpace>) {
-      ensure_chunk_weights(std::size_t(s.B) * s.L, n1 - n0);
-      detail::stream_pool_host(exec, cfg_, rows_of(x), s, work_, n0, n1);
+      detail::stream_pool_host(exec, cfg_, rows_of(x), xr, ar, s, work_, n0, n1);
     } else {
-      detail::stream_pool_team(exec, cfg_, rows_of(x), s, work_, n0, n1);
+      detail::stream_pool_team(exec, cfg_, rows_of(x), xr, ar, s, work_, n0, n1);
     }
   }
 
-  /// With `group`: each rank streamed its share of the inputs; the running statistics and the
-  /// pooled sums are merged exactly over the group (DESIGN 3.7).
+  /// out [B, k, L, D]. With `group`: each rank streamed its share of the inputs; the running
+  /// statistics and the pooled sums are merged exactly over the group (DESIGN 3.7).
   void stream_end(const ExecSpace& exec, Saved& s, const View4<Scalar, memory_space>& out,
                   const Group* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::stream_end");
     constexpr const char* where = "dchag::CrossAttention::stream_end";
-    DCHAG_EXPECT(s.k == 1 && work_.streamed == s.N, where, "stream covered ", work_.streamed,
+    DCHAG_EXPECT(!s.empty() && work_.streamed == s.N, where, "stream covered ", work_.streamed,
                  " of N = ", s.N, " inputs, expected all");
     DCHAG_EXPECT(s.grouped == (group != nullptr), where,
                  s.grouped ? "stream_begin was told grouped, but no group is given"
                            : "a group is given, but stream_begin was not told grouped");
-    DCHAG_EXPECT(out.extent(0) == std::size_t(s.B) && out.extent(1) == 1 &&
+    DCHAG_EXPECT(out.extent(0) == std::size_t(s.B) && out.extent(1) == std::size_t(s.k) &&
                      out.extent(2) == std::size_t(s.L) && out.extent(3) == std::size_t(cfg_.dim),
                  where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ", ",
-                 out.extent(3), "], expected [B, 1, L, D] = [", s.B, ", 1, ", s.L, ", ", cfg_.dim,
-                 "]");
+                 out.extent(3), "], expected [B, k, L, D] = [", s.B, ", ", s.k, ", ", s.L, ", ",
+                 cfg_.dim, "]");
     if (group) {
       // The local maxima wait in c_group (free until backward) while run_max takes the group's.
       detail::ensure_view(work_.c_group, "dchag::attention::c_group", s.run_max.extent(0),
@@ -250,15 +284,16 @@ class CrossAttention {
       group->max(Unmanaged1<Scalar, memory_space>(s.run_max.data(), s.run_max.span()));
       detail::rescale_to_group_max(exec, cfg_, s, work_.c_group);
     }
-    detail::exponentiate(exec, s, 0, cfg_.heads);
-    detail::finish_pooled(exec, cfg_, w_, s, work_, group);
+    detail::finish_pooled(exec, cfg_, w_, s, work_, group, false);
+    if (s.memory == MemoryPolicy::keep) detail::stream_weights(exec, s);
     detail::project_out(exec, s, w_, out_bias_, out);
   }
 
   /// Chunked backward of a pooled forward, for callers that consume input gradients in chunks
   /// (the fused front ends): backward_begin, then backward_chunk for consecutive input ranges
   /// [n0, n1) covering [0, N), writing dx of those inputs [B, n1 - n0, L, D], then backward_end.
-  /// Same gradients as backward; the full dx never has to exist.
+  /// Same gradients as backward; the full dx never has to exist. After a recompute forward, x is
+  /// the same inputs again (all, or this chunk's only).
   void backward_begin(const ExecSpace& exec, const Saved& saved,
                       const View4<const Scalar, memory_space>& d_out,
                       const Group* group = nullptr) {
@@ -284,16 +319,14 @@ class CrossAttention {
     DCHAG_EXPECT(n0 == work_.back_streamed && n1 > n0 && n1 <= saved.N, where, "chunk [", n0, ", ",
                  n1, ") does not continue the backward at ", work_.back_streamed,
                  " of N = ", saved.N);
-    DCHAG_EXPECT(x.extent(0) == std::size_t(saved.B) && x.extent(1) == std::size_t(saved.N) &&
-                     x.extent(2) == std::size_t(saved.L) && x.extent(3) == std::size_t(cfg_.dim),
-                 where, "x is not the input of the saved forward");
+    const auto xr = input_rows(where, x, saved, n0, n1);
     DCHAG_EXPECT(dx.extent(0) == std::size_t(saved.B) && dx.extent(1) == std::size_t(n1 - n0) &&
                      dx.extent(2) == std::size_t(saved.L) && dx.extent(3) == std::size_t(cfg_.dim),
                  where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
                  dx.extent(3), "], expected [B, n1 - n0, L, D] = [", saved.B, ", ", n1 - n0, ", ",
                  saved.L, ", ", cfg_.dim, "]");
     work_.back_streamed = n1;
-    detail::pooled_token_grad(exec, cfg_, rows_of(x), saved, work_, n0, n1, dx);
+    detail::pooled_token_grad(exec, cfg_, rows_of(x), xr, saved, work_, n0, n1, dx);
   }
   void backward_end(const ExecSpace& exec, const Saved& saved, const Group* group = nullptr) {
     detail::ScopedRegion region("dchag::CrossAttention::backward_end");
@@ -327,31 +360,48 @@ class CrossAttention {
 
   /// Memory of one application to B x N x L inputs folded into k segments: the Saved state
   /// (activations) and the forward/backward scratch (workspace). `heads_held` is the head share
-  /// of the materialized strategy (all heads unless tensor-parallel); `group`: exact distributed.
+  /// of the materialized strategy (all heads unless tensor-parallel); `group`: exact distributed;
+  /// `chunk`: inputs per chunk of a streamed forward and chunked backward (0: one-shot);
+  /// `memory`: what the forward keeps (inference: no backward scratch either).
   static MemoryEstimate estimate_application(const AttentionConfig& cfg, std::int64_t B,
                                              std::int64_t N, std::int64_t L, std::int64_t k,
-                                             int heads_held, bool group) {
+                                             int heads_held, bool group, std::int64_t chunk = 0,
+                                             MemoryPolicy memory = MemoryPolicy::keep) {
     constexpr const char* where = "dchag::CrossAttention::estimate_application";
     check_config(where, cfg);
     DCHAG_EXPECT(B >= 1 && N >= 1 && L >= 1 && k >= 1 && k <= N, where, "B, N, L, k are ", B, ", ",
                  N, ", ", L, ", ", k, ", expected each >= 1 and k <= N");
     DCHAG_EXPECT(heads_held >= 1 && heads_held <= cfg.heads, where, "heads_held is ", heads_held,
                  ", expected 1 <= heads_held <= heads = ", cfg.heads);
+    DCHAG_EXPECT(chunk >= 0 && chunk <= N, where, "chunk is ", chunk,
+                 ", expected 0 <= chunk <= N = ", N);
+    DCHAG_EXPECT(memory == MemoryPolicy::keep || cfg.strategy == Strategy::pooled, where,
+                 "memory is ", to_string(memory), ", which needs the pooled strategy");
     detail::expect_int_size(where, "token rows B * N * L", {B, N, L});
     const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
     const std::int64_t M = std::int64_t(B) * N * L, P = std::int64_t(B) * k * L;
+    const std::int64_t Mc = B * (chunk > 0 ? chunk : N) * L;  // rows of one chunk
     const std::int64_t Dr = heads_held * (D / nh);
+    const bool kept = memory == MemoryPolicy::keep, train = memory != MemoryPolicy::inference;
     MemoryEstimate e;
-    e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (M * nh + P * D + 2 * P * nh);
+    // offsets, segment; ocat, run_max, run_sum; the weights a (kept) or one chunk's scores.
+    e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (P * D + 2 * P * nh) +
+                    S * (kept ? M : Mc) * nh;
     if (cfg.strategy == Strategy::pooled) {
       e.activations += S * (nh * P * D + (group ? P * nh : 0));  // z, inv_share
-      // oh, go, gz, c, ds, the group-summed gradients (du, dWv share), c_group, the merge buffer.
-      // Devices: the score gradients ds; host spaces: one du share per thread block instead.
-      e.workspace =
-          S * (P * D + P * D + nh * P * D + P * nh + nh * D +
-               (detail::runs_on_host<ExecSpace> ? 0 : M * nh) + (group ? D * D + P * nh : 0) +
-               detail::pooled_grad_blocks<ExecSpace>(B * L) * nh * (D + 1));
-      e.communication = group ? S * P * (D + nh) : 0;
+      // oh, the stream's numerators, c_group (the local maxima of a group stream).
+      e.workspace = S * (P * D + (chunk > 0 ? B * L * chunk * nh : 0) + (group ? P * nh : 0));
+      if (train) {
+        // go, gz, c, the group-summed gradients (du, dWv share); the score gradients of a chunk
+        // on devices, one du share (and scratch) per thread block on host spaces.
+        e.workspace +=
+            S * (P * D + nh * P * D + P * nh + nh * D + (group ? D * D : 0) +
+                 (detail::runs_on_host<ExecSpace>
+                      ? detail::pooled_grad_blocks<ExecSpace>(B * L) *
+                            std::int64_t(detail::pooled_grad_block_width(int(nh), int(D)))
+                      : Mc * nh));
+      }
+      e.communication = group ? S * P * (D + nh) : 0;  // the merge buffer
     } else {
       e.activations += S * 2 * M * Dr;
       e.workspace = S * (P * D + P * nh + 2 * M * Dr + M * nh);  // go, c, dK, dV, ds
@@ -407,32 +457,48 @@ class CrossAttention {
     }
   }
 
+  // B x N x L inputs folded into `seg`: extents >= 1, sizes the kernels index, segments that
+  // cover the N inputs.
+  void check_extents(const char* where, std::int64_t B, std::int64_t N, std::int64_t L,
+                     const Segments& seg) const {
+    DCHAG_EXPECT(B >= 1 && N >= 1 && L >= 1, where, "inputs are B x N x L = ", B, " x ", N, " x ",
+                 L, ", expected every extent >= 1");
+    // Rows and positions are kernel league sizes and int indices.
+    detail::expect_int_size(where, "token rows B * N * L", {B, N, L});
+    detail::expect_elements(where, "pooled state heads * B * k * L * D",
+                            {cfg_.heads, B, seg.count(), L, cfg_.dim});
+    DCHAG_EXPECT(seg.count() >= 1 && seg.offsets.front() == 0 && seg.total() == N, where,
+                 "segments cover ", seg.total(), " inputs, expected x.extent(1) = ", N);
+    for (int j = 0; j < seg.count(); ++j) {
+      DCHAG_EXPECT(seg.size(j) >= 1, where, "segment ", j, " is empty, expected >= 1 input");
+    }
+  }
+
   void check_shapes(const char* where, const X4& x, const Segments& seg, std::size_t o0,
                     std::size_t o1, std::size_t o2, std::size_t o3, const char* out_name) const {
     DCHAG_EXPECT(x.extent(3) == std::size_t(cfg_.dim), where, "x.extent(3) is ", x.extent(3),
                  ", expected D = ", cfg_.dim);
-    DCHAG_EXPECT(x.extent(0) >= 1 && x.extent(1) >= 1 && x.extent(2) >= 1, where, "x is [",
-                 x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ", x.extent(3),
-                 "], expected every extent >= 1");
-    // Rows and positions are kernel league sizes and int indices.
-    detail::expect_int_size(
-        where, "token rows B * N * L",
-        {std::int64_t(x.extent(0)), std::int64_t(x.extent(1)), std::int64_t(x.extent(2))});
-    detail::expect_elements(
-        where, "pooled state heads * B * k * L * D",
-        {cfg_.heads, std::int64_t(x.extent(0)), seg.count(), std::int64_t(x.extent(2)), cfg_.dim});
-    DCHAG_EXPECT(seg.count() >= 1 && seg.offsets.front() == 0 &&
-                     seg.total() == static_cast<int>(x.extent(1)),
-                 where, "segments cover ", seg.total(),
-                 " inputs, expected x.extent(1) = ", x.extent(1));
-    for (int j = 0; j < seg.count(); ++j) {
-      DCHAG_EXPECT(seg.size(j) >= 1, where, "segment ", j, " is empty, expected >= 1 input");
-    }
+    check_extents(where, std::int64_t(x.extent(0)), std::int64_t(x.extent(1)),
+                  std::int64_t(x.extent(2)), seg);
     DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) && o2 == x.extent(2) &&
                      o3 == x.extent(3),
                  where, out_name, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
                  "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ", x.extent(2),
                  ", ", x.extent(3), "]");
+  }
+
+  // The rows of x in a chunk call of the state `s` over inputs [n0, n1): x holds all N inputs or
+  // just these.
+  detail::InputRows input_rows(const char* where, const X4& x, const Saved& s, int n0,
+                               int n1) const {
+    const bool all = x.extent(1) == std::size_t(s.N);
+    DCHAG_EXPECT(x.extent(0) == std::size_t(s.B) && (all || x.extent(1) == std::size_t(n1 - n0)) &&
+                     x.extent(2) == std::size_t(s.L) && x.extent(3) == std::size_t(cfg_.dim),
+                 where, "x is [", x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ",
+                 x.extent(3), "], expected all inputs [B, N, L, D] = [", s.B, ", ", s.N, ", ", s.L,
+                 ", ", cfg_.dim, "] or the chunk's [", s.B, ", ", n1 - n0, ", ", s.L, ", ",
+                 cfg_.dim, "]");
+    return all ? detail::InputRows::all(s.N, s.L) : detail::InputRows::chunk(n0, n1, s.L);
   }
 
   static void check_group(const char* where, Strategy strategy, const Segments& seg,
@@ -445,6 +511,8 @@ class CrossAttention {
 
   void check_saved(const char* where, const Saved& saved, const Group* group) const {
     DCHAG_EXPECT(!saved.empty(), where, "saved state is empty, expected the state of a forward");
+    DCHAG_EXPECT(saved.memory != MemoryPolicy::inference, where,
+                 "the forward ran with MemoryPolicy::inference and kept nothing for a backward");
     DCHAG_EXPECT(saved.grouped == (group != nullptr), where,
                  saved.grouped ? "the forward ran over a group, but no group is given"
                                : "a group is given, but the forward ran without one");
@@ -455,9 +523,11 @@ class CrossAttention {
                  "), this module computes [", head_begin_, ", ", head_end_, ")");
   }
 
-  // The saved state of a forward over B x N x L inputs in `seg`, with the current strategy.
+  // The saved state of a forward over B x N x L inputs in `seg`, with the current strategy:
+  // the weights of every input (keep) or the scores of one chunk of `chunk` inputs (0: grown by
+  // the first stream_chunk).
   void prepare(std::size_t B, std::size_t N, std::size_t L, const Segments& seg, bool grouped,
-               Saved& s) const {
+               Saved& s, MemoryPolicy memory, int chunk) const {
     const std::size_t k = seg.count(), D = cfg_.dim, nh = cfg_.heads;
     const std::size_t M = B * N * L, P = B * k * L;
     using detail::ensure_view;
@@ -473,7 +543,11 @@ class CrossAttention {
       Kokkos::deep_copy(s.segment, hs);
       s.host_offsets = seg.offsets;
     }
-    ensure_view(s.a, "dchag::attention::a", M, nh);
+    if (memory == MemoryPolicy::keep) {
+      ensure_view(s.a, "dchag::attention::a", M, nh);
+    } else if (chunk > 0) {
+      ensure_view(s.a, "dchag::attention::chunk_scores", B * chunk * L, nh);
+    }
     ensure_view(s.ocat, "dchag::attention::ocat", P, D);
     ensure_view(s.run_max, "dchag::attention::run_max", P, nh);
     ensure_view(s.run_sum, "dchag::attention::run_sum", P, nh);
@@ -494,6 +568,7 @@ class CrossAttention {
     s.L = int(L);
     s.k = int(k);
     s.strategy = cfg_.strategy;
+    s.memory = memory;
     s.head_begin = head_begin_;
     s.head_end = head_end_;
     s.grouped = grouped;

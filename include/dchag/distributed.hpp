@@ -166,27 +166,38 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   const int L = static_cast<int>(cfg.patches());
   const int Cr = static_cast<int>(map.channels_of(rank).size());
   const std::int64_t S = sizeof(Scalar), token = S * B * L * D;
+  const MemoryPolicy memory = cfg.memory;
+  const bool train = memory != MemoryPolicy::inference;
   MemoryEstimate e = PositionalEmbedding<ExecSpace, Scalar>::estimate(L, D);
   e += Attention::estimate_module(cfg.attention());
   if (mode == Mode::dchag_linear || mode == Mode::dchag_xattn) {
     const auto kind =
         mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
     e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg, Cr, kind, tree, B);
-    e += Attention::estimate_application(cfg.attention(), b, P, L, 1, cfg.heads, false);
-    e.activations += token * (P + 1);  // gathered, partial
-    e.communication += token * P;      // received
-    e.workspace += token * P;          // d_gathered
+    e += Attention::estimate_application(cfg.attention(), b, P, L, 1, cfg.heads, false, 0,
+                                         train ? MemoryPolicy::keep : MemoryPolicy::inference);
+    e.activations += token * (P + 1);     // gathered, partial
+    e.communication += token * P;         // received
+    if (train) e.workspace += token * P;  // d_gathered
     e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, Cr, B);
     return e;
   }
   const bool tp = mode == Mode::tp_only;
   const int J = tp ? cfg.channels : Cr;
   const auto [h0, h1] = detail::head_share(cfg.heads, P, rank);
-  e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
-  e += Attention::estimate_application(cfg.attention(), b, J, L, 1, tp ? h1 - h0 : cfg.heads, !tp);
-  e.activations += token * J;  // tokens
-  e.workspace += tp ? token * J : detail::fused_chunk_bytes<ExecSpace, Scalar>(B, L, D, J);
-  if (tp) e.workspace += S * D;  // the query gradient before this call
+  if (tp) {
+    e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
+    e += Attention::estimate_application(cfg.attention(), b, J, L, 1, h1 - h0, false);
+    e.activations += token * J;        // tokens
+    e.workspace += token * J + S * D;  // d_tokens, the query gradient before this call
+  } else {
+    const int width = detail::fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, 0, memory);
+    e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L,
+                                                memory == MemoryPolicy::keep ? 0 : width);
+    e += Attention::estimate_application(cfg.attention(), b, J, L, 1, cfg.heads, true, width,
+                                         memory);
+    e += detail::fused_buffers_estimate<ExecSpace, Scalar>(B, L, D, J, 0, memory);
+  }
   e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, J, B);
   return e;
 }
@@ -243,6 +254,14 @@ class DistributedFrontEnd {
   }
 
   Mode mode() const { return mode_; }
+  /// What the next forward keeps for its backward (the same on every rank: forward checks);
+  /// a backward follows its own forward's. Not keep needs the pooled strategy.
+  void set_memory_policy(MemoryPolicy m) {
+    DCHAG_EXPECT(m == MemoryPolicy::keep || cfg_.strategy == Strategy::pooled,
+                 "dchag::DistributedFrontEnd::set_memory_policy", "memory ", to_string(m),
+                 " needs the pooled strategy, strategy is ", to_string(cfg_.strategy));
+    cfg_.memory = m;
+  }
   /// Bytes this rank holds for one training step on B images.
   MemoryEstimate memory_estimate(std::int64_t B) const {
     return estimate_memory<Scalar, ExecSpace>(cfg_, mode_, map_, comm_.rank(), B, tree_);
@@ -260,7 +279,8 @@ class DistributedFrontEnd {
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     comm_.check_collectively(where, [&] { check_forward(images, out, input); });
     comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
-                        {"image input", static_cast<std::int64_t>(input)}});
+                        {"image input", static_cast<std::int64_t>(input)},
+                        {"memory policy", static_cast<std::int64_t>(cfg_.memory)}});
     const std::size_t B = images.extent(0), P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
     // Everything this forward and its backward allocate, before the first data collective: an
     // allocation that fails on one rank is then an exception on every rank, not a hang.
@@ -271,7 +291,7 @@ class DistributedFrontEnd {
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
-        stage_->forward(exec, images, sel, partial_);
+        stage_->forward(exec, images, sel, partial_, cfg_.memory);
         allgather(exec, comm_, partial_, received_);
         auto received = received_;
         auto gathered = gathered_;
@@ -284,10 +304,11 @@ class DistributedFrontEnd {
         attention_->forward(exec, gathered_, Segments::whole(int(P)), out4, saved_);
         break;
       }
-      case Mode::exact_flat:
-        detail::fused_pooled_forward(exec, *tokenizer_, *attention_, images, sel, tokens_, saved_,
-                                     out4, &reduce_, 0);
+      case Mode::exact_flat: {
+        detail::AttentionFold<ExecSpace, Scalar> fold{*attention_, saved_, &reduce_, sel.size()};
+        detail::fused_forward(exec, *tokenizer_, fold, images, sel, tokens_, out4, 0, cfg_.memory);
         break;
+      }
       case Mode::tp_only:
         tokenizer_->forward(exec, images, sel, tokens_);
         attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_);
@@ -296,6 +317,7 @@ class DistributedFrontEnd {
     }
     pos_->forward(exec, out);
     forwarded_ = true;
+    forwarded_memory_ = cfg_.memory;
   }
 
   /// Collective. Accumulates gradients from d_out [B, L, D], which must be identical on every rank
@@ -310,6 +332,9 @@ class DistributedFrontEnd {
     const std::size_t B = saved_.B, L = cfg_.patches(), D = cfg_.dim;
     comm_.check_collectively(where, [&] {
       DCHAG_EXPECT(forwarded_, where, "called before forward");
+      DCHAG_EXPECT(forwarded_memory_ != MemoryPolicy::inference, where,
+                   "the last forward ran with MemoryPolicy::inference and kept nothing for a "
+                   "backward");
       detail::check_tokens(where, cfg_, "d_out", d_out, B);
     });
     if (check_replicas_) {
@@ -327,11 +352,14 @@ class DistributedFrontEnd {
         stage_->backward(exec, partial_);
         break;
       }
-      case Mode::exact_flat:
+      case Mode::exact_flat: {
         // Token gradients are local: one chunk at a time, straight into the tokenizer.
-        detail::fused_pooled_backward(exec, *tokenizer_, *attention_, tokens_, saved_, d_out4,
-                                      d_chunk_, &reduce_, 0);
+        const int J = static_cast<int>(channels_.size());
+        detail::AttentionFold<ExecSpace, Scalar> fold{*attention_, saved_, &reduce_, J};
+        detail::fused_backward(exec, *tokenizer_, fold, tokens_, J, d_out4, d_chunk_, 0,
+                               saved_.memory);
         break;
+      }
       case Mode::tp_only: {
         // The query vector is replicated: sum only this call's share of its gradient.
         auto d_query = attention_->gradients().front().pieces.front().values;
@@ -421,18 +449,29 @@ class DistributedFrontEnd {
     const std::size_t J = is_dchag() ? channels_.size() : tokenizer_->owned_channels().size();
     comm_.reserve_staging(std::size_t(detail::staging_bytes<ExecSpace, Scalar>(
         cfg_, mode_, int(P), std::int64_t(J), std::int64_t(B))));
+    const MemoryPolicy memory = cfg_.memory;
+    const bool train = memory != MemoryPolicy::inference;
     if (is_dchag()) {
       ensure_view(partial_, "dchag::distributed::partial", B, std::size_t(1), L, D);
       ensure_view(received_, "dchag::distributed::received", P, B, L, D);
       ensure_view(gathered_, "dchag::distributed::gathered", B, P, L, D);
-      ensure_view(d_gathered_, "dchag::distributed::d_gathered", B, P, L, D);
-      stage_->reserve(B, L, D);
-      attention_->reserve(saved_, int(B), int(P), int(L), Segments::whole(int(P)));
+      if (train) {
+        ensure_view(d_gathered_, "dchag::distributed::d_gathered", B, P, L, D);
+      } else {
+        d_gathered_ = V4();
+      }
+      stage_->reserve(B, L, D, memory);
+      attention_->reserve(saved_, int(B), int(P), int(L), Segments::whole(int(P)), false, 0,
+                          train ? MemoryPolicy::keep : MemoryPolicy::inference);
       return;
     }
     if (mode_ == Mode::exact_flat) {
-      detail::fused_pooled_reserve(*tokenizer_, *attention_, saved_, tokens_, d_chunk_, B, J, L, D,
-                                   true, 0);
+      const int chunk = detail::fused_chunk_channels<ExecSpace, Scalar>(B, L, D, int(J), 0, memory);
+      detail::ensure_fused_tokens(tokens_, B, J, L, D, chunk, memory);
+      if (train) ensure_view(d_chunk_, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
+      tokenizer_->reserve(int(B), int(J), int(L), memory == MemoryPolicy::keep ? 0 : chunk);
+      attention_->reserve(saved_, int(B), int(J), int(L), Segments::whole(int(J)), true, chunk,
+                          memory);
       return;
     }
     ensure_view(tokens_, "dchag::distributed::tokens", B, J, L, D);
@@ -495,6 +534,7 @@ class DistributedFrontEnd {
   std::optional<PositionalEmbedding<ExecSpace, Scalar>> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   bool forwarded_ = false;
+  MemoryPolicy forwarded_memory_ = MemoryPolicy::keep;
 #ifdef NDEBUG
   bool check_replicas_ = false;
 #else

@@ -7,6 +7,7 @@
 ///   tokens, then the positional embedding. The reference for the distributed engine.
 #include <dchag/config.hpp>
 #include <dchag/cross_attention.hpp>
+#include <dchag/detail/fused.hpp>
 #include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/partial_aggregator.hpp>
@@ -34,6 +35,9 @@ struct FrontEndConfig {
   Strategy strategy = Strategy::pooled;
   Convention convention = Convention::climax;
   std::uint64_t seed = 0;  ///< initialisation seed
+  /// What a forward keeps for its backward (keep, recompute; inference: no backward). Not keep
+  /// needs the pooled strategy.
+  MemoryPolicy memory = MemoryPolicy::keep;
 
   int grid_h() const { return height / patch; }
   int grid_w() const { return width / patch; }
@@ -53,6 +57,9 @@ struct FrontEndConfig {
     DCHAG_EXPECT(dim >= 1, where, "config.dim is ", dim, ", expected >= 1");
     DCHAG_EXPECT(heads >= 1 && dim % heads == 0, where, "config.heads is ", heads,
                  ", expected a divisor of dim = ", dim);
+    DCHAG_EXPECT(memory == MemoryPolicy::keep || strategy == Strategy::pooled, where,
+                 "config.memory is ", to_string(memory),
+                 ", which needs the pooled strategy; config.strategy is ", to_string(strategy));
     check_sizes(where, 0, channels);
   }
 
@@ -163,102 +170,8 @@ void copy_slot(const ExecSpace& exec, const A& src, const Bv& dst, int slot, boo
       });
 }
 
-/// Channels per chunk of the fused pooled front ends: about 512 KiB of tokens per thread where the
-/// execution space runs on the host (a chunk stays in the cores' L2 between being produced and
-/// consumed);
-/// every channel at once on devices, where launches cost more than cache misses.
-template <class ExecSpace, class Scalar>
-int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels,
-                         int requested = 0) {
-  if (requested > 0) return std::min(requested, channels);
-  if constexpr (!runs_on_host<ExecSpace>) {
-    return channels;
-  } else {
-    // Every thread's share of a chunk in its own core's L2.
-    const std::size_t per_channel = std::max<std::size_t>(B * L * D * sizeof(Scalar), 1);
-    const std::size_t threads = std::max(ExecSpace().concurrency(), 1);
-    return static_cast<int>(std::clamp<std::size_t>((threads << 19) / per_channel, 1, channels));
-  }
-}
-
-/// Allocates what fused_pooled_forward and fused_pooled_backward need for B images of the J
-/// channels of `tokens`' shape, so that a collective caller allocates before its first collective.
-template <class ExecSpace, class Scalar>
-void fused_pooled_reserve(Tokenizer<ExecSpace, Scalar>& tokenizer,
-                          CrossAttention<ExecSpace, Scalar>& attention,
-                          typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
-                          View4<Scalar, typename ExecSpace::memory_space>& tokens,
-                          View1<Scalar, typename ExecSpace::memory_space>& d_chunk, std::size_t B,
-                          std::size_t J, std::size_t L, std::size_t D, bool grouped,
-                          int requested_chunk) {
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, int(J), requested_chunk);
-  ensure_view(tokens, "dchag::fused::tokens", B, J, L, D);
-  ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
-  tokenizer.reserve(int(B), int(J), int(L));
-  attention.reserve(saved, int(B), int(J), int(L), Segments::whole(int(J)), grouped, chunk);
-}
-
-/// Fused pooled forward (DESIGN 3.8): tokenize a chunk of channels, fold it into the running
-/// softmax while it is in cache. `tokens` is kept for backward. With `group`, exact over ranks.
-template <class ExecSpace, class Scalar>
-void fused_pooled_forward(
-    const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
-    CrossAttention<ExecSpace, Scalar>& attention,
-    const View4<const Scalar, typename ExecSpace::memory_space>& images,
-    const ChannelSelection& sel, const View4<Scalar, typename ExecSpace::memory_space>& tokens,
-    typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
-    const View4<Scalar, typename ExecSpace::memory_space>& out,
-    std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
-    int requested_chunk) {
-  const int J = sel.size();
-  tokenizer.prepare(exec, images, sel, tokens);
-  attention.stream_begin(exec, tokens, saved, group != nullptr);
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(tokens.extent(0), tokens.extent(2),
-                                                            tokens.extent(3), J, requested_chunk);
-  for (int j0 = 0; j0 < J; j0 += chunk) {
-    const int j1 = std::min(J, j0 + chunk);
-    tokenizer.project(exec, j0, j1, tokens);
-    attention.stream_chunk(exec, tokens, j0, j1, saved);
-  }
-  attention.stream_end(exec, saved, out, group);
-}
-
-/// Chunked pooled backward: token gradients of one chunk of channels at a time, consumed by the
-/// tokenizer at once, so the full d_tokens never exists. `d_chunk` is the chunk buffer.
-template <class ExecSpace, class Scalar>
-void fused_pooled_backward(
-    const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer,
-    CrossAttention<ExecSpace, Scalar>& attention,
-    const View4<Scalar, typename ExecSpace::memory_space>& tokens,
-    const typename CrossAttention<ExecSpace, Scalar>::Saved& saved,
-    const View4<const Scalar, typename ExecSpace::memory_space>& d_out,
-    View1<Scalar, typename ExecSpace::memory_space>& d_chunk,
-    std::type_identity_t<const GroupReduce<Scalar, typename ExecSpace::memory_space>*> group,
-    int requested_chunk) {
-  using V4 = View4<Scalar, typename ExecSpace::memory_space>;
-  const std::size_t B = tokens.extent(0), L = tokens.extent(2), D = tokens.extent(3);
-  const int J = static_cast<int>(tokens.extent(1));
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, requested_chunk);
-  ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
-  attention.backward_begin(exec, saved, d_out, group);
-  for (int j0 = 0; j0 < J; j0 += chunk) {
-    const int j1 = std::min(J, j0 + chunk);
-    const V4 dt(d_chunk.data(), B, j1 - j0, L, D);
-    attention.backward_chunk(exec, tokens, saved, j0, j1, dt);
-    tokenizer.backward(exec, dt, j0, j1);
-  }
-  attention.backward_end(exec, saved, group);
-}
-
-/// Bytes of the fused backward's chunk buffer.
-template <class ExecSpace, class Scalar>
-std::int64_t fused_chunk_bytes(std::size_t B, std::size_t L, std::size_t D, int channels,
-                               int requested = 0) {
-  return std::int64_t(sizeof(Scalar)) * B * L * D *
-         fused_chunk_channels<ExecSpace, Scalar>(B, L, D, channels, requested);
-}
-
-/// One D-CHAG rank's local work: tokenize its channels, fold them to one partial token.
+/// One D-CHAG rank's local work: tokenize its channels and fold them to one partial token, a
+/// chunk of channels at a time (detail/fused.hpp), keeping what cfg.memory says.
 template <class ExecSpace, class Scalar>
 class ChannelStage {
  public:
@@ -275,24 +188,51 @@ class ChannelStage {
   const std::vector<int>& channels() const { return channels_; }
 
   /// Allocates what a forward and backward of B images with L patches of width D need.
-  void reserve(std::size_t B, std::size_t L, std::size_t D) {
-    ensure_view(tokens_, "dchag::stage::tokens", B, channels_.size(), L, D);
-    ensure_view(d_tokens_, "dchag::stage::d_tokens", B, channels_.size(), L, D);
-    tokenizer_.reserve(int(B), int(channels_.size()), int(L));
-    partial_.reserve(int(B), int(L), int(D));
+  void reserve(std::size_t B, std::size_t L, std::size_t D, MemoryPolicy memory) {
+    const int J = static_cast<int>(channels_.size());
+    if (!partial_.streams()) {  // the materialized reference: every token and its gradient
+      ensure_view(tokens_, "dchag::stage::tokens", B, std::size_t(J), L, D);
+      ensure_view(d_chunk_, "dchag::stage::d_tokens", B * J * L * D);
+      tokenizer_.reserve(int(B), J, int(L));
+      partial_.reserve(int(B), int(L), int(D));
+      return;
+    }
+    const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, 0, memory);
+    ensure_fused_tokens(tokens_, B, std::size_t(J), L, D, chunk, memory);
+    if (memory != MemoryPolicy::inference)
+      ensure_view(d_chunk_, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
+    tokenizer_.reserve(int(B), J, int(L), memory == MemoryPolicy::keep ? 0 : chunk);
+    partial_.reserve(int(B), int(L), int(D), chunk, memory);
   }
 
   /// partial [B, 1, L, D] from images holding the channels `sel` names.
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
-               const ChannelSelection& sel, const V4& partial) {
-    reserve(images.extent(0), partial.extent(2), partial.extent(3));
+               const ChannelSelection& sel, const V4& partial, MemoryPolicy memory) {
+    memory_ = memory;
+    streamed_ = partial_.streams();
+    if (streamed_) {
+      fused_forward(exec, tokenizer_, partial_, images, sel, tokens_, partial, 0, memory);
+      return;
+    }
+    DCHAG_EXPECT(memory == MemoryPolicy::keep, "dchag::ChannelStage::forward", "memory is ",
+                 to_string(memory), ", which needs the pooled strategy");
+    ensure_view(tokens_, "dchag::stage::tokens", images.extent(0), channels_.size(),
+                partial.extent(2), partial.extent(3));
     tokenizer_.forward(exec, images, sel, tokens_);
     partial_.forward(exec, tokens_, partial);
   }
 
   void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_partial) {
-    partial_.backward(exec, tokens_, d_partial, d_tokens_);
-    tokenizer_.backward(exec, d_tokens_);
+    if (streamed_) {
+      fused_backward(exec, tokenizer_, partial_, tokens_, static_cast<int>(channels_.size()),
+                     d_partial, d_chunk_, 0, memory_);
+      return;
+    }
+    ensure_view(d_chunk_, "dchag::stage::d_tokens", tokens_.span());
+    const V4 d_tokens(d_chunk_.data(), tokens_.extent(0), tokens_.extent(1), tokens_.extent(2),
+                      tokens_.extent(3));
+    partial_.backward(exec, tokens_, d_partial, d_tokens);
+    tokenizer_.backward(exec, d_tokens);
   }
 
   void set_strategy(Strategy s) { partial_.set_strategy(s); }
@@ -310,18 +250,28 @@ class ChannelStage {
     append(list, partial_.gradients());
     return list;
   }
-  /// Tokenizer, partial aggregator and the token buffers for `channels` channels. The callers
+  /// Tokenizer, partial aggregator and the fused buffers for `channels` channels. The callers
   /// validate `cfg` and the batch; the modules validate the rest.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind,
                                  int tree, std::int64_t B) {
-    const std::int64_t L = cfg.patches();
-    MemoryEstimate e =
-        Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
-    e +=
-        PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L);
-    const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * cfg.dim;
-    e.activations += tokens;  // tokens
-    e.workspace += tokens;    // d_tokens
+    const std::int64_t L = cfg.patches(), D = cfg.dim;
+    const MemoryPolicy memory = cfg.memory;
+    if (kind == PartialKind::cross_attention && cfg.strategy == Strategy::materialized) {
+      MemoryEstimate e =
+          Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
+      e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B,
+                                                          L);
+      const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * D;
+      e.activations += tokens;  // tokens
+      e.workspace += tokens;    // d_tokens
+      return e;
+    }
+    const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, channels, 0, memory);
+    MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(
+        channels, cfg.patch, cfg.dim, B, channels, L, memory == MemoryPolicy::keep ? 0 : chunk);
+    e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L,
+                                                        chunk, memory);
+    e += fused_buffers_estimate<ExecSpace, Scalar>(B, L, D, channels, 0, memory);
     return e;
   }
 
@@ -329,7 +279,10 @@ class ChannelStage {
   Tokenizer<ExecSpace, Scalar> tokenizer_;
   PartialAggregator<ExecSpace, Scalar> partial_;
   std::vector<int> channels_;
-  V4 tokens_, d_tokens_;
+  V4 tokens_;
+  View1<Scalar, memory_space> d_chunk_;
+  MemoryPolicy memory_ = MemoryPolicy::keep;
+  bool streamed_ = true;
 };
 
 }  // namespace detail
@@ -352,7 +305,8 @@ class FlatFrontEnd {
   const FrontEndConfig& config() const { return cfg_; }
 
   /// out [B, L, D] from images [B, J, H, W] whose channels are those `sel` names (any subset or
-  /// permutation of the model's channels).
+  /// permutation of the model's channels). With MemoryPolicy::recompute the backward reads the
+  /// images again: keep them unchanged until it has run.
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
@@ -360,14 +314,16 @@ class FlatFrontEnd {
     detail::check_images(where, cfg_, images, sel);
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
-    detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
     if (cfg_.strategy == Strategy::pooled) {
-      detail::fused_pooled_forward(exec, tokenizer_, attention_, images, sel, tokens_, saved_,
-                                   as4(out), nullptr, chunk_channels_);
+      detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, int(J)};
+      detail::fused_forward(exec, tokenizer_, fold, images, sel, tokens_, as4(out), chunk_channels_,
+                            cfg_.memory);
     } else {
+      detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
       tokenizer_.forward(exec, images, sel, tokens_);
       attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
     }
+    channels_in_ = int(J);
     pos_.forward(exec, out);
   }
   /// All C channels, in model order: images [B, C, H, W].
@@ -381,11 +337,15 @@ class FlatFrontEnd {
     detail::ScopedRegion region("dchag::FlatFrontEnd::backward");
     constexpr const char* where = "dchag::FlatFrontEnd::backward";
     DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
-    detail::check_tokens(where, cfg_, "d_out", d_out, tokens_.extent(0));
+    DCHAG_EXPECT(saved_.memory != MemoryPolicy::inference, where,
+                 "the last forward ran with MemoryPolicy::inference and kept nothing for a "
+                 "backward");
+    detail::check_tokens(where, cfg_, "d_out", d_out, std::size_t(saved_.B));
     pos_.backward(exec, d_out);
     if (saved_.strategy == Strategy::pooled) {  // the forward's strategy, not the current one
-      detail::fused_pooled_backward(exec, tokenizer_, attention_, tokens_, saved_, as4(d_out),
-                                    d_chunk_, nullptr, chunk_channels_);
+      detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, channels_in_};
+      detail::fused_backward(exec, tokenizer_, fold, tokens_, channels_in_, as4(d_out), d_chunk_,
+                             chunk_channels_, saved_.memory);
       return;
     }
     detail::ensure_view(d_chunk_, "dchag::flat::d_tokens", tokens_.span());
@@ -397,20 +357,31 @@ class FlatFrontEnd {
   }
 
   void set_strategy(Strategy s) {
+    DCHAG_EXPECT(s == Strategy::pooled || cfg_.memory == MemoryPolicy::keep,
+                 "dchag::FlatFrontEnd::set_strategy", "strategy ", to_string(s),
+                 " needs MemoryPolicy::keep, memory is ", to_string(cfg_.memory));
     cfg_.strategy = s;
     attention_.set_strategy(s);
   }
-  /// Channels per chunk of the fused pooled path (0: automatic, about 512 KiB of tokens on host
-  /// spaces, all channels on devices). A tuning knob; results do not depend on it.
+  /// What the next forward keeps for its backward; a backward follows its own forward's.
+  void set_memory_policy(MemoryPolicy m) {
+    DCHAG_EXPECT(m == MemoryPolicy::keep || cfg_.strategy == Strategy::pooled,
+                 "dchag::FlatFrontEnd::set_memory_policy", "memory ", to_string(m),
+                 " needs the pooled strategy, strategy is ", to_string(cfg_.strategy));
+    cfg_.memory = m;
+  }
+  /// Channels per chunk of the fused pooled path (0: automatic, about 512 KiB of tokens per
+  /// thread on host spaces; on devices all channels, or about 256 MiB of tokens when they are not
+  /// kept). A tuning knob; results do not depend on it.
   void set_chunk_channels(int channels) {
     DCHAG_EXPECT(channels >= 0, "dchag::FlatFrontEnd::set_chunk_channels", "channels is ", channels,
                  ", expected >= 0");
     chunk_channels_ = channels;
   }
 
-  /// Bytes held for one training step on B images of `channels_in` channels (default -1: all C),
-  /// with `chunk` channels per fused chunk (0: automatic). Validates as construction and forward
-  /// do.
+  /// Bytes held for one forward (and, unless cfg.memory is inference, backward) on B images of
+  /// `channels_in` channels (default -1: all C), with `chunk` channels per fused chunk (0:
+  /// automatic). The caller's images are not counted. Validates as construction and forward do.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, std::int64_t B, int channels_in = -1,
                                  int chunk = 0) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
@@ -424,18 +395,24 @@ class FlatFrontEnd {
     cfg.validate_batch(where, B, J);
     // Within the limits validate_batch checks, B, J and L fit the attention estimate's ints.
     const std::int64_t L = cfg.patches();
-    MemoryEstimate e =
-        Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
-    e += Attention::estimate_module(cfg.attention());
-    e += Attention::estimate_application(cfg.attention(), static_cast<int>(B), J,
-                                         static_cast<int>(L), 1, cfg.heads, false);
+    MemoryEstimate e = Attention::estimate_module(cfg.attention());
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
-    const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
-    e.activations += tokens;
-    // d_tokens: whole for materialized, one chunk at a time for the fused pooled backward.
-    e.workspace += cfg.strategy == Strategy::pooled
-                       ? detail::fused_chunk_bytes<ExecSpace, Scalar>(B, L, cfg.dim, J, chunk)
-                       : tokens;
+    if (cfg.strategy == Strategy::materialized) {
+      e += Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
+      e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
+      const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
+      e.activations += tokens;  // tokens
+      e.workspace += tokens;    // d_tokens
+      return e;
+    }
+    const int width =
+        detail::fused_chunk_channels<ExecSpace, Scalar>(B, L, cfg.dim, J, chunk, cfg.memory);
+    const bool keep = cfg.memory == MemoryPolicy::keep;
+    e += Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L,
+                                                keep ? 0 : width);
+    e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false, width,
+                                         cfg.memory);
+    e += detail::fused_buffers_estimate<ExecSpace, Scalar>(B, L, cfg.dim, J, chunk, cfg.memory);
     return e;
   }
   MemoryEstimate memory_estimate(std::int64_t B, int channels_in = -1) const {
@@ -479,6 +456,7 @@ class FlatFrontEnd {
   View4<Scalar, memory_space> tokens_;
   View1<Scalar, memory_space> d_chunk_;  // d_tokens, whole or one fused chunk
   int chunk_channels_ = 0;
+  int channels_in_ = 0;  // channels of the last forward
 };
 
 /// How D-CHAG folds each rank's channels.
@@ -521,15 +499,21 @@ class DchagEmulation {
     detail::check_images(where, cfg_, images, cfg_.channels, "C = ", cfg_.channels);
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), P = stages_.size(), L = cfg_.patches(), D = cfg_.dim;
+    const bool train = cfg_.memory != MemoryPolicy::inference;
     detail::ensure_view(gathered_, "dchag::emulation::gathered", B, P, L, D);
-    detail::ensure_view(d_gathered_, "dchag::emulation::d_gathered", B, P, L, D);
+    if (train) {
+      detail::ensure_view(d_gathered_, "dchag::emulation::d_gathered", B, P, L, D);
+    } else {
+      d_gathered_ = V4();
+    }
     detail::ensure_view(partial_, "dchag::emulation::partial", B, 1, L, D);
     for (std::size_t r = 0; r < P; ++r) {
       stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()),
-                          partial_);
+                          partial_, cfg_.memory);
       detail::copy_slot(exec, partial_, gathered_, static_cast<int>(r), true);
     }
     final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_);
+    memory_ = cfg_.memory;
     pos_.forward(exec, out);
   }
 
@@ -537,6 +521,9 @@ class DchagEmulation {
     detail::ScopedRegion region("dchag::DchagEmulation::backward");
     constexpr const char* where = "dchag::DchagEmulation::backward";
     DCHAG_EXPECT(saved_.k == 1, where, "called before forward");
+    DCHAG_EXPECT(memory_ != MemoryPolicy::inference, where,
+                 "the last forward ran with MemoryPolicy::inference and kept nothing for a "
+                 "backward");
     const std::size_t B = gathered_.extent(0), L = cfg_.patches(), D = cfg_.dim;
     detail::check_tokens(where, cfg_, "d_out", d_out, B);
     pos_.backward(exec, d_out);
@@ -550,13 +537,23 @@ class DchagEmulation {
   }
 
   void set_strategy(Strategy s) {
+    DCHAG_EXPECT(s == Strategy::pooled || cfg_.memory == MemoryPolicy::keep,
+                 "dchag::DchagEmulation::set_strategy", "strategy ", to_string(s),
+                 " needs MemoryPolicy::keep, memory is ", to_string(cfg_.memory));
     cfg_.strategy = s;
     final_.set_strategy(s);
     for (auto& st : stages_) st->set_strategy(s);
   }
+  /// What the next forward keeps for its backward; a backward follows its own forward's.
+  void set_memory_policy(MemoryPolicy m) {
+    DCHAG_EXPECT(m == MemoryPolicy::keep || cfg_.strategy == Strategy::pooled,
+                 "dchag::DchagEmulation::set_memory_policy", "memory ", to_string(m),
+                 " needs the pooled strategy, strategy is ", to_string(cfg_.strategy));
+    cfg_.memory = m;
+  }
 
-  /// Bytes held for one training step on B images, all groups on this process. Validates B as
-  /// forward does.
+  /// Bytes held for one forward (and, unless cfg.memory is inference, backward) on B images,
+  /// all groups on this process. Validates B as forward does.
   MemoryEstimate memory_estimate(std::int64_t B) const {
     using Attention = CrossAttention<ExecSpace, Scalar>;
     cfg_.validate_batch("dchag::DchagEmulation::memory_estimate", B, cfg_.channels);
@@ -569,12 +566,13 @@ class DchagEmulation {
     }
     e += Attention::estimate_module(cfg_.attention());
     // validate_batch bounds B * C * L, so B and L fit the attention estimate's ints.
-    e += Attention::estimate_application(cfg_.attention(), static_cast<int>(B), P,
-                                         static_cast<int>(L), 1, cfg_.heads, false);
+    const bool train = cfg_.memory != MemoryPolicy::inference;
+    e += Attention::estimate_application(cfg_.attention(), B, P, L, 1, cfg_.heads, false, 0,
+                                         train ? MemoryPolicy::keep : MemoryPolicy::inference);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);
     const std::int64_t token = std::int64_t(sizeof(Scalar)) * B * L * cfg_.dim;
-    e.activations += token * (P + 1);  // gathered, partial
-    e.workspace += token * P;          // d_gathered
+    e.activations += token * (P + 1);     // gathered, partial
+    if (train) e.workspace += token * P;  // d_gathered
     return e;
   }
   void zero_gradients(const ExecSpace& exec) {
@@ -622,6 +620,7 @@ class DchagEmulation {
   CrossAttention<ExecSpace, Scalar> final_;
   PositionalEmbedding<ExecSpace, Scalar> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
+  MemoryPolicy memory_ = MemoryPolicy::keep;  // of the last forward
   V4 gathered_, d_gathered_, partial_;
 };
 

@@ -43,19 +43,8 @@ class LinearAggregation {
     detail::ScopedRegion region("dchag::LinearAggregation::forward");
     check("dchag::LinearAggregation::forward", x, seg, y.extent(0), y.extent(1), y.extent(2),
           y.extent(3), "y");
-    const int n = n_, k = seg.count(), L = x.extent(2), D = x.extent(3);
-    auto w = weight_;
-    auto beta = bias_;
-    detail::for_each_row(
-        exec, "dchag::linear::forward", std::int64_t(y.extent(0)) * k * L, D,
-        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-          const int l = static_cast<int>(r % L);
-          const int j = static_cast<int>((r / L) % k);
-          const int b = static_cast<int>(r / (std::int64_t(L) * k));
-          Scalar acc = beta(0);
-          for (int i = 0; i < n; ++i) acc += w(i) * x(b, j * n + i, l, d);
-          y(b, j, l, d) = acc;
-        });
+    stream_begin(exec, y);
+    stream_chunk(exec, x, 0, static_cast<int>(x.extent(1)), y);
   }
 
   /// Accumulates dw, dbeta and writes dx (overwritten) from the forward's x and dy.
@@ -69,37 +58,87 @@ class LinearAggregation {
                      dx.extent(2) == x.extent(2) && dx.extent(3) == x.extent(3),
                  where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
                  dx.extent(3), "], expected the shape of x");
-    const int n = n_, k = seg.count(), L = x.extent(2), D = x.extent(3);
+    backward_chunk(exec, x, 0, static_cast<int>(x.extent(1)), dy, dx);
+    backward_bias(exec, dy);
+  }
+
+  /// Streamed forward over consecutive chunks of the k*n inputs (the fused front ends, DESIGN
+  /// 3.8): stream_begin sets y [B, k, L, D] to beta, then stream_chunk adds inputs [n0, n1),
+  /// held in x as all inputs [B, k*n, L, D] or this chunk's only [B, n1 - n0, L, D].
+  void stream_begin(const ExecSpace& exec, const View4<Scalar, memory_space>& y) const {
+    auto beta = bias_;
+    auto y_flat = Unmanaged1<Scalar, memory_space>(y.data(), y.span());
+    Kokkos::parallel_for(
+        "dchag::linear::init", Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(y.span())),
+        KOKKOS_LAMBDA(const std::int64_t t) { y_flat(t) = beta(0); });
+  }
+  void stream_chunk(const ExecSpace& exec, const View4<const Scalar, memory_space>& x, int n0,
+                    int n1, const View4<Scalar, memory_space>& y) const {
+    const int x0 = first_input("dchag::LinearAggregation::stream_chunk", x, n0, n1, y);
+    const int n = n_, k = y.extent(1), L = x.extent(2), D = x.extent(3);
+    auto w = weight_;
+    detail::for_each_row(
+        exec, "dchag::linear::forward", std::int64_t(y.extent(0)) * k * L, D,
+        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+          const int l = static_cast<int>(r % L);
+          const int j = static_cast<int>((r / L) % k);
+          const int b = static_cast<int>(r / (std::int64_t(L) * k));
+          const int lo = n0 > j * n ? n0 : j * n, hi = n1 < (j + 1) * n ? n1 : (j + 1) * n;
+          if (lo >= hi) return;  // no input of this segment in the chunk
+          Scalar acc = y(b, j, l, d);
+          for (int c = lo; c < hi; ++c) acc += w(c - j * n) * x(b, c - x0, l, d);
+          y(b, j, l, d) = acc;
+        });
+  }
+
+  /// Chunked backward: writes dx [B, n1 - n0, L, D] of inputs [n0, n1) (x as in stream_chunk)
+  /// and adds their share of dw. backward_bias adds dbeta, once per dy.
+  void backward_chunk(const ExecSpace& exec, const View4<const Scalar, memory_space>& x, int n0,
+                      int n1, const View4<const Scalar, memory_space>& dy,
+                      const View4<Scalar, memory_space>& dx) const {
+    constexpr const char* where = "dchag::LinearAggregation::backward";
+    const int x0 = first_input(where, x, n0, n1, dy);
+    DCHAG_EXPECT(dx.extent(0) == x.extent(0) && dx.extent(1) == std::size_t(n1 - n0) &&
+                     dx.extent(2) == x.extent(2) && dx.extent(3) == x.extent(3),
+                 where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
+                 dx.extent(3), "], expected [B, n1 - n0, L, D] = [", x.extent(0), ", ", n1 - n0,
+                 ", ", x.extent(2), ", ", x.extent(3), "]");
+    const int n = n_, L = x.extent(2), D = x.extent(3), nc = n1 - n0;
     const std::int64_t B = x.extent(0);
     auto w = weight_;
     detail::for_each_row(
-        exec, "dchag::linear::input_grad", B * n * k * L, D,
+        exec, "dchag::linear::input_grad", B * nc * L, D,
         KOKKOS_LAMBDA(const std::int64_t r, const int d) {
           const int l = static_cast<int>(r % L);
-          const int c = static_cast<int>((r / L) % (n * k));
-          const int b = static_cast<int>(r / (std::int64_t(L) * n * k));
-          dx(b, c, l, d) = w(c % n) * dy(b, c / n, l, d);
+          const int c = n0 + static_cast<int>((r / L) % nc);
+          const int b = static_cast<int>(r / (std::int64_t(L) * nc));
+          dx(b, c - n0, l, d) = w(c % n) * dy(b, c / n, l, d);
         });
-    // dw_i = sum over (b, j, l) of dy[b, j, l] . x[b, j*n + i, l]: one team per weight.
+    // dw_i = sum over the chunk's inputs c = j*n + i and (b, l) of dy[b, j, l] . x[b, c, l]: one
+    // team per weight, so the sum is deterministic.
     using Team = Kokkos::TeamPolicy<ExecSpace>;
-    const std::int64_t rows = B * k * L;
     auto dw = d_weight_;
     Kokkos::parallel_for(
         "dchag::linear::weight_grad", Team(exec, n, Kokkos::AUTO),
         KOKKOS_LAMBDA(const typename Team::member_type& team) {
           const int i = team.league_rank();
+          const int jlo = n0 <= i ? 0 : (n0 - i + n - 1) / n;  // first segment j with j*n+i >= n0
+          const int jhi = n1 <= i ? 0 : (n1 - i + n - 1) / n;  // first with j*n+i >= n1
+          if (jhi <= jlo) return;
+          const std::int64_t per_j = B * L;
           Scalar sum = 0;
           Kokkos::parallel_reduce(
-              Kokkos::TeamThreadRange(team, rows),
+              Kokkos::TeamThreadRange(team, per_j * (jhi - jlo)),
               [&](const std::int64_t r, Scalar& acc) {
-                const int l = static_cast<int>(r % L);
-                const int j = static_cast<int>((r / L) % k);
-                const int b = static_cast<int>(r / (std::int64_t(L) * k));
-                acc += detail::lane_dot(&dy(b, j, l, 0), &x(b, j * n + i, l, 0), D);
+                const int j = jlo + static_cast<int>(r / per_j);
+                const int b = static_cast<int>((r % per_j) / L), l = static_cast<int>(r % L);
+                acc += detail::lane_dot(&dy(b, j, l, 0), &x(b, j * n + i - x0, l, 0), D);
               },
               sum);
           Kokkos::single(Kokkos::PerTeam(team), [&]() { dw(i) += sum; });
         });
+  }
+  void backward_bias(const ExecSpace& exec, const View4<const Scalar, memory_space>& dy) const {
     Scalar total = 0;
     auto dy_flat = Unmanaged1<const Scalar, memory_space>(dy.data(), dy.span());
     Kokkos::parallel_reduce(
@@ -155,6 +194,24 @@ class LinearAggregation {
                  where, out, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
                  "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ", x.extent(2),
                  ", ", x.extent(3), "]");
+  }
+
+  // The input index of x's first slot in a chunk call over [n0, n1) with outputs y [B, k, L, D]:
+  // 0 when x holds all k*n inputs, n0 when it holds the chunk's.
+  template <class Y>
+  int first_input(const char* where, const View4<const Scalar, memory_space>& x, int n0, int n1,
+                  const Y& y) const {
+    const std::size_t N = y.extent(1) * std::size_t(n_);
+    DCHAG_EXPECT(0 <= n0 && n0 < n1 && std::size_t(n1) <= N, where, "chunk [", n0, ", ", n1,
+                 ") is not a non-empty range inside the k * n = ", N, " inputs");
+    const bool all = x.extent(1) == N;
+    DCHAG_EXPECT(x.extent(0) == y.extent(0) && (all || x.extent(1) == std::size_t(n1 - n0)) &&
+                     x.extent(2) == y.extent(2) && x.extent(3) == y.extent(3),
+                 where, "x is [", x.extent(0), ", ", x.extent(1), ", ", x.extent(2), ", ",
+                 x.extent(3), "], expected [B, k * n, L, D] = [", y.extent(0), ", ", N, ", ",
+                 y.extent(2), ", ", y.extent(3), "] or the chunk's [", y.extent(0), ", ", n1 - n0,
+                 ", ", y.extent(2), ", ", y.extent(3), "]");
+    return all ? 0 : n0;
   }
 
   int n_;

@@ -41,12 +41,16 @@ class PartialAggregator {
   int inputs() const { return inputs_; }
   int tree() const { return tree_; }
 
-  /// Allocates what a forward and backward over B x L positions need (see Tokenizer::reserve).
-  void reserve(int B, int L, int D) {
-    if (tree_ > 1) ensure_mid(B, L, D);
+  /// Allocates what a forward and backward over B x L positions need (see Tokenizer::reserve);
+  /// `stream_chunk` and `memory` as for CrossAttention::reserve.
+  void reserve(int B, int L, int D, int stream_chunk = 0,
+               MemoryPolicy memory = MemoryPolicy::keep) {
+    if (tree_ > 1) ensure_mid(B, L, D, memory != MemoryPolicy::inference);
     if (!attention_) return;
-    attention_->reserve(saved_[0], B, inputs_, L, group_segments());
-    if (tree_ > 1) attention_->reserve(saved_[1], B, tree_, L, Segments::whole(tree_));
+    attention_->reserve(saved_[0], B, inputs_, L, group_segments(), false, stream_chunk, memory);
+    if (tree_ > 1)
+      attention_->reserve(saved_[1], B, tree_, L, Segments::whole(tree_), false, 0,
+                          memory == MemoryPolicy::inference ? memory : MemoryPolicy::keep);
   }
 
   /// out [B, 1, L, D] from tokens [B, C_r, L, D]; keeps what backward needs.
@@ -60,16 +64,21 @@ class PartialAggregator {
       forwarded_ = true;
       return;
     }
-    ensure_mid(tokens.extent(0), tokens.extent(2), tokens.extent(3));
+    ensure_mid(tokens.extent(0), tokens.extent(2), tokens.extent(3), true);
     apply_forward(exec, tokens, groups, mid_, saved_[0], true);
     apply_forward(exec, mid_, Segments::whole(tree_), out, saved_[1], false);
     forwarded_ = true;
+    memory_ = MemoryPolicy::keep;
   }
 
   /// Accumulates parameter gradients and writes d_tokens from the forward's tokens and d_out.
   void backward(const ExecSpace& exec, const C4& tokens, const C4& d_out, const V4& d_tokens) {
     detail::ScopedRegion region("dchag::PartialAggregator::backward");
-    DCHAG_EXPECT(forwarded_, "dchag::PartialAggregator::backward", "called before forward");
+    constexpr const char* where = "dchag::PartialAggregator::backward";
+    DCHAG_EXPECT(forwarded_, where, "called before forward");
+    DCHAG_EXPECT(memory_ == MemoryPolicy::keep, where,
+                 "the forward ran with MemoryPolicy::", to_string(memory_),
+                 ", expected keep (or the chunked backward_begin)");
     const Segments groups = group_segments();
     if (tree_ == 1) {
       apply_backward(exec, tokens, groups, d_out, d_tokens, saved_[0], true);
@@ -79,9 +88,73 @@ class PartialAggregator {
     apply_backward(exec, tokens, groups, d_mid_, d_tokens, saved_[0], true);
   }
 
+  /// Streamed forward over consecutive chunks of the C_r inputs (the fused D-CHAG stage, DESIGN
+  /// 3.8): stream_begin, then stream_chunk for [n0, n1) in order (x: all inputs [B, C_r, L, D]
+  /// or the chunk's [B, n1 - n0, L, D]), then stream_end writes out [B, 1, L, D]. The same
+  /// result as forward; `memory` says what the cross-attention keeps (CrossAttention's stream).
+  void stream_begin(const ExecSpace& exec, const V4& out, MemoryPolicy memory) {
+    constexpr const char* where = "dchag::PartialAggregator::stream_begin";
+    DCHAG_EXPECT(out.extent(1) == 1, where, "out.extent(1) is ", out.extent(1), ", expected 1");
+    const std::size_t B = out.extent(0), L = out.extent(2), D = out.extent(3);
+    if (tree_ > 1) ensure_mid(B, L, D, memory != MemoryPolicy::inference);
+    level0_ = tree_ > 1 ? mid_ : out;
+    if (attention_) {
+      attention_->stream_begin(exec, saved_[0], int(B), inputs_, int(L), group_segments(), memory);
+    } else {
+      group_->stream_begin(exec, level0_);
+    }
+    memory_ = memory;
+    forwarded_ = false;
+  }
+  void stream_chunk(const ExecSpace& exec, const C4& x, int n0, int n1) {
+    if (attention_) {
+      attention_->stream_chunk(exec, x, n0, n1, saved_[0]);
+    } else {
+      group_->stream_chunk(exec, x, n0, n1, level0_);
+    }
+  }
+  void stream_end(const ExecSpace& exec, const V4& out) {
+    if (attention_) attention_->stream_end(exec, saved_[0], level0_);
+    if (tree_ > 1) apply_forward(exec, mid_, Segments::whole(tree_), out, saved_[1], false);
+    forwarded_ = true;
+  }
+
+  /// Chunked backward of a streamed forward: backward_begin(d_out [B, 1, L, D]), then
+  /// backward_chunk for [n0, n1) in order, writing dx [B, n1 - n0, L, D] (x as in stream_chunk:
+  /// after a recompute forward, the chunk's tokens again), then backward_end.
+  void backward_begin(const ExecSpace& exec, const C4& d_out) {
+    constexpr const char* where = "dchag::PartialAggregator::backward_begin";
+    DCHAG_EXPECT(forwarded_, where, "called before forward");
+    DCHAG_EXPECT(memory_ != MemoryPolicy::inference, where,
+                 "the forward ran with MemoryPolicy::inference and kept nothing for a backward");
+    C4 dy0 = d_out;
+    if (tree_ > 1) {
+      apply_backward(exec, mid_, Segments::whole(tree_), d_out, d_mid_, saved_[1], false);
+      dy0 = d_mid_;
+    }
+    level0_grad_ = dy0;
+    if (attention_) {
+      attention_->backward_begin(exec, saved_[0], dy0);
+    } else {
+      group_->backward_bias(exec, dy0);
+    }
+  }
+  void backward_chunk(const ExecSpace& exec, const C4& x, int n0, int n1, const V4& dx) {
+    if (attention_) {
+      attention_->backward_chunk(exec, x, saved_[0], n0, n1, dx);
+    } else {
+      group_->backward_chunk(exec, x, n0, n1, level0_grad_, dx);
+    }
+  }
+  void backward_end(const ExecSpace& exec) {
+    if (attention_) attention_->backward_end(exec, saved_[0]);
+  }
+
   void set_strategy(Strategy s) {
     if (attention_) attention_->set_strategy(s);
   }
+  /// Whether the streamed protocol is available: linear, or the pooled cross-attention.
+  bool streams() const { return !attention_ || attention_->config().strategy == Strategy::pooled; }
 
   void zero_gradients(const ExecSpace& exec) {
     if (group_) group_->zero_gradients(exec);
@@ -92,10 +165,12 @@ class PartialAggregator {
   TensorList<Scalar, memory_space> parameters() const { return named(false); }
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
 
-  /// Memory for `inputs` channels folded with a k = `tree` local tree, B x L positions.
+  /// Memory for `inputs` channels folded with a k = `tree` local tree, B x L positions; `chunk`
+  /// and `memory` of a streamed forward as for CrossAttention::estimate_application.
   /// Validates its arguments as the constructor and forward do.
   static MemoryEstimate estimate(PartialKind kind, int inputs, int tree,
-                                 const AttentionConfig& attention, std::int64_t B, std::int64_t L) {
+                                 const AttentionConfig& attention, std::int64_t B, std::int64_t L,
+                                 std::int64_t chunk = 0, MemoryPolicy memory = MemoryPolicy::keep) {
     using Attention = CrossAttention<ExecSpace, Scalar>;
     constexpr const char* where = "dchag::PartialAggregator::estimate";
     check_module(where, kind, inputs, tree);
@@ -116,17 +191,19 @@ class PartialAggregator {
     } else {
       e += Attention::estimate_module(attention);
       const int b = static_cast<int>(B), l = static_cast<int>(L);
-      const MemoryEstimate level0 =
-          Attention::estimate_application(attention, b, inputs, l, tree, attention.heads, false);
+      const MemoryEstimate level0 = Attention::estimate_application(
+          attention, b, inputs, l, tree, attention.heads, false, chunk, memory);
       e.activations += level0.activations;
       e.workspace += level0.workspace;  // the larger level; scratch is reused by the other
       if (tree > 1)
-        e.activations +=
-            Attention::estimate_application(attention, b, tree, l, 1, attention.heads, false)
-                .activations;
+        e.activations += Attention::estimate_application(
+                             attention, b, tree, l, 1, attention.heads, false, 0,
+                             memory == MemoryPolicy::inference ? memory : MemoryPolicy::keep)
+                             .activations;
     }
-    if (tree > 1)
-      e.workspace += 2 * std::int64_t(sizeof(Scalar)) * B * tree * L * attention.dim;  // mid, d_mid
+    if (tree > 1)  // mid, d_mid
+      e.workspace += (memory == MemoryPolicy::inference ? 1 : 2) * std::int64_t(sizeof(Scalar)) *
+                     B * tree * L * attention.dim;
     return e;
   }
 
@@ -142,9 +219,13 @@ class PartialAggregator {
 
   Segments group_segments() const { return Segments::split(inputs_, tree_); }
 
-  void ensure_mid(std::size_t B, std::size_t L, std::size_t D) {
+  void ensure_mid(std::size_t B, std::size_t L, std::size_t D, bool with_grad) {
     detail::ensure_view(mid_, "dchag::partial::mid", B, std::size_t(tree_), L, D);
-    detail::ensure_view(d_mid_, "dchag::partial::d_mid", B, std::size_t(tree_), L, D);
+    if (with_grad) {
+      detail::ensure_view(d_mid_, "dchag::partial::d_mid", B, std::size_t(tree_), L, D);
+    } else {
+      d_mid_ = V4();
+    }
   }
 
   void apply_forward(const ExecSpace& exec, const C4& x, const Segments& seg, const V4& out,
@@ -183,6 +264,9 @@ class PartialAggregator {
   std::optional<CrossAttention<ExecSpace, Scalar>> attention_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_[2];
   V4 mid_, d_mid_;
+  V4 level0_;       // streamed forward: the first level's output (mid_, or out without a tree)
+  C4 level0_grad_;  // chunked backward: the gradient at level0_
+  MemoryPolicy memory_ = MemoryPolicy::keep;
   bool forwarded_ = false;
 };
 

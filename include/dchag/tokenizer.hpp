@@ -14,11 +14,44 @@
 #include <dchag/init.hpp>
 #include <dchag/tensor.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
 
 namespace dchag {
+
+namespace detail {
+
+/// im2col of the selected channels [j0, j1): patches(j - j0, b, l, kr * p + kc) =
+/// images(b, image_index(j), row, col). One loop row per image row: its W / p patches each take
+/// p contiguous pixels.
+template <class ExecSpace, class Scalar, class MemSpace>
+void extract_patches(const ExecSpace& exec, const View4<const Scalar, MemSpace>& images,
+                     const View1<int, MemSpace>& image_index,
+                     const View4<Scalar, MemSpace>& patches, int j0, int j1, int p) {
+  using Team = Kokkos::TeamPolicy<ExecSpace>;
+  const int B = static_cast<int>(images.extent(0)), H = static_cast<int>(images.extent(2));
+  const int wp = static_cast<int>(images.extent(3)) / p;
+  // (j1 - j0) * B * H <= INT_MAX: the tokenizer's forward check refuses more.
+  Kokkos::parallel_for(
+      "dchag::tokenize::im2col",
+      Team(exec, static_cast<int>(std::int64_t(j1 - j0) * B * H), Kokkos::AUTO),
+      KOKKOS_LAMBDA(const typename Team::member_type& team) {
+        const int y = team.league_rank() % H;
+        const int b = (team.league_rank() / H) % B;
+        const int jj = team.league_rank() / (H * B);
+        const Scalar* src = &images(b, image_index(j0 + jj), y, 0);
+        const int l0 = (y / p) * wp, kr = y % p;
+        Kokkos::parallel_for(Kokkos::TeamThreadRange(team, wp), [&](const int c) {
+          Scalar* dst = &patches(jj, b, l0 + c, kr * p);
+          Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, p),
+                               [&](const int kc) { dst[kc] = src[c * p + kc]; });
+        });
+      });
+}
+
+}  // namespace detail
 
 /// Which image channels become which model channels. Token j reads channel image_index[j] of the
 /// images and is tokenized with the weights of global channel channel_id[j].
@@ -96,8 +129,11 @@ class Tokenizer {
 
   /// Allocates what a forward and backward of B images, J selected channels and L patches need,
   /// so that a collective caller can agree on the allocation before its first collective.
-  void reserve(int B, int J, int L) {
-    detail::ensure_view(patches_, "dchag::tokenizer::patches", J, B, L,
+  /// `patch_chunk`: 0 keeps the patches of all J channels; n > 0 holds those of n channels at a
+  /// time (see prepare).
+  void reserve(int B, int J, int L, int patch_chunk = 0) {
+    const int held = patch_chunk > 0 ? std::min(patch_chunk, J) : J;
+    detail::ensure_view(patches_, "dchag::tokenizer::patches", held, B, L,
                         std::int64_t(patch_) * patch_);
     detail::ensure_view(slot_, "dchag::tokenizer::slot", J);
     detail::ensure_view(image_index_, "dchag::tokenizer::image_index", J);
@@ -108,22 +144,32 @@ class Tokenizer {
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
                const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
     detail::ScopedRegion region("dchag::Tokenizer::forward");
-    prepare(exec, images, sel, tokens);
+    check_forward(images, sel);
+    check_tokens("dchag::Tokenizer::forward", tokens, images.extent(0), sel.size(),
+                 (images.extent(2) / patch_) * (images.extent(3) / patch_), dim_);
+    prepare(exec, images, sel);
     project(exec, 0, sel.size(), tokens);
   }
 
-  /// First half of forward: validates, records the selection and extracts the patches.
+  /// First half of forward: validates and records the selection. `patch_chunk` = 0 extracts
+  /// the patches of every channel now and keeps them for backward; n > 0 extracts them per
+  /// call of project (at most n channels each) from `images`, which this tokenizer then holds
+  /// (not a copy: the caller keeps them unchanged until the backward's last chunk, DESIGN 3.8).
   void prepare(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
-               const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
+               const ChannelSelection& sel, int patch_chunk = 0) {
     detail::ScopedRegion region("dchag::Tokenizer::prepare");
-    check_forward(images, sel, tokens);
+    check_forward(images, sel);
+    DCHAG_EXPECT(patch_chunk >= 0, "dchag::Tokenizer::prepare", "patch_chunk is ", patch_chunk,
+                 ", expected >= 0");
     const int B = static_cast<int>(images.extent(0));
     const int J = sel.size();
     const int H = static_cast<int>(images.extent(2));
     const int W = static_cast<int>(images.extent(3));
-    const int p = patch_;
-    const int wp = W / p, L = (H / p) * wp;
-    ensure_workspace(B, J, L);
+    const int L = (H / patch_) * (W / patch_);
+    B_ = B;
+    J_ = J;
+    L_ = L;
+    reserve(B, J, L, patch_chunk);
 
     // Host-side slot of every selected channel, and its device copy for the kernels.
     auto h_slot = Kokkos::create_mirror_view(slot_);
@@ -134,45 +180,49 @@ class Tokenizer {
     }
     Kokkos::deep_copy(exec, slot_, h_slot);
     Kokkos::deep_copy(exec, image_index_, h_img);
-
-    // im2col: patches(j, b, l, kr * p + kc) = images(b, image_index[j], row, col). One loop row
-    // per image row: its wp patches each take p contiguous pixels.
-    auto patches = patches_;
-    auto img_idx = image_index_;
-    using Team = Kokkos::TeamPolicy<ExecSpace>;
-    // J * B * H <= INT_MAX: check_forward refuses more.
-    Kokkos::parallel_for(
-        "dchag::tokenize::im2col",
-        Team(exec, static_cast<int>(std::int64_t(J) * B * H), Kokkos::AUTO),
-        KOKKOS_LAMBDA(const typename Team::member_type& team) {
-          const int y = team.league_rank() % H;
-          const int b = (team.league_rank() / H) % B;
-          const int j = team.league_rank() / (H * B);
-          const Scalar* src = &images(b, img_idx(j), y, 0);
-          const int l0 = (y / p) * wp, kr = y % p;
-          Kokkos::parallel_for(Kokkos::TeamThreadRange(team, wp), [&](const int c) {
-            Scalar* dst = &patches(j, b, l0 + c, kr * p);
-            Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, p),
-                                 [&](const int kc) { dst[kc] = src[c * p + kc]; });
-          });
-        });
+    if (patch_chunk == 0) {
+      images_ = {};
+      patches_first_ = 0;
+      patches_count_ = J;
+      detail::extract_patches(exec, images, image_index_, patches_, 0, J, patch_);
+    } else {
+      images_ = images;
+      patches_first_ = patches_count_ = 0;  // none extracted yet
+    }
   }
 
-  /// Second half of forward, for channels [j0, j1) of the selection only: tokens of those
-  /// channels from the patches that `prepare` extracted. Lets a caller stream channel chunks.
+  /// Second half of forward, for channels [j0, j1) of the selection only: their tokens, into
+  /// `tokens` [B, J, L, D] (every channel's slots) or [B, j1 - j0, L, D] (this chunk only). With
+  /// patches extracted per chunk, first extracts this chunk's. Lets a caller stream chunks.
   void project(const ExecSpace& exec, int j0, int j1, const View4<Scalar, memory_space>& tokens) {
     detail::ScopedRegion region("dchag::Tokenizer::project");
+    constexpr const char* where = "dchag::Tokenizer::project";
     const int B = B_, L = L_, D = dim_;
-    DCHAG_EXPECT(0 <= j0 && j0 <= j1 && j1 <= J_, "dchag::Tokenizer::project", "channel range [",
-                 j0, ", ", j1, ") is not inside the prepared selection [0, ", J_, ")");
-    DCHAG_EXPECT(tokens.extent(0) == std::size_t(B) && tokens.extent(1) == std::size_t(J_) &&
+    DCHAG_EXPECT(J_ > 0, where, "called before prepare");
+    DCHAG_EXPECT(0 <= j0 && j0 < j1 && j1 <= J_, where, "channel range [", j0, ", ", j1,
+                 ") is not a non-empty range inside the prepared selection [0, ", J_, ")");
+    const int nj = j1 - j0;
+    const bool all = tokens.extent(1) == std::size_t(J_);
+    DCHAG_EXPECT(tokens.extent(0) == std::size_t(B) &&
+                     (all || tokens.extent(1) == std::size_t(nj)) &&
                      tokens.extent(2) == std::size_t(L) && tokens.extent(3) == std::size_t(D),
-                 "dchag::Tokenizer::project", "tokens is not the view given to prepare");
+                 where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
+                 tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [", B, ", ",
+                 J_, ", ", L, ", ", D, "] or the chunk's [", B, ", ", nj, ", ", L, ", ", D, "]");
+    if (images_.data() != nullptr) {
+      DCHAG_EXPECT(std::size_t(nj) <= patches_.extent(0), where, "chunk [", j0, ", ", j1,
+                   ") holds ", nj, " channels, expected at most the prepared patch chunk ",
+                   patches_.extent(0));
+      detail::extract_patches(exec, images_, image_index_, patches_, j0, j1, patch_);
+      patches_first_ = j0;
+      patches_count_ = nj;
+    }
+    const int t0 = all ? 0 : j0;  // selection index of tokens' first channel slot
+    const int p0 = patches_first_;
     // Start every token at bias + channel embedding, then add the patch projection.
     auto slot = slot_;
     auto bias = bias_;
     auto embed = embed_;
-    const int nj = j1 - j0;
     detail::for_each_row(
         exec, "dchag::tokenize::bias", std::int64_t(B) * nj * L, D,
         KOKKOS_LAMBDA(const std::int64_t r, const int d) {
@@ -180,7 +230,7 @@ class Tokenizer {
           const int j = j0 + static_cast<int>((r / L) % nj);
           const int b = static_cast<int>(r / (std::int64_t(L) * nj));
           const int s = slot(j);
-          (&tokens(b, j, l, 0))[d] = (&bias(s, 0))[d] + (&embed(s, 0))[d];
+          (&tokens(b, j - t0, l, 0))[d] = (&bias(s, 0))[d] + (&embed(s, 0))[d];
         });
     // tokens(b, j) += patches(j, b) Wt_slot(j)^T for every (j, b) of the chunk: one batch.
     auto patches = patches_;
@@ -190,7 +240,8 @@ class Tokenizer {
         exec, "dchag::tokenize::project", {nj * B, L, D, pp, 1}, KOKKOS_LAMBDA(const int t) {
           const int j = j0 + t / B, b = t % B;
           return detail::GemmOperands<Scalar>{
-              &patches(j, b, 0, 0), 0, pp, 1, &weight(slot(j), 0, 0), 0, D, &tokens(b, j, 0, 0), D};
+              &patches(j - p0, b, 0, 0), 0, pp, 1, &weight(slot(j), 0, 0), 0, D,
+              &tokens(b, j - t0, 0, 0),  D};
         });
   }
 
@@ -210,6 +261,10 @@ class Tokenizer {
     DCHAG_EXPECT(J_ > 0, where, "called before forward");
     DCHAG_EXPECT(0 <= j0 && j0 < j1 && j1 <= J_, where, "channel range [", j0, ", ", j1,
                  ") is not a non-empty range inside the forward's selection [0, ", J_, ")");
+    DCHAG_EXPECT(patches_first_ <= j0 && j1 <= patches_first_ + patches_count_, where,
+                 "the patches of channels [", j0, ", ", j1, ") are not held (held: [",
+                 patches_first_, ", ", patches_first_ + patches_count_,
+                 ")): with patches per chunk, project this chunk again first");
     DCHAG_EXPECT(d_tokens.extent(0) == std::size_t(B) && d_tokens.extent(1) == std::size_t(nj) &&
                      d_tokens.extent(2) == std::size_t(L) && d_tokens.extent(3) == std::size_t(D),
                  where, "d_tokens is [", d_tokens.extent(0), ", ", d_tokens.extent(1), ", ",
@@ -241,11 +296,11 @@ class Tokenizer {
     // sum over samples inside each GEMM (their token rows are not contiguous).
     auto patches = patches_;
     auto d_weight = d_weight_;
-    const int pp = patch_ * patch_;
+    const int pp = patch_ * patch_, p0 = patches_first_;
     const std::int64_t sample_stride = std::int64_t(nj) * L * D;
     detail::batched_gemm(
         exec, "dchag::tokenize::weight_grad", {nj, pp, D, L, B}, KOKKOS_LAMBDA(const int jj) {
-          return detail::GemmOperands<Scalar>{&patches(j0 + jj, 0, 0, 0),
+          return detail::GemmOperands<Scalar>{&patches(j0 + jj - p0, 0, 0, 0),
                                               std::int64_t(L) * pp,
                                               1,
                                               pp,
@@ -269,10 +324,10 @@ class Tokenizer {
   TensorList<Scalar, memory_space> gradients() const { return named(d_weight_, d_bias_, d_embed_); }
 
   /// Bytes held for `owned` channels and one forward/backward of B images of J channels with L
-  /// patches each (the patches are kept for the weight gradient).
-  /// Validates its arguments as the constructor and forward do.
+  /// patches each (the patches are kept for the weight gradient: of all J channels, or of
+  /// `patch_chunk` at a time). Validates its arguments as the constructor and forward do.
   static MemoryEstimate estimate(std::int64_t owned, int patch, int dim, std::int64_t B,
-                                 std::int64_t J, std::int64_t L) {
+                                 std::int64_t J, std::int64_t L, std::int64_t patch_chunk = 0) {
     constexpr const char* where = "dchag::Tokenizer::estimate";
     DCHAG_EXPECT(owned >= 1, where, "owned is ", owned, ", expected >= 1");
     check_module(where, owned, patch, dim, owned);
@@ -285,7 +340,9 @@ class Tokenizer {
     MemoryEstimate e;
     e.parameters = S * owned * (pp * dim + 2 * dim);
     e.gradients = e.parameters;
-    e.activations = S * J * std::int64_t(B) * L * pp + 2 * std::int64_t(sizeof(int)) * J;
+    DCHAG_EXPECT(patch_chunk >= 0, where, "patch_chunk is ", patch_chunk, ", expected >= 0");
+    const std::int64_t held = patch_chunk > 0 ? std::min(patch_chunk, J) : J;
+    e.activations = S * held * std::int64_t(B) * L * pp + 2 * std::int64_t(sizeof(int)) * J;
     return e;
   }
 
@@ -328,8 +385,8 @@ class Tokenizer {
     return list;
   }
 
-  void check_forward(const View4<const Scalar, memory_space>& images, const ChannelSelection& sel,
-                     const View4<Scalar, memory_space>& tokens) const {
+  void check_forward(const View4<const Scalar, memory_space>& images,
+                     const ChannelSelection& sel) const {
     constexpr const char* where = "dchag::Tokenizer::forward";
     const std::size_t H = images.extent(2), W = images.extent(3), p = patch_;
     DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is ", images.extent(0),
@@ -370,20 +427,15 @@ class Tokenizer {
                    " at position ", j,
                    " is out of range, expected < images.extent(1) = ", images.extent(1));
     }
-    const std::size_t L = (H / p) * (W / p);
-    DCHAG_EXPECT(tokens.extent(0) == images.extent(0) &&
-                     tokens.extent(1) == std::size_t(sel.size()) && tokens.extent(2) == L &&
-                     tokens.extent(3) == std::size_t(dim_),
-                 where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
-                 tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [",
-                 images.extent(0), ", ", sel.size(), ", ", L, ", ", dim_, "]");
   }
 
-  void ensure_workspace(int B, int J, int L) {
-    B_ = B;
-    J_ = J;
-    L_ = L;
-    reserve(B, J, L);
+  static void check_tokens(const char* where, const View4<Scalar, memory_space>& tokens,
+                           std::size_t B, std::size_t J, std::size_t L, std::size_t D) {
+    DCHAG_EXPECT(tokens.extent(0) == B && tokens.extent(1) == J && tokens.extent(2) == L &&
+                     tokens.extent(3) == D,
+                 where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
+                 tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [", B, ", ",
+                 J, ", ", L, ", ", D, "]");
   }
 
   int channels_, patch_, dim_;
@@ -393,7 +445,9 @@ class Tokenizer {
   View2<Scalar, memory_space> bias_, d_bias_, embed_, d_embed_;
   // Saved by forward for backward.
   int B_ = 0, J_ = 0, L_ = 0;
-  View4<Scalar, memory_space> patches_;
+  View4<Scalar, memory_space> patches_;  // [held, B, L, p*p]: of channels [first, first+count)
+  int patches_first_ = 0, patches_count_ = 0;
+  View4<const Scalar, memory_space> images_;  // per-chunk patches: the images prepare was given
   View1<int, memory_space> slot_, image_index_;
 };
 

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -176,7 +177,9 @@ TEST_CASE("D-CHAG on P ranks equals the single-process emulation", "[mpi][distri
   for (const int channels : {7, 2 * P + 2}) {
     auto pb = small_problem(channels);
     pb.cfg.convention = dchag::Convention::artifact;
+    bool first_map = true;
     for (const auto& map : maps(channels, P)) {
+      const bool recompute_too = std::exchange(first_map, false);
       std::vector<std::vector<int>> groups;
       for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
       for (const auto mode : {dchag::Mode::dchag_linear, dchag::Mode::dchag_xattn}) {
@@ -188,6 +191,7 @@ TEST_CASE("D-CHAG on P ranks equals the single-process emulation", "[mpi][distri
           if (!fits) continue;
           for (const auto strategy : {dchag::Strategy::pooled, dchag::Strategy::materialized}) {
             pb.cfg.strategy = strategy;
+            pb.cfg.memory = dchag::MemoryPolicy::keep;
             INFO("C = " << channels << ", map " << map.kind() << ", " << dchag::to_string(mode)
                         << ", tree " << tree << ", " << dchag::to_string(strategy));
             const auto kind = mode == dchag::Mode::dchag_linear
@@ -196,6 +200,11 @@ TEST_CASE("D-CHAG on P ranks equals the single-process emulation", "[mpi][distri
             dchag::DchagEmulation<Exec, Scalar> ref(exec, pb.cfg, {kind, tree}, groups);
             compare(mode, pb, map, ref, dchag::ImageInput::own_channels, tree);
             compare(mode, pb, map, ref, dchag::ImageInput::full_image, tree);
+            if (strategy == dchag::Strategy::pooled && recompute_too) {
+              INFO("recompute on the ranks, keep in the reference");
+              pb.cfg.memory = dchag::MemoryPolicy::recompute;
+              compare(mode, pb, map, ref, dchag::ImageInput::own_channels, tree);
+            }
           }
         }
       }
@@ -211,9 +220,13 @@ TEST_CASE("exact_flat on P ranks equals the flat front end", "[mpi][distributed]
     pb.cfg.strategy = dchag::Strategy::pooled;
     for (const auto& map : maps(channels, P)) {
       INFO("C = " << channels << ", map " << map.kind());
+      pb.cfg.memory = dchag::MemoryPolicy::keep;
       dchag::FlatFrontEnd<Exec, Scalar> ref(exec, pb.cfg);
       compare(dchag::Mode::exact_flat, pb, map, ref, dchag::ImageInput::own_channels);
       compare(dchag::Mode::exact_flat, pb, map, ref, dchag::ImageInput::full_image);
+      INFO("recompute on the ranks, keep in the reference");
+      pb.cfg.memory = dchag::MemoryPolicy::recompute;
+      compare(dchag::Mode::exact_flat, pb, map, ref, dchag::ImageInput::own_channels);
     }
   }
 }
@@ -229,6 +242,35 @@ TEST_CASE("tp_only on P ranks equals the materialized flat front end", "[mpi][di
     dchag::FlatFrontEnd<Exec, Scalar> ref(exec, pb.cfg);
     compare(dchag::Mode::tp_only, pb, dchag::ChannelMap::blocks(6, P), ref,
             dchag::ImageInput::full_image);
+  }
+}
+
+TEST_CASE("an inference forward equals keep's and refuses a backward on every rank",
+          "[mpi][distributed][recompute]") {
+  const int P = world_size();
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  const auto pb = small_problem(2 * P + 1);
+  const auto map = dchag::ChannelMap::round_robin(pb.cfg.channels, P);
+  for (const auto mode :
+       {dchag::Mode::exact_flat, dchag::Mode::dchag_linear, dchag::Mode::dchag_xattn}) {
+    INFO(dchag::to_string(mode));
+    dchag::DistributedFrontEnd<Exec, Scalar> dist(exec, comm, pb.cfg, mode, map);
+    randomize(dist.parameters());
+    dchag::View4<Scalar, Mem> images("images", pb.B, pb.cfg.channels, pb.cfg.height, pb.cfg.width);
+    fill(images, 3);
+    dchag::View3<Scalar, Mem> out("out", pb.B, pb.cfg.patches(), pb.cfg.dim);
+    dist.forward(exec, images, out, dchag::ImageInput::full_image);
+    const auto kept = host(out);
+    dist.set_memory_policy(dchag::MemoryPolicy::inference);
+    Kokkos::deep_copy(out, 0.0);
+    dist.forward(exec, images, out, dchag::ImageInput::full_image);
+    const auto inferred = host(out);
+    double scale = 1e-30;
+    for (double x : kept) scale = std::max(scale, std::abs(x));
+    for (std::size_t i = 0; i < kept.size(); ++i)
+      REQUIRE(std::abs(inferred[i] - kept[i]) <= 1e-12 * scale);
+    REQUIRE_THROWS_WITH(dist.backward(exec, out), Catch::Contains("MemoryPolicy::inference"));
   }
 }
 

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -30,15 +31,20 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
   struct Case {
     dchag::Mode mode;
     dchag::Strategy strategy;
+    dchag::MemoryPolicy memory = dchag::MemoryPolicy::keep;
   };
-  for (const Case c : {Case{dchag::Mode::tp_only, dchag::Strategy::materialized},
-                       Case{dchag::Mode::dchag_linear, dchag::Strategy::pooled},
-                       Case{dchag::Mode::dchag_linear, dchag::Strategy::materialized},
-                       Case{dchag::Mode::dchag_xattn, dchag::Strategy::pooled},
-                       Case{dchag::Mode::dchag_xattn, dchag::Strategy::materialized},
-                       Case{dchag::Mode::exact_flat, dchag::Strategy::pooled}}) {
+  using dchag::MemoryPolicy;
+  std::vector<Case> cases = {Case{dchag::Mode::tp_only, dchag::Strategy::materialized},
+                             Case{dchag::Mode::dchag_linear, dchag::Strategy::materialized},
+                             Case{dchag::Mode::dchag_xattn, dchag::Strategy::materialized}};
+  for (const auto mode :
+       {dchag::Mode::dchag_linear, dchag::Mode::dchag_xattn, dchag::Mode::exact_flat})
+    for (const auto memory : {MemoryPolicy::keep, MemoryPolicy::recompute, MemoryPolicy::inference})
+      cases.push_back(Case{mode, dchag::Strategy::pooled, memory});
+  for (const Case& c : cases) {
     auto cfg = base;
     cfg.strategy = c.strategy;
+    cfg.memory = c.memory;
     const int k =
         c.mode == dchag::Mode::dchag_linear || c.mode == dchag::Mode::dchag_xattn ? tree : 1;
     if (c.mode == dchag::Mode::dchag_linear && int(map.channels_of(comm.rank()).size()) % k != 0)
@@ -51,7 +57,7 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
       dchag::MemoryTracker tracker;
       dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, cfg, c.mode, map, k);
       fe.forward(exec, images, out, dchag::ImageInput::full_image);
-      fe.backward(exec, out);
+      if (c.memory != MemoryPolicy::inference) fe.backward(exec, out);
       exec.fence();
       peak = tracker.peak_bytes();
       estimate = fe.memory_estimate(B);
@@ -61,9 +67,9 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
     }
     require_close(peak, estimate,
                   std::string(dchag::to_string(c.mode)) + " " +
-                      std::string(dchag::to_string(c.strategy)) + " map " +
-                      std::string(map.kind()) + " tree " + std::to_string(k) + " rank " +
-                      std::to_string(comm.rank()));
+                      std::string(dchag::to_string(c.strategy)) + " " +
+                      std::string(dchag::to_string(c.memory)) + " map " + std::string(map.kind()) +
+                      " tree " + std::to_string(k) + " rank " + std::to_string(comm.rank()));
   }
 }
 
@@ -90,19 +96,31 @@ TEST_CASE("distributed estimates match the measured peak", "[mpi][memory]") {
 
 TEST_CASE("single-process estimates match the measured peak", "[memory]") {
   Exec exec;
-  for (const auto strategy : {dchag::Strategy::pooled, dchag::Strategy::materialized}) {
+  using dchag::MemoryPolicy;
+  struct Case {
+    dchag::Strategy strategy;
+    MemoryPolicy memory;
+  };
+  for (const Case c : {Case{dchag::Strategy::pooled, MemoryPolicy::keep},
+                       Case{dchag::Strategy::pooled, MemoryPolicy::recompute},
+                       Case{dchag::Strategy::pooled, MemoryPolicy::inference},
+                       Case{dchag::Strategy::materialized, MemoryPolicy::keep}}) {
+    const auto strategy = c.strategy;
+    const bool backward = c.memory != MemoryPolicy::inference;
     auto cfg = config(12, 32, 4);
     cfg.strategy = strategy;
+    cfg.memory = c.memory;
+    const std::string policy = " " + std::string(dchag::to_string(c.memory));
     dchag::View4<float, Mem> images("images", 2, cfg.channels, cfg.height, cfg.width);
     dchag::View3<float, Mem> out("out", 2, cfg.patches(), cfg.dim);
     {
       dchag::MemoryTracker tracker;
       dchag::FlatFrontEnd<Exec, float> fe(exec, cfg);
       fe.forward(exec, images, out);
-      fe.backward(exec, out);
+      if (backward) fe.backward(exec, out);
       exec.fence();
       require_close(tracker.peak_bytes(), fe.memory_estimate(2),
-                    "flat " + std::string(dchag::to_string(strategy)));
+                    "flat " + std::string(dchag::to_string(strategy)) + policy);
       REQUIRE(fe.memory_estimate(2).total() ==
               dchag::FlatFrontEnd<Exec, float>::estimate(cfg, 2).total());
     }
@@ -111,11 +129,11 @@ TEST_CASE("single-process estimates match the measured peak", "[memory]") {
       dchag::DchagEmulation<Exec, float> em(exec, cfg, {kind, 2},
                                             {{0, 1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10, 11}});
       em.forward(exec, images, out);
-      em.backward(exec, out);
+      if (backward) em.backward(exec, out);
       exec.fence();
       require_close(tracker.peak_bytes(), em.memory_estimate(2),
                     "emulation " + std::string(dchag::to_string(kind)) + " " +
-                        std::string(dchag::to_string(strategy)));
+                        std::string(dchag::to_string(strategy)) + policy);
     }
   }
 }

@@ -31,14 +31,26 @@ struct AttentionWork {
   View1<Scalar, MemSpace> shared;      // [heads * D] du, then (grouped) this rank's dWv [D * D]
   View2<Scalar, MemSpace> go;          // [P, D] gradient at the heads' outputs
   View2<Scalar, MemSpace> c, c_group;  // [P, heads] gz_h . z_h here and over the group
-  View2<Scalar, MemSpace> ds;          // [B*N*L, heads] score gradients
+  View2<Scalar, MemSpace> ds;          // device pooled backward: [B*chunk*L, heads] score gradients
   View2<Scalar, MemSpace> dk, dv;      // materialized: [B*N*L, D of the head share]
   View3<Scalar, MemSpace> oh;          // [heads, P, hd] projected pooled tokens / their gradients
   View3<Scalar, MemSpace> gz;          // [heads, P, D] gradient at the pooled tokens
   View3<Scalar, MemSpace> e_chunk;     // streaming: [B*L, chunk, heads] softmax numerators
-  View2<Scalar, MemSpace> du_blocks;   // host pooled backward: [blocks, heads * (D + 1)]
+  View2<Scalar, MemSpace> du_blocks;   // host pooled backward: [blocks, heads * (D + 2)]
   int streamed = 0, back_streamed = 0;
   bool group_backward = false;
+};
+
+/// Which inputs a view of token rows holds: inputs [first, first + count) of the N, as
+/// [B, count, L] rows. All N inputs (first 0, count N), or one chunk of them.
+struct InputRows {
+  int first = 0, count = 0, L = 0;
+  static InputRows all(int N, int L) { return {0, N, L}; }
+  static InputRows chunk(int n0, int n1, int L) { return {n0, n1 - n0, L}; }
+  /// The row of input n of sample b at patch position l.
+  KOKKOS_INLINE_FUNCTION std::int64_t operator()(int b, int n, int l) const {
+    return (std::int64_t(b) * count + (n - first)) * L + l;
+  }
 };
 
 template <class T, class MemSpace>

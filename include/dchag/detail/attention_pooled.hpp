@@ -47,14 +47,15 @@ void pool_tokens(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
-// From the softmax numerators e (in a), their sums and the pooled z = sum e x: projects
-// y_h = Wv_h z_h, merges (y, sums) over the group, then normalizes a and z and writes
-// ocat[pos, h-block] = y_h / sum_h + bv_h. Grouped: inv_share = group sum / this rank's sum.
+// From the softmax numerators e (in a, when `normalize_a`), their sums and the pooled
+// z = sum e x: projects y_h = Wv_h z_h, merges (y, sums) over the group, then normalizes a and z
+// and writes ocat[pos, h-block] = y_h / sum_h + bv_h. Grouped: inv_share = group sum / this
+// rank's sum.
 template <class ExecSpace, class Scalar, class MemSpace>
 void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
                    const AttentionParams<Scalar, MemSpace>& w,
                    const AttentionSaved<Scalar, MemSpace>& s, AttentionWork<Scalar, MemSpace>& work,
-                   const GroupReduce<Scalar, MemSpace>* group) {
+                   const GroupReduce<Scalar, MemSpace>* group, bool normalize_a) {
   const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
   const std::size_t P = std::size_t(s.B) * s.k * s.L;
   ensure_view(work.oh, "dchag::attention::oh", std::size_t(nh), P, std::size_t(hd));
@@ -94,7 +95,7 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
   auto z = s.z;
   auto ocat = s.ocat;
   auto b_in = w.b_in;
-  normalize_weights(exec, s, 0, nh);
+  if (normalize_a) normalize_weights(exec, s, 0, nh);
   for_each_row(
       exec, "dchag::attention::normalize_pool", std::int64_t(nh) * P, D,
       KOKKOS_LAMBDA(const std::int64_t r, const int d) {
@@ -107,132 +108,9 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
-// Online softmax over the chunk [n0, n1) of one segment (k = 1), host shape: one thread per
-// position; scores, then the numerators, then z in blocks held in registers across the chunk.
-template <class ExecSpace, class Scalar, class MemSpace>
-void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
-                      const Unmanaged2<const Scalar, MemSpace>& x2,
-                      const AttentionSaved<Scalar, MemSpace>& s,
-                      const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
-  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads;
-  auto u = work.u;
-  auto a = s.a;
-  auto z = s.z;
-  auto run_max = s.run_max;
-  auto run_sum = s.run_sum;
-  auto e_chunk = work.e_chunk;
-  Kokkos::parallel_for(
-      "dchag::attention::stream_pool",
-      Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(s.B) * L),
-      KOKKOS_LAMBDA(const std::int64_t pos) {
-        const std::int64_t row0 = (pos / L) * N * L + pos % L;
-        for (int n = n0; n < n1; ++n) {
-          const std::int64_t row = row0 + std::int64_t(n) * L;
-          for (int h = 0; h < nh; ++h) a(row, h) = lane_dot(&x2(row, 0), &u(h, 0), D);
-        }
-        Scalar* e = &e_chunk(pos, 0, 0);
-        for (int h = 0; h < nh; ++h) {
-          const bool first = n0 == 0;
-          Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
-          for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
-          const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
-          Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
-          for (int n = n0; n < n1; ++n) {
-            e[(n - n0) * nh + h] = detail::exp(a(row0 + std::int64_t(n) * L, h) - mx);
-            sum += e[(n - n0) * nh + h];
-          }
-          Scalar* zh = &z(h, pos, 0);
-          constexpr int block = 32;
-          int d0 = 0;
-          for (; d0 + block <= D; d0 += block) {
-            Scalar acc[block];
-            for (int v = 0; v < block; ++v) acc[v] = first ? Scalar(0) : zh[d0 + v] * rescale;
-            for (int n = n0; n < n1; ++n) {
-              const Scalar wt = e[(n - n0) * nh + h];
-              const Scalar* xr = &x2(row0 + std::int64_t(n) * L, d0);
-              for (int v = 0; v < block; ++v) acc[v] += wt * xr[v];
-            }
-            for (int v = 0; v < block; ++v) zh[d0 + v] = acc[v];
-          }
-          for (int d = d0; d < D; ++d) {
-            Scalar acc = first ? Scalar(0) : zh[d] * rescale;
-            for (int n = n0; n < n1; ++n)
-              acc += e[(n - n0) * nh + h] * x2(row0 + std::int64_t(n) * L, d);
-            zh[d] = acc;
-          }
-          run_max(pos, h) = mx;
-          run_sum(pos, h) = sum;
-        }
-      });
-}
-
-// The same, device shape: one team per position, the D values of every token over its lanes.
-template <class ExecSpace, class Scalar, class MemSpace>
-void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
-                      const Unmanaged2<const Scalar, MemSpace>& x2,
-                      const AttentionSaved<Scalar, MemSpace>& s,
-                      const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
-  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const int N = s.N, L = s.L, D = cfg.dim, nh = cfg.heads;
-  auto u = work.u;
-  auto a = s.a;
-  auto z = s.z;
-  auto run_max = s.run_max;
-  auto run_sum = s.run_sum;
-  Kokkos::parallel_for(
-      "dchag::attention::stream_pool", row_teams(exec, std::int64_t(s.B) * L),
-      KOKKOS_LAMBDA(const Member& team) {
-        const int pos = team.league_rank();
-        const std::int64_t row0 = std::int64_t(pos / L) * N * L + pos % L;
-        for (int n = n0; n < n1; ++n) {
-          const std::int64_t row = row0 + std::int64_t(n) * L;
-          for (int h = 0; h < nh; ++h) {
-            const Scalar sc = team_dot(team, &x2(row, 0), &u(h, 0), D);
-            Kokkos::single(Kokkos::PerTeam(team), [&]() { a(row, h) = sc; });
-          }
-        }
-        team.team_barrier();
-        for (int h = 0; h < nh; ++h) {
-          const bool first = n0 == 0;
-          Scalar mx = first ? a(row0 + std::int64_t(n0) * L, h) : run_max(pos, h);
-          for (int n = n0; n < n1; ++n) mx = detail::max(mx, a(row0 + std::int64_t(n) * L, h));
-          const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
-          Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
-          Scalar* zh = &z(h, pos, 0);
-          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
-                               [&](const int d) { zh[d] = first ? Scalar(0) : zh[d] * rescale; });
-          for (int n = n0; n < n1; ++n) {
-            const std::int64_t row = row0 + std::int64_t(n) * L;
-            const Scalar e = detail::exp(a(row, h) - mx);
-            sum += e;
-            const Scalar* xr = &x2(row, 0);
-            Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
-                                 [&](const int d) { zh[d] += e * xr[d]; });
-          }
-          team.team_barrier();  // every lane has read run_sum / run_max before they change
-          Kokkos::single(Kokkos::PerTeam(team), [&]() {
-            run_max(pos, h) = mx;
-            run_sum(pos, h) = sum;
-          });
-        }
-      });
-}
-
-// Grouped stream end: rescale this rank's pooled sums from its running max (saved in `local`)
-// to the group's (now in run_max).
-template <class ExecSpace, class Scalar, class MemSpace>
-void rescale_to_group_max(const ExecSpace& exec, const AttentionConfig& cfg,
-                          const AttentionSaved<Scalar, MemSpace>& s,
-                          const View2<Scalar, MemSpace>& local) {
-  const std::int64_t P = std::int64_t(s.B) * s.L;
-  auto z = s.z;
-  auto run_max = s.run_max;
-  for_each_row(
-      exec, "dchag::attention::stream_rescale", std::int64_t(cfg.heads) * P, cfg.dim,
-      KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-        const std::int64_t pos = r % P, h = r / P;
-        z(h, pos, d) *= detail::exp(local(pos, h) - run_max(pos, h));
-      });
+// Host pooled backward: values per block share, du [heads, D] then the scratch ds and a.
+inline std::size_t pooled_grad_block_width(int heads, int dim) {
+  return std::size_t(heads) * (std::size_t(dim) + 2);
 }
 
 // Host pooled backward: how many blocks of patch positions (one per thread) share the work.
@@ -289,12 +167,10 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
          Kokkos::subview(work.gz, h, Kokkos::ALL, Kokkos::ALL));
   }
   ensure_view(work.c, "dchag::attention::c", P, std::size_t(nh));
-  if constexpr (!runs_on_host<ExecSpace>) {
-    ensure_view(work.ds, "dchag::attention::ds", std::size_t(s.B) * s.N * s.L, std::size_t(nh));
-  } else {
+  if constexpr (runs_on_host<ExecSpace>) {
     ensure_view(work.du_blocks, "dchag::attention::du_blocks",
                 std::size_t(pooled_grad_blocks<ExecSpace>(std::int64_t(s.B) * s.L)),
-                std::size_t(nh) * (D + 1));
+                pooled_grad_block_width(nh, D));
     Kokkos::deep_copy(exec, work.du_blocks, Scalar(0));
   }
   if (!group) return;
@@ -323,46 +199,53 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
 }
 
 // Pooled backward for the tokens of inputs [n0, n1), device shape: one team per token row;
+// a_h (read back, or recomputed from the token: exp(x . u_h - run_max) / run_sum),
 // ds_h = a_h gz_h . (x - z_h), dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), then
-// du += ds^T x as one batched GEMM over the chunk.
+// du += ds^T x as one batched GEMM over the chunk. `xr`: the rows x2 holds.
 template <class ExecSpace, class Scalar, class MemSpace>
 void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
-                            const Unmanaged2<const Scalar, MemSpace>& x2,
+                            const Unmanaged2<const Scalar, MemSpace>& x2, InputRows xr,
                             const AttentionSaved<Scalar, MemSpace>& s,
-                            const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
+                            AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
                             const View4<Scalar, MemSpace>& dx) {
   using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
   const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
-  const bool grouped = s.grouped;
-  auto dx2 = matrix<Scalar, MemSpace>(dx.data(), std::size_t(s.B) * nc * L, D);
+  const bool grouped = s.grouped, kept = s.memory == MemoryPolicy::keep;
+  const std::size_t rows = std::size_t(s.B) * nc * L;
+  if (work.ds.extent(0) < rows || work.ds.extent(1) != std::size_t(nh))
+    ensure_view(work.ds, "dchag::attention::ds", rows, std::size_t(nh));
+  auto dx2 = matrix<Scalar, MemSpace>(dx.data(), rows, D);
   auto ds = work.ds;
   auto gz = work.gz;
   auto c = work.c;
   auto a = s.a;
   auto z = s.z;
+  auto run_max = s.run_max;
+  auto run_sum = s.run_sum;
   auto inv_share = s.inv_share;
   auto u = work.u;
   auto seg = s.segment;
   Kokkos::parallel_for(
-      "dchag::attention::pooled_token_grad", row_teams(exec, std::int64_t(s.B) * nc * L),
+      "dchag::attention::pooled_token_grad", row_teams(exec, std::int64_t(rows)),
       KOKKOS_LAMBDA(const Member& team) {
         const std::int64_t crow = team.league_rank();  // row of the chunk
         const int l = static_cast<int>(crow % L);
         const int n = n0 + static_cast<int>((crow / L) % nc);
         const int b = static_cast<int>(crow / (std::int64_t(L) * nc));
-        const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
         const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
-        const Scalar* xr = &x2(row, 0);
+        const Scalar* xn = &x2(xr(b, n, l), 0);
         Scalar* dxr = &dx2(crow, 0);
         for (int h = 0; h < nh; ++h) {
           const Scalar* gzh = &gz(h, pos, 0);
-          const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
-          const Scalar t = team_dot_residual(team, gzh, xr, &z(h, pos, 0), share, D) +
-                           (grouped ? c(pos, h) : Scalar(0));
-          const Scalar ah = a(row, h);
-          const Scalar dsh = ah * t;
-          Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(row, h) = dsh; });
           const Scalar* uh = &u(h, 0);
+          const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
+          const Scalar t = team_dot_residual(team, gzh, xn, &z(h, pos, 0), share, D) +
+                           (grouped ? c(pos, h) : Scalar(0));
+          const Scalar ah =
+              kept ? a((std::int64_t(b) * N + n) * L + l, h)
+                   : detail::exp(team_dot(team, xn, uh, D) - run_max(pos, h)) / run_sum(pos, h);
+          const Scalar dsh = ah * t;
+          Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(crow, h) = dsh; });
           // Each lane owns its d across heads, so the accumulation needs no barrier.
           Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D), [&](const int d) {
             const Scalar prev = h == 0 ? Scalar(0) : dxr[d];
@@ -373,37 +256,38 @@ void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
   // du += ds^T x over the chunk's rows, one GEMM summing over the samples (the chunk's rows are
   // contiguous within each sample only).
   Scalar* du = work.shared.data();
-  const Scalar* ds0 = &ds(std::int64_t(n0) * L, 0);
-  const Scalar* x0 = &x2(std::int64_t(n0) * L, 0);
-  const std::int64_t rows_per_sample = std::int64_t(N) * L;
+  const Scalar* x0 = &x2(xr(0, n0, 0), 0);
   batched_gemm(
       exec, "dchag::attention::key_query_grad", {1, nh, D, nc * L, s.B}, KOKKOS_LAMBDA(const int) {
-        return GemmOperands<Scalar>{
-            ds0, rows_per_sample * nh, 1, nh, x0, rows_per_sample * D, D, du, D};
+        return GemmOperands<Scalar>{ds.data(), std::int64_t(nc) * L * nh,      1, nh,
+                                    x0,        std::int64_t(xr.count) * L * D, D, du,
+                                    D};
       });
 }
 
 // The same, host shape: the chunk's inputs split into one contiguous block per thread, the
 // split the tokenizer's weight-gradient batch takes next, so a thread consumes the dx it wrote
 // while it is in its own cache. Each position's gz and z stay in cache across the block's
-// inputs; du += ds x goes into the block's own share (du_blocks: du, then the ds of the current
-// token as scratch), summed by pooled_backward_end in block order: fixed blocks for a fixed
-// thread count, so the result is reproducible.
+// inputs; du += ds x goes into the block's own share (du_blocks: du, then the ds and the a of
+// the current token as scratch), summed by pooled_backward_end in block order: fixed blocks for
+// a fixed thread count, so the result is reproducible.
 template <class ExecSpace, class Scalar, class MemSpace>
 void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
-                            const Unmanaged2<const Scalar, MemSpace>& x2,
+                            const Unmanaged2<const Scalar, MemSpace>& x2, InputRows xr,
                             const AttentionSaved<Scalar, MemSpace>& s,
                             const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
                             const View4<Scalar, MemSpace>& dx) {
   const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
   const std::int64_t positions = std::int64_t(s.B) * L;  // (b, l) pairs
   const int blocks = static_cast<int>(work.du_blocks.extent(0));
-  const bool grouped = s.grouped;
+  const bool grouped = s.grouped, kept = s.memory == MemoryPolicy::keep;
   auto dx2 = matrix<Scalar, MemSpace>(dx.data(), std::size_t(s.B) * nc * L, D);
   auto gz = work.gz;
   auto c = work.c;
   auto a = s.a;
   auto z = s.z;
+  auto run_max = s.run_max;
+  auto run_sum = s.run_sum;
   auto inv_share = s.inv_share;
   auto u = work.u;
   auto seg = s.segment;
@@ -414,40 +298,45 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
       "dchag::attention::pooled_token_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, used),
       KOKKOS_LAMBDA(const int blk) {
         Scalar* du = &du_blocks(blk, 0);
+        Scalar* dsr = du + std::int64_t(nh) * D;  // scratch: ds, then a, of the current token
+        Scalar* ar = dsr + nh;
         const int first = n0 + nc * blk / used, last = n0 + nc * (blk + 1) / used;
         for (std::int64_t bl = 0; bl < positions; ++bl) {
           const int b = static_cast<int>(bl / L), l = static_cast<int>(bl % L);
           for (int n = first; n < last; ++n) {
-            const std::int64_t row = (std::int64_t(b) * N + n) * L + l;
             const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
-            const Scalar* xr = &x2(row, 0);
+            const Scalar* xn = &x2(xr(b, n, l), 0);
             Scalar* dxr = &dx2((std::int64_t(b) * nc + (n - n0)) * L + l, 0);
-            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h), in the block's scratch.
-            Scalar* dsr = du + std::int64_t(nh) * D;
+            const Scalar* ah = kept ? &a((std::int64_t(b) * N + n) * L + l, 0) : ar;
+            if (!kept) {  // the forward's expression, from the recomputed token
+              for (int h = 0; h < nh; ++h)
+                ar[h] = detail::exp(lane_dot(xn, &u(h, 0), D) - run_max(pos, h)) / run_sum(pos, h);
+            }
+            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h).
             for (int h = 0; h < nh; ++h) {
               const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
-              const Scalar t = lane_dot_residual(&gz(h, pos, 0), xr, &z(h, pos, 0), share, D);
-              dsr[h] = a(row, h) * (t + (grouped ? c(pos, h) : Scalar(0)));
+              const Scalar t = lane_dot_residual(&gz(h, pos, 0), xn, &z(h, pos, 0), share, D);
+              dsr[h] = ah[h] * (t + (grouped ? c(pos, h) : Scalar(0)));
             }
-            tiled_token_grad(xr, &a(row, 0), dsr, &gz(0, pos, 0), gz_stride, &u(0, 0), D, nh, dxr,
-                             du);
+            tiled_token_grad(xn, ah, dsr, &gz(0, pos, 0), gz_stride, &u(0, 0), D, nh, dxr, du);
           }
         }
       });
 }
 
-// Pooled backward for the tokens of inputs [n0, n1): ds_h = a_h gz_h . (x - z_h),
-// dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]), du += ds^T x.
+// Pooled backward for the tokens of inputs [n0, n1), held in x2 as `xr` says:
+// ds_h = a_h gz_h . (x - z_h), dx = sum_h a_h gz_h + ds_h u_h (into dx [B, n1 - n0, L, D]),
+// du += ds^T x.
 template <class ExecSpace, class Scalar, class MemSpace>
 void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
-                       const Unmanaged2<const Scalar, MemSpace>& x2,
+                       const Unmanaged2<const Scalar, MemSpace>& x2, InputRows xr,
                        const AttentionSaved<Scalar, MemSpace>& s,
-                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
+                       AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
                        const View4<Scalar, MemSpace>& dx) {
   if constexpr (runs_on_host<ExecSpace>) {
-    pooled_token_grad_host(exec, cfg, x2, s, work, n0, n1, dx);
+    pooled_token_grad_host(exec, cfg, x2, xr, s, work, n0, n1, dx);
   } else {
-    pooled_token_grad_team(exec, cfg, x2, s, work, n0, n1, dx);
+    pooled_token_grad_team(exec, cfg, x2, xr, s, work, n0, n1, dx);
   }
 }
 
