@@ -3,6 +3,8 @@
 #   sweep_memory.png       peak memory per rank vs C, every mode, at the largest P
 #   sweep_time.png         forward + backward step time vs C, every mode, at the largest P
 #   sweep_memory_vs_P.png  peak memory per rank vs P at the largest C
+#   sweep_state.png        memory per rank less parameters and gradients vs C, at the largest P
+#                          (what keep and recompute differ in)
 load "series.gp"
 if (!exists("cfg")) cfg = ""
 
@@ -21,6 +23,14 @@ set ylabel "peak memory per rank, MiB (Kokkos allocations)"
 set xrange [48:1400]
 plot for [i=1:|vsC_file|] vsC_file[i] using 1:2 with linespoints \
      lc rgb vsC_colour[i] dt vsC_dash[i] pt (i+3) title vsC_title[i]
+
+set output "sweep_state.png"
+set title sprintf("Memory per rank less parameters and gradients vs channels, P = %d\n{/*0.8 %s}", Pmax, cfg)
+set ylabel "peak less parameters and gradients, MiB"
+set yrange [vsC_state_ymin:*]
+plot for [i=1:|vsC_file|] vsC_file[i] using 1:6 with linespoints \
+     lc rgb vsC_colour[i] dt vsC_dash[i] pt (i+3) title vsC_title[i]
+set yrange [*:*]
 
 set output "sweep_time.png"
 set title sprintf("Forward + backward step time vs channels, P = %d\n{/*0.8 %s}", Pmax, cfg)

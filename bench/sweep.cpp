@@ -55,6 +55,8 @@ const char* const kUsage =
   --B --H --W --p --D --heads N   batch, image height and width, patch, width, heads
                     (default 1, 64, 64, 8, 256, 8: the flagship configuration)
   --reps N          timed steps after one warm-up step (default 5; --preset paper: 7)
+  --memory LIST     keep, recompute, inference: what a forward keeps for its backward
+                    (default keep; not keep needs pooled; inference times forwards only)
   --tree K          local tree of the D-CHAG modes (default 1: none)
   --map M           blocks or round_robin channel placement (default blocks)
   --scalar S        float or double (default float)
@@ -111,6 +113,7 @@ struct Options {
   std::vector<Kind> modes{std::begin(kKinds), std::end(kKinds)};
   std::vector<dchag::Strategy> strategies{dchag::Strategy::pooled, dchag::Strategy::materialized};
   std::vector<int> channels{500};
+  std::vector<dchag::MemoryPolicy> memories{dchag::MemoryPolicy::keep};
   int B = 1, H = 64, W = 64, p = 8, D = 256, heads = 8, reps = 5, tree = 1;
   bool round_robin = false;
   bool is_double = false;
@@ -154,9 +157,9 @@ int positive(const std::string& opt, const std::string& v) {
 Options parse(int argc, char** argv) {
   // Pass 1: collect --key value / --key=value; pass 2: defaults, then the preset, then the keys.
   std::vector<std::pair<std::string, std::string>> given;
-  const std::vector<std::string> known = {"--mode", "--strategy", "--C",      "--B",     "--H",
-                                          "--W",    "--p",        "--D",      "--heads", "--reps",
-                                          "--tree", "--map",      "--scalar", "--preset"};
+  const std::vector<std::string> known = {
+      "--mode",  "--strategy", "--C",    "--B",   "--H",      "--W",      "--p",     "--D",
+      "--heads", "--reps",     "--tree", "--map", "--scalar", "--preset", "--memory"};
   Options o;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i], v;
@@ -214,6 +217,19 @@ Options parse(int argc, char** argv) {
           throw UsageError("--strategy is '" + s + "', expected pooled or materialized");
         }
       }
+    } else if (k == "--memory") {
+      o.memories.clear();
+      for (const auto& m : split(v)) {
+        if (m == "keep") {
+          o.memories.push_back(dchag::MemoryPolicy::keep);
+        } else if (m == "recompute") {
+          o.memories.push_back(dchag::MemoryPolicy::recompute);
+        } else if (m == "inference") {
+          o.memories.push_back(dchag::MemoryPolicy::inference);
+        } else {
+          throw UsageError("--memory is '" + m + "', expected keep, recompute or inference");
+        }
+      }
     } else if (k == "--map") {
       if (v != "blocks" && v != "round_robin")
         throw UsageError("--map is '" + v + "', expected blocks or round_robin");
@@ -239,6 +255,7 @@ struct Run {
   Kind kind;
   dchag::Strategy strategy;
   int C;
+  dchag::MemoryPolicy memory;
 };
 
 dchag::ChannelMap channel_map(const Options& o, int C, int P) {
@@ -289,7 +306,11 @@ std::vector<Run> plan(const Options& o, int P) {
           }
           continue;
         }
-        runs.push_back({k, s, C});
+        for (const auto m : o.memories) {
+          // Not keep needs the pooled strategy (FrontEndConfig::validate).
+          if (m == dchag::MemoryPolicy::keep || s == dchag::Strategy::pooled)
+            runs.push_back({k, s, C, m});
+        }
       }
     }
   }
@@ -300,6 +321,7 @@ std::vector<Run> plan(const Options& o, int P) {
 struct Result {
   double fwd_ms = 0, fwdbwd_ms = 0, fwd_ms_min = 0, fwdbwd_ms_min = 0;
   std::int64_t peak_max = 0, peak_min = 0, input_bytes = 0;
+  std::int64_t state_max = 0;      // peak less the rank's parameters and gradients (largest rank)
   dchag::MemoryEstimate estimate;  // of the rank with the largest total
   int estimate_rank = 0;
   double run_s = 0;
@@ -325,6 +347,7 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
   cfg.dim = o.D;
   cfg.heads = o.heads;
   cfg.strategy = run.strategy;
+  cfg.memory = run.memory;
   cfg.seed = 1;
   const int L = cfg.patches();
 
@@ -342,6 +365,7 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
   Result res;
   res.input_bytes = std::int64_t(sizeof(Scalar)) * (images.span() + out.span() + d_out.span());
   std::vector<double> fwd, fwdbwd;
+  std::int64_t my_params = 0;  // this rank's parameter and gradient bytes (exact in the estimate)
   dchag::MemoryTracker tracker;
   {
     auto steps = [&](auto& fe, auto forward) {
@@ -353,7 +377,7 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
         forward();
         exec.fence();
         const auto t1 = std::chrono::steady_clock::now();
-        fe.backward(exec, d_out);
+        if (run.memory != dchag::MemoryPolicy::inference) fe.backward(exec, d_out);
         exec.fence();
         const auto t2 = std::chrono::steady_clock::now();
         double t[2] = {std::chrono::duration<double, std::milli>(t1 - t0).count(),
@@ -377,6 +401,7 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
       steps(fe, [&] { fe.forward(exec, images, out, dchag::ImageInput::full_image); });
     }
     // The estimate of every rank at rank 0; the report keeps the largest.
+    my_params = e.parameters + e.gradients;
     std::int64_t mine[5] = {e.parameters, e.gradients, e.activations, e.workspace, e.communication};
     std::vector<std::int64_t> all(std::size_t(5) * P);
     MPI_Gather(mine, 5, MPI_INT64_T, all.data(), 5, MPI_INT64_T, 0, world);
@@ -392,6 +417,8 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
     }
   }
   const std::int64_t peak = tracker.peak_bytes();
+  const std::int64_t state = peak - my_params;
+  MPI_Allreduce(&state, &res.state_max, 1, MPI_INT64_T, MPI_MAX, world);
   MPI_Allreduce(&peak, &res.peak_max, 1, MPI_INT64_T, MPI_MAX, world);
   MPI_Allreduce(&peak, &res.peak_min, 1, MPI_INT64_T, MPI_MIN, world);
   res.fwd_ms = median(fwd);
@@ -406,18 +433,21 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
 void print_json(const Run& run, const Options& o, int P, const Result& r) {
   const auto& e = r.estimate;
   std::printf(
-      "{\"mode\":\"%s\",\"strategy\":\"%s\",\"scalar\":\"%s\",\"C\":%d,\"P\":%d,\"B\":%d,\"H\":%d,"
+      "{\"mode\":\"%s\",\"strategy\":\"%s\",\"memory\":\"%s\",\"scalar\":\"%s\",\"C\":%d,\"P\":%d,"
+      "\"B\":%d,\"H\":%d,"
       "\"W\":%d,"
       "\"p\":%d,\"D\":%d,\"heads\":%d,\"tree\":%d,\"map\":\"%s\",\"reps\":%d,"
-      "\"peak_bytes_per_rank\":%lld,\"peak_bytes_min_rank\":%lld,\"estimate_bytes_per_rank\":%lld,"
+      "\"peak_bytes_per_rank\":%lld,\"peak_bytes_min_rank\":%lld,\"state_bytes_per_rank\":%lld,"
+      "\"estimate_bytes_per_rank\":%lld,"
       "\"estimate\":{\"rank\":%d,\"parameters\":%lld,\"gradients\":%lld,\"activations\":%lld,"
       "\"workspace\":%lld,\"communication\":%lld},\"input_bytes_per_rank\":%lld,"
       "\"fwd_ms\":%.3f,\"fwdbwd_ms\":%.3f,\"fwd_ms_min\":%.3f,\"fwdbwd_ms_min\":%.3f,"
       "\"exec\":\"%s\",\"kokkos_version\":%d}\n",
       name_of(run.kind), std::string(dchag::to_string(run.strategy)).c_str(),
-      o.is_double ? "double" : "float", run.C, P, o.B, o.H, o.W, o.p, o.D, o.heads,
-      is_dchag(run.kind) ? o.tree : 1, o.round_robin ? "round_robin" : "blocks", o.reps,
-      static_cast<long long>(r.peak_max), static_cast<long long>(r.peak_min),
+      std::string(dchag::to_string(run.memory)).c_str(), o.is_double ? "double" : "float", run.C, P,
+      o.B, o.H, o.W, o.p, o.D, o.heads, is_dchag(run.kind) ? o.tree : 1,
+      o.round_robin ? "round_robin" : "blocks", o.reps, static_cast<long long>(r.peak_max),
+      static_cast<long long>(r.peak_min), static_cast<long long>(r.state_max),
       static_cast<long long>(e.total()), r.estimate_rank, static_cast<long long>(e.parameters),
       static_cast<long long>(e.gradients), static_cast<long long>(e.activations),
       static_cast<long long>(e.workspace), static_cast<long long>(e.communication),
@@ -454,9 +484,11 @@ int sweep(int argc, char** argv) {
       print_json(run, o, P, r);
       std::fprintf(
           stderr,
-          "[%zu/%zu] %s %s C=%d P=%d: fwd+bwd %.1f ms (fwd %.1f ms), peak %.1f MiB/rank, %.1f s\n",
+          "[%zu/%zu] %s %s %s C=%d P=%d: fwd+bwd %.1f ms (fwd %.1f ms), peak %.1f MiB/rank, "
+          "%.1f s\n",
           i + 1, runs.size(), name_of(run.kind),
-          std::string(dchag::to_string(run.strategy)).c_str(), run.C, P, r.fwdbwd_ms, r.fwd_ms,
+          std::string(dchag::to_string(run.strategy)).c_str(),
+          std::string(dchag::to_string(run.memory)).c_str(), run.C, P, r.fwdbwd_ms, r.fwd_ms,
           double(r.peak_max) / (1 << 20), r.run_s);
     }
   }

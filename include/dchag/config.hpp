@@ -26,6 +26,26 @@ enum class PartialKind { linear, cross_attention };
 /// recompute and inference need the pooled strategy.
 enum class MemoryPolicy { keep, recompute, inference };
 
+/// How the distributed front end (dchag/distributed.hpp) splits the work over a channel group.
+/// - dchag_linear / dchag_xattn: D-CHAG-L / D-CHAG-C (DESIGN 3.3, 3.4).
+/// - exact_flat: the flat aggregation over all channels, distributed exactly (DESIGN 3.7).
+/// - tp_only: the paper's tensor-parallel baseline (DESIGN 3.6).
+enum class Mode { dchag_linear, dchag_xattn, exact_flat, tp_only };
+
+constexpr std::string_view to_string(Mode m) {
+  switch (m) {
+    case Mode::dchag_linear:
+      return "dchag_linear";
+    case Mode::dchag_xattn:
+      return "dchag_xattn";
+    case Mode::exact_flat:
+      return "exact_flat";
+    case Mode::tp_only:
+      return "tp_only";
+  }
+  return "?";
+}
+
 constexpr std::string_view to_string(Convention c) {
   return c == Convention::climax ? "climax" : "artifact";
 }

@@ -11,10 +11,12 @@
 /// runs with the strategy its forward ran with, whatever set_strategy said in between.
 ///
 /// Kernels: detail/attention_common.hpp, detail/attention_pooled.hpp,
-/// detail/attention_stream.hpp, detail/attention_materialized.hpp.
+/// detail/attention_stream.hpp, detail/attention_materialized.hpp; the saved state, names and
+/// byte counts: detail/attention_plan.hpp.
 #include <dchag/attention_state.hpp>
 #include <dchag/config.hpp>
 #include <dchag/detail/attention_materialized.hpp>
+#include <dchag/detail/attention_plan.hpp>
 #include <dchag/detail/attention_pooled.hpp>
 #include <dchag/detail/attention_stream.hpp>
 #include <dchag/detail/sizes.hpp>
@@ -378,35 +380,8 @@ class CrossAttention {
     DCHAG_EXPECT(memory == MemoryPolicy::keep || cfg.strategy == Strategy::pooled, where,
                  "memory is ", to_string(memory), ", which needs the pooled strategy");
     detail::expect_int_size(where, "token rows B * N * L", {B, N, L});
-    const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
-    const std::int64_t M = std::int64_t(B) * N * L, P = std::int64_t(B) * k * L;
-    const std::int64_t Mc = B * (chunk > 0 ? chunk : N) * L;  // rows of one chunk
-    const std::int64_t Dr = heads_held * (D / nh);
-    const bool kept = memory == MemoryPolicy::keep, train = memory != MemoryPolicy::inference;
-    MemoryEstimate e;
-    // offsets, segment; ocat, run_max, run_sum; the weights a (kept) or one chunk's scores.
-    e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (P * D + 2 * P * nh) +
-                    S * (kept ? M : Mc) * nh;
-    if (cfg.strategy == Strategy::pooled) {
-      e.activations += S * (nh * P * D + (group ? P * nh : 0));  // z, inv_share
-      // oh, the stream's numerators, c_group (the local maxima of a group stream).
-      e.workspace = S * (P * D + (chunk > 0 ? B * L * chunk * nh : 0) + (group ? P * nh : 0));
-      if (train) {
-        // go, gz, c, the group-summed gradients (du, dWv share); the score gradients of a chunk
-        // on devices, one du share (and scratch) per thread block on host spaces.
-        e.workspace +=
-            S * (P * D + nh * P * D + P * nh + nh * D + (group ? D * D : 0) +
-                 (detail::runs_on_host<ExecSpace>
-                      ? detail::pooled_grad_blocks<ExecSpace>(B * L) *
-                            std::int64_t(detail::pooled_grad_block_width(int(nh), int(D)))
-                      : Mc * nh));
-      }
-      e.communication = group ? S * P * (D + nh) : 0;  // the merge buffer
-    } else {
-      e.activations += S * 2 * M * Dr;
-      e.workspace = S * (P * D + P * nh + 2 * M * Dr + M * nh);  // go, c, dK, dV, ds
-    }
-    return e;
+    return detail::application_bytes<ExecSpace, Scalar>(cfg, B, N, L, k, heads_held, group, chunk,
+                                                        memory);
   }
   /// Memory of the module itself: parameters, gradients and the per-call query vectors.
   static MemoryEstimate estimate_module(const AttentionConfig& cfg) {
@@ -528,75 +503,12 @@ class CrossAttention {
   // the first stream_chunk).
   void prepare(std::size_t B, std::size_t N, std::size_t L, const Segments& seg, bool grouped,
                Saved& s, MemoryPolicy memory, int chunk) const {
-    const std::size_t k = seg.count(), D = cfg_.dim, nh = cfg_.heads;
-    const std::size_t M = B * N * L, P = B * k * L;
-    using detail::ensure_view;
-    if (s.host_offsets != seg.offsets || s.N != int(N)) {
-      ensure_view(s.offsets, "dchag::attention::offsets", k + 1);
-      ensure_view(s.segment, "dchag::attention::segment", N);
-      auto ho = Kokkos::create_mirror_view(s.offsets);
-      auto hs = Kokkos::create_mirror_view(s.segment);
-      for (std::size_t j = 0; j <= k; ++j) ho(j) = seg.offsets[j];
-      for (std::size_t j = 0; j < k; ++j)
-        for (int n = seg.offsets[j]; n < seg.offsets[j + 1]; ++n) hs(n) = int(j);
-      Kokkos::deep_copy(s.offsets, ho);
-      Kokkos::deep_copy(s.segment, hs);
-      s.host_offsets = seg.offsets;
-    }
-    if (memory == MemoryPolicy::keep) {
-      ensure_view(s.a, "dchag::attention::a", M, nh);
-    } else if (chunk > 0) {
-      ensure_view(s.a, "dchag::attention::chunk_scores", B * chunk * L, nh);
-    }
-    ensure_view(s.ocat, "dchag::attention::ocat", P, D);
-    ensure_view(s.run_max, "dchag::attention::run_max", P, nh);
-    ensure_view(s.run_sum, "dchag::attention::run_sum", P, nh);
-    if (cfg_.strategy == Strategy::pooled) {
-      ensure_view(s.z, "dchag::attention::z", nh, P, D);
-      if (grouped) ensure_view(s.inv_share, "dchag::attention::inv_share", P, nh);
-      s.kmat = V2();
-      s.vmat = V2();
-    } else {
-      const std::size_t Dr = std::size_t(head_end_ - head_begin_) * (D / nh);
-      ensure_view(s.kmat, "dchag::attention::k", M, Dr);
-      ensure_view(s.vmat, "dchag::attention::v", M, Dr);
-      s.z = V3();
-    }
-    if (!grouped) s.inv_share = V2();
-    s.B = int(B);
-    s.N = int(N);
-    s.L = int(L);
-    s.k = int(k);
-    s.strategy = cfg_.strategy;
-    s.memory = memory;
-    s.head_begin = head_begin_;
-    s.head_end = head_end_;
-    s.grouped = grouped;
+    detail::prepare_saved(cfg_, head_begin_, head_end_, B, N, L, seg, grouped, s, memory, chunk);
   }
 
   TensorList<Scalar, memory_space> named(const std::string& prefix, const V1& qv, const V3& w_in,
                                          const V2& b_in, const V2& w_out, const V1& b_out) const {
-    const std::int64_t D = cfg_.dim;
-    using detail::whole;
-    TensorList<Scalar, memory_space> list;
-    if (cfg_.convention == Convention::climax) {
-      list.push_back(whole<Scalar, memory_space>(prefix + "var_query", {1, 1, D}, qv));
-      list.push_back(
-          whole<Scalar, memory_space>(prefix + "var_agg.in_proj_weight", {3 * D, D}, w_in));
-      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.in_proj_bias", {3 * D}, b_in));
-      list.push_back(
-          whole<Scalar, memory_space>(prefix + "var_agg.out_proj.weight", {D, D}, w_out));
-      list.push_back(whole<Scalar, memory_space>(prefix + "var_agg.out_proj.bias", {D}, b_out));
-    } else {
-      auto kv = Unmanaged1<Scalar, memory_space>(w_in.data() + D * D, 2 * D * D);
-      list.push_back(whole<Scalar, memory_space>(prefix + "query", {D}, qv));
-      list.push_back(whole<Scalar, memory_space>(
-          prefix + "q.weight", {D, D}, Kokkos::subview(w_in, 0, Kokkos::ALL, Kokkos::ALL)));
-      list.push_back(whole<Scalar, memory_space>(prefix + "kv.weight", {2 * D, D}, kv));
-      list.push_back(whole<Scalar, memory_space>(prefix + "proj.weight", {D, D}, w_out));
-      list.push_back(whole<Scalar, memory_space>(prefix + "proj.bias", {D}, b_out));
-    }
-    return list;
+    return detail::attention_tensors(cfg_, prefix, qv, w_in, b_in, w_out, b_out);
   }
 
   AttentionConfig cfg_;
