@@ -12,6 +12,8 @@
 //   --dchag_groups=4   channel groups of the D-CHAG emulation
 //   --dchag_profile=20 instead of benchmarks: time per kernel and GEMM of the flat pooled front
 //       end's forward and forward+backward over 20 calls (host execution spaces only)
+//   --dchag_profile_memory=recompute   the memory policy of the profiled front end (default keep;
+//       inference profiles the forward only)
 #include "flops.hpp"
 #include "kernel_profile.hpp"
 
@@ -201,11 +203,14 @@ void cross_attention(benchmark::State& state, dchag::Strategy strategy, bool bac
   }
 }
 
-void flat_front_end(benchmark::State& state, dchag::Strategy strategy, bool backward) {
+void flat_front_end(benchmark::State& state, dchag::Strategy strategy, bool backward,
+                    dchag::MemoryPolicy memory = dchag::MemoryPolicy::keep) {
   const Shape s = shape_of(state);
   const PeakBytes peak;
   Exec exec;
-  dchag::FlatFrontEnd<Exec, Scalar> fe(exec, front_end_config(s, strategy));
+  auto cfg = front_end_config(s, strategy);
+  cfg.memory = memory;
+  dchag::FlatFrontEnd<Exec, Scalar> fe(exec, cfg);
   dchag::View4<Scalar, Mem> images("images", s.B, s.C, s.H, s.W);
   dchag::View3<Scalar, Mem> out("out", s.B, s.L(), s.D);
   fill(images, 2);
@@ -256,9 +261,11 @@ void dchag_emulation(benchmark::State& state, dchag::PartialKind kind, int group
 
 /// --dchag_profile: the flat pooled front end's forward, then forward+backward, `calls` times
 /// each after one untimed call, with the per-kernel profile of each.
-void profile_flat(const Shape& s, int calls) {
+void profile_flat(const Shape& s, int calls, dchag::MemoryPolicy memory) {
   Exec exec;
-  dchag::FlatFrontEnd<Exec, Scalar> fe(exec, front_end_config(s, dchag::Strategy::pooled));
+  auto cfg = front_end_config(s, dchag::Strategy::pooled);
+  cfg.memory = memory;
+  dchag::FlatFrontEnd<Exec, Scalar> fe(exec, cfg);
   dchag::View4<Scalar, Mem> images("images", s.B, s.C, s.H, s.W);
   dchag::View3<Scalar, Mem> out("out", s.B, s.L(), s.D);
   dchag::View3<Scalar, Mem> d_out("d_out", s.B, s.L(), s.D);
@@ -269,6 +276,7 @@ void profile_flat(const Shape& s, int calls) {
                              ",p:" + std::to_string(s.p) + ",D:" + std::to_string(s.D) +
                              ",heads:" + std::to_string(s.heads);
   for (const bool backward : {false, true}) {
+    if (backward && memory == dchag::MemoryPolicy::inference) break;
     auto op = [&] {
       fe.forward(exec, images, out);
       if (backward) fe.backward(exec, d_out);
@@ -282,9 +290,10 @@ void profile_flat(const Shape& s, int calls) {
     const double total =
         std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     dchag_bench::KernelProfile::uninstall();
-    const std::string title =
-        std::string("FlatFrontEnd/") + (backward ? "forward_backward" : "forward") + "/pooled " +
-        config + ", " + Exec::name() + " concurrency " + std::to_string(exec.concurrency());
+    const std::string title = std::string("FlatFrontEnd/") +
+                              (backward ? "forward_backward" : "forward") + "/pooled " +
+                              std::string(dchag::to_string(memory)) + " " + config + ", " +
+                              Exec::name() + " concurrency " + std::to_string(exec.concurrency());
     dchag_bench::KernelProfile::print(title.c_str(), calls, total);
   }
 }
@@ -314,6 +323,12 @@ void register_all(const std::vector<Shape>& shapes, int groups) {
     add(std::string("FlatFrontEnd/forward_backward/") + name,
         [strat = strat](auto& st) { flat_front_end(st, strat, true); });
   }
+  // The pooled path's other memory policies (DESIGN 3.8).
+  add("FlatFrontEnd/forward/inference", [](auto& st) {
+    flat_front_end(st, Strategy::pooled, false, dchag::MemoryPolicy::inference);
+  });
+  add("FlatFrontEnd/forward_backward/recompute",
+      [](auto& st) { flat_front_end(st, Strategy::pooled, true, dchag::MemoryPolicy::recompute); });
   add("DchagEmulation/forward_backward/linear",
       [groups](auto& st) { dchag_emulation(st, dchag::PartialKind::linear, groups); });
   add("DchagEmulation/forward_backward/cross_attention",
@@ -361,7 +376,7 @@ Shape parse_shape(const std::string& text) {
 
 /// Removes the dchag flags from argv (Google Benchmark rejects flags it does not know).
 void take_own_flags(int& argc, char** argv, std::vector<Shape>& shapes, int& groups,
-                    int& profile_calls) {
+                    int& profile_calls, dchag::MemoryPolicy& profile_memory) {
   int kept = 1;
   for (int i = 1; i < argc; ++i) {
     const std::string arg = argv[i];
@@ -370,6 +385,18 @@ void take_own_flags(int& argc, char** argv, std::vector<Shape>& shapes, int& gro
     } else if (arg.rfind("--dchag_groups=", 0) == 0) {
       groups = std::atoi(arg.c_str() + std::strlen("--dchag_groups="));
       if (groups < 1) throw std::invalid_argument("--dchag_groups: expected a positive integer");
+    } else if (arg.rfind("--dchag_profile_memory=", 0) == 0) {
+      const std::string m = arg.substr(std::strlen("--dchag_profile_memory="));
+      if (m == "keep") {
+        profile_memory = dchag::MemoryPolicy::keep;
+      } else if (m == "recompute") {
+        profile_memory = dchag::MemoryPolicy::recompute;
+      } else if (m == "inference") {
+        profile_memory = dchag::MemoryPolicy::inference;
+      } else {
+        throw std::invalid_argument("--dchag_profile_memory: '" + m +
+                                    "', expected keep, recompute or inference");
+      }
     } else if (arg.rfind("--dchag_profile=", 0) == 0) {
       profile_calls = std::atoi(arg.c_str() + std::strlen("--dchag_profile="));
       if (profile_calls < 1) {
@@ -420,15 +447,16 @@ int main(int argc, char** argv) {
   {
     std::vector<Shape> shapes;
     int groups = 4, profile_calls = 0;
+    dchag::MemoryPolicy profile_memory = dchag::MemoryPolicy::keep;
     try {
-      take_own_flags(argc, argv, shapes, groups, profile_calls);
+      take_own_flags(argc, argv, shapes, groups, profile_calls, profile_memory);
     } catch (const std::exception& e) {
       if (rank == 0) std::fprintf(stderr, "dchag_bench: %s\n", e.what());
       status = 2;
     }
     if (status == 0 && profile_calls > 0) {
       if (shapes.empty()) shapes.push_back(Shape{});
-      for (const auto& s : shapes) profile_flat(s, profile_calls);
+      for (const auto& s : shapes) profile_flat(s, profile_calls, profile_memory);
     } else if (status == 0) {
       if (shapes.empty()) {
         for (std::int64_t c : {64, 128, 500}) {
