@@ -747,6 +747,28 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
                       {"dchag::Tokenizer::backward", "d_tokens is [2, 2, 6, 8]",
                        "expected [B, J, L, D] = [2, 3, 6, 8]"});
     }
+    // Patches per chunk (the recompute policy): a chunk wider than prepared, a token view of
+    // neither shape, and a backward of a chunk whose patches are not held are refused.
+    tok.prepare(exec, images, ChannelSelection::own({0, 1, 3}), 2);
+    {
+      V4<float> wide("wide", B, 3, L, D), odd("odd", B, 2, L, D), chunk("chunk", B, 2, L, D);
+      require_invalid([&] { tok.project(exec, 0, 3, wide); },
+                      {"dchag::Tokenizer::project", "chunk [0, 3) holds 3 channels",
+                       "expected at most the prepared patch chunk 2"});
+      require_invalid(
+          [&] { tok.project(exec, 0, 1, odd); },
+          {"dchag::Tokenizer::project", "tokens is [2, 2, 6, 8]", "or the chunk's [2, 1, 6, 8]"});
+      tok.project(exec, 0, 2, chunk);
+      V4<float> dt("dt", B, 1, L, D);
+      require_invalid([&] { tok.backward(exec, dt, 2, 3); },
+                      {"dchag::Tokenizer::backward", "patches of channels [2, 3) are not held",
+                       "held: [0, 2)", "project this chunk again first"});
+      require_invalid(
+          [&] {
+            tok.prepare(exec, images, ChannelSelection::own({0, 1, 3}), -1);
+          },
+          {"dchag::Tokenizer::prepare", "patch_chunk is -1", "expected >= 0"});
+    }
   }
 
   SECTION("CrossAttention") {
@@ -809,11 +831,25 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
         require_invalid(
             [&] { att.stream_chunk(exec, x, 1, 3, saved); },
             {"dchag::CrossAttention::stream_chunk", "chunk [1, 3)", "continue the stream at 0"});
+        {
+          V4<float> xc("xc", B, 2, L, D);
+          require_invalid(
+              [&] { att.stream_chunk(exec, xc, 0, 3, saved); },
+              {"dchag::CrossAttention::stream_chunk", "x is [2, 2, 6, 8]",
+               "expected all inputs [B, N, L, D] = [2, 5, 6, 8]", "or the chunk's [2, 3, 6, 8]"});
+        }
         att.stream_chunk(exec, x, 0, 3, saved);
         V4<float> o("o", B, 1, L, D);
         require_invalid(
             [&] { att.stream_end(exec, saved, o); },
             {"dchag::CrossAttention::stream_end", "covered 3 of N = 5", "expected all"});
+        typename dchag::CrossAttention<Exec, float>::Saved grouped;
+        require_invalid(
+            [&] {
+              att.stream_begin(exec, grouped, B, 5, L, Segments::split(5, 2),
+                               dchag::MemoryPolicy::keep, true);
+            },
+            {"dchag::CrossAttention::stream_begin", "a group stream needs one segment, got 2"});
       }
     }
   }
@@ -834,6 +870,15 @@ TEST_CASE("Building blocks reject bad input with a precise message", "[kernels][
       require_invalid([&] { lin.backward(exec, x, Segments::split(6, 2), y1, dx); },
                       {"dchag::LinearAggregation::backward", "dy is [2, 1, 6, 8]",
                        "expected [B, k, L, D] = [2, 2, 6, 8]"});
+    }
+    {
+      V4<float> xc("xc", B, 3, L, D);
+      require_invalid([&] { lin.stream_chunk(exec, xc, 0, 2, y); },
+                      {"dchag::LinearAggregation::stream_chunk", "x is [2, 3, 6, 8]",
+                       "expected [B, k * n, L, D] = [2, 6, 6, 8]", "or the chunk's [2, 2, 6, 8]"});
+      require_invalid([&] { lin.stream_chunk(exec, xc, 4, 7, y); },
+                      {"dchag::LinearAggregation::stream_chunk", "chunk [4, 7)",
+                       "inside the k * n = 6 inputs"});
     }
     {
       V4<float> bad("bad", B, 6, L, D + 1);
