@@ -308,14 +308,19 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
             const Scalar* xn = &x2(xr(b, n, l), 0);
             Scalar* dxr = &dx2((std::int64_t(b) * nc + (n - n0)) * L + l, 0);
             const Scalar* ah = kept ? &a((std::int64_t(b) * N + n) * L + l, 0) : ar;
-            if (!kept) {  // the forward's expression, from the recomputed token
-              for (int h = 0; h < nh; ++h)
-                ar[h] = detail::exp(lane_dot(xn, &u(h, 0), D) - run_max(pos, h)) / run_sum(pos, h);
-            }
-            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h).
+            // ds_h = a_h (gz_h . (x - share_h z_h) + c_h); not kept, a_h is the forward's
+            // expression of the recomputed token's score, formed in the same pass over x.
             for (int h = 0; h < nh; ++h) {
               const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
-              const Scalar t = lane_dot_residual(&gz(h, pos, 0), xn, &z(h, pos, 0), share, D);
+              Scalar t;
+              if (kept) {
+                t = lane_dot_residual(&gz(h, pos, 0), xn, &z(h, pos, 0), share, D);
+              } else {
+                Scalar score;
+                lane_dot_and_residual(xn, &u(h, 0), &gz(h, pos, 0), &z(h, pos, 0), share, D, score,
+                                      t);
+                ar[h] = detail::exp(score - run_max(pos, h)) / run_sum(pos, h);
+              }
               dsr[h] = ah[h] * (t + (grouped ? c(pos, h) : Scalar(0)));
             }
             tiled_token_grad(xn, ah, dsr, &gz(0, pos, 0), gz_stride, &u(0, 0), D, nh, dxr, du);

@@ -112,4 +112,33 @@ KOKKOS_INLINE_FUNCTION Scalar lane_dot_residual(const Scalar* a, const Scalar* b
   return part[0];
 }
 
+/// Both of lane_dot(x, u, n) and lane_dot_residual(g, x, z, s, n) in one pass over x, with the
+/// same partial sums in the same order, so each result is bit for bit the one of its own function.
+template <class Scalar>
+KOKKOS_INLINE_FUNCTION void lane_dot_and_residual(const Scalar* x, const Scalar* u, const Scalar* g,
+                                                  const Scalar* z, Scalar s, int n, Scalar& xu,
+                                                  Scalar& residual) {
+  constexpr int width = 32;
+  Scalar pu[width] = {}, pr[width] = {};
+  int i = 0;
+  for (; i + width <= n; i += width) {
+    for (int v = 0; v < width; ++v) {
+      pu[v] += x[i + v] * u[i + v];
+      pr[v] += g[i + v] * (x[i + v] - s * z[i + v]);
+    }
+  }
+  for (; i < n; ++i) {
+    pu[i % width] += x[i] * u[i];
+    pr[i % width] += g[i] * (x[i] - s * z[i]);
+  }
+  for (int half = width / 2; half >= 1; half /= 2) {
+    for (int v = 0; v < half; ++v) {
+      pu[v] += pu[v + half];
+      pr[v] += pr[v + half];
+    }
+  }
+  xu = pu[0];
+  residual = pr[0];
+}
+
 }  // namespace dchag::detail
