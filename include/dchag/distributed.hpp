@@ -346,10 +346,7 @@ class DistributedFrontEnd {
       return;
     }
     if (mode_ == Mode::exact_flat) {
-      const int chunk = detail::fused_chunk_channels<ExecSpace, Scalar>(B, L, D, int(J), 0, memory);
-      detail::ensure_fused_tokens(tokens_, B, J, L, D, chunk, memory);
-      if (train) ensure_view(d_chunk_, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
-      tokenizer_->reserve(int(B), int(J), int(L), memory == MemoryPolicy::keep ? 0 : chunk);
+      const int chunk = detail::reserve_fused(*tokenizer_, tokens_, d_chunk_, B, J, L, D, memory);
       attention_->reserve(saved_, int(B), int(J), int(L), Segments::whole(int(J)), true, chunk,
                           memory);
       return;

@@ -147,7 +147,7 @@ class Tokenizer {
     check_forward(images, sel);
     check_tokens("dchag::Tokenizer::forward", tokens, images.extent(0), sel.size(),
                  (images.extent(2) / patch_) * (images.extent(3) / patch_), dim_);
-    prepare(exec, images, sel);
+    record(exec, images, sel, 0);
     project(exec, 0, sel.size(), tokens);
   }
 
@@ -161,34 +161,7 @@ class Tokenizer {
     check_forward(images, sel);
     DCHAG_EXPECT(patch_chunk >= 0, "dchag::Tokenizer::prepare", "patch_chunk is ", patch_chunk,
                  ", expected >= 0");
-    const int B = static_cast<int>(images.extent(0));
-    const int J = sel.size();
-    const int H = static_cast<int>(images.extent(2));
-    const int W = static_cast<int>(images.extent(3));
-    const int L = (H / patch_) * (W / patch_);
-    B_ = B;
-    J_ = J;
-    L_ = L;
-    reserve(B, J, L, patch_chunk);
-
-    // Host-side slot of every selected channel, and its device copy for the kernels.
-    auto h_slot = Kokkos::create_mirror_view(slot_);
-    auto h_img = Kokkos::create_mirror_view(image_index_);
-    for (int j = 0; j < J; ++j) {
-      h_slot(j) = slot_of_[sel.channel_id[j]];
-      h_img(j) = sel.image_index[j];
-    }
-    Kokkos::deep_copy(exec, slot_, h_slot);
-    Kokkos::deep_copy(exec, image_index_, h_img);
-    if (patch_chunk == 0) {
-      images_ = {};
-      patches_first_ = 0;
-      patches_count_ = J;
-      detail::extract_patches(exec, images, image_index_, patches_, 0, J, patch_);
-    } else {
-      images_ = images;
-      patches_first_ = patches_count_ = 0;  // none extracted yet
-    }
+    record(exec, images, sel, patch_chunk);
   }
 
   /// Second half of forward, for channels [j0, j1) of the selection only: their tokens, into
@@ -426,6 +399,40 @@ class Tokenizer {
       DCHAG_EXPECT(i >= 0 && std::size_t(i) < images.extent(1), where, "image index ", i,
                    " at position ", j,
                    " is out of range, expected < images.extent(1) = ", images.extent(1));
+    }
+  }
+
+  // prepare after validation: records the selection, sizes the workspace and extracts the
+  // patches (patch_chunk 0) or holds the images for per-chunk extraction.
+  void record(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+              const ChannelSelection& sel, int patch_chunk) {
+    const int B = static_cast<int>(images.extent(0));
+    const int J = sel.size();
+    const int H = static_cast<int>(images.extent(2));
+    const int W = static_cast<int>(images.extent(3));
+    const int L = (H / patch_) * (W / patch_);
+    B_ = B;
+    J_ = J;
+    L_ = L;
+    reserve(B, J, L, patch_chunk);
+
+    // Host-side slot of every selected channel, and its device copy for the kernels.
+    auto h_slot = Kokkos::create_mirror_view(slot_);
+    auto h_img = Kokkos::create_mirror_view(image_index_);
+    for (int j = 0; j < J; ++j) {
+      h_slot(j) = slot_of_[sel.channel_id[j]];
+      h_img(j) = sel.image_index[j];
+    }
+    Kokkos::deep_copy(exec, slot_, h_slot);
+    Kokkos::deep_copy(exec, image_index_, h_img);
+    if (patch_chunk == 0) {
+      images_ = {};
+      patches_first_ = 0;
+      patches_count_ = J;
+      detail::extract_patches(exec, images, image_index_, patches_, 0, J, patch_);
+    } else {
+      images_ = images;
+      patches_first_ = patches_count_ = 0;  // none extracted yet
     }
   }
 

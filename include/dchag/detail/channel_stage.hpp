@@ -38,11 +38,7 @@ class ChannelStage {
       partial_.reserve(int(B), int(L), int(D));
       return;
     }
-    const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, 0, memory);
-    ensure_fused_tokens(tokens_, B, std::size_t(J), L, D, chunk, memory);
-    if (memory != MemoryPolicy::inference)
-      ensure_view(d_chunk_, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
-    tokenizer_.reserve(int(B), J, int(L), memory == MemoryPolicy::keep ? 0 : chunk);
+    const int chunk = reserve_fused(tokenizer_, tokens_, d_chunk_, B, std::size_t(J), L, D, memory);
     partial_.reserve(int(B), int(L), int(D), chunk, memory);
   }
 

@@ -75,6 +75,23 @@ void ensure_fused_tokens(View4<Scalar, MemSpace>& tokens, std::size_t B, std::si
   }
 }
 
+/// Allocates what fused_forward and fused_backward need for B images of J channels besides the
+/// fold's own state (the tokens, the gradient chunk where a backward may follow, the tokenizer's
+/// patches), so that a collective caller allocates before its first collective. Returns the
+/// chunk width, for the fold's reserve.
+template <class ExecSpace, class Scalar>
+int reserve_fused(Tokenizer<ExecSpace, Scalar>& tokenizer,
+                  View4<Scalar, typename ExecSpace::memory_space>& tokens,
+                  View1<Scalar, typename ExecSpace::memory_space>& d_chunk, std::size_t B,
+                  std::size_t J, std::size_t L, std::size_t D, MemoryPolicy memory) {
+  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, int(J), 0, memory);
+  ensure_fused_tokens(tokens, B, J, L, D, chunk, memory);
+  if (memory != MemoryPolicy::inference)
+    ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
+  tokenizer.reserve(int(B), int(J), int(L), memory == MemoryPolicy::keep ? 0 : chunk);
+  return chunk;
+}
+
 /// out = fold(tokens of the channels `sel` names in images), chunk by chunk.
 template <class ExecSpace, class Scalar, class Fold>
 void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer, Fold& fold,
