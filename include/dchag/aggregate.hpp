@@ -8,6 +8,7 @@
 #include <dchag/linear_aggregation.hpp>
 #include <dchag/partial_aggregator.hpp>
 #include <dchag/positional_embedding.hpp>
+#include <dchag/precision.hpp>
 #include <dchag/tensor.hpp>
 #include <dchag/tokenizer.hpp>
 #include <dchag/weights.hpp>

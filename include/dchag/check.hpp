@@ -11,6 +11,7 @@
 /// reduction over the values (one per tensor piece) and a fence; nothing is allocated.
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/error.hpp>
+#include <dchag/precision.hpp>
 #include <dchag/tensor.hpp>
 
 #include <cmath>
@@ -36,7 +37,10 @@ std::int64_t first_non_finite(const ExecSpace& exec, const V& v) {
       Kokkos::RangePolicy<ExecSpace, Kokkos::IndexType<std::int64_t>>(
           exec, 0, static_cast<std::int64_t>(v.extent(0))),
       KOKKOS_LAMBDA(const std::int64_t i, std::int64_t& m) {
-        const std::int64_t here = detail::isfinite(v(i)) ? none : i;
+        // 16-bit storage types are checked as the floats they widen to (exactly).
+        using T = std::remove_const_t<typename V::value_type>;
+        using Wide = std::conditional_t<sizeof(T) == 2, float, T>;
+        const std::int64_t here = detail::isfinite(convert<Wide>(v(i))) ? none : i;
         if (here < m) m = here;
       },
       Kokkos::Min<std::int64_t>(first));
@@ -48,7 +52,7 @@ template <class V>
 double element_at(const V& v, std::int64_t i) {
   std::remove_const_t<typename V::value_type> x{};
   Kokkos::deep_copy(x, Kokkos::subview(v, i));
-  return static_cast<double>(x);
+  return convert<double>(x);
 }
 
 inline void bracketed(std::ostream& os, const std::vector<std::int64_t>& values) {

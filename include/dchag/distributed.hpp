@@ -33,8 +33,9 @@ enum class ImageInput { own_channels, full_image };
 
 /// Bytes rank `rank` holds for one training step of `mode` on B images (DESIGN 5), without
 /// allocating anything. Measured high-water marks (MemoryTracker) agree within a few percent.
-/// Validates its arguments as the constructor and forward do.
-template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace>
+/// Validates its arguments as the constructor and forward do. Scalar and Storage as for
+/// DistributedFrontEnd.
+template <class Scalar, class ExecSpace = Kokkos::DefaultExecutionSpace, class Storage = Scalar>
 MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const ChannelMap& map,
                                int rank, std::int64_t B, int tree = 1) {
   using Attention = CrossAttention<ExecSpace, Scalar>;
@@ -53,7 +54,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   if (mode == Mode::dchag_linear || mode == Mode::dchag_xattn) {
     const auto kind =
         mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
-    e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg, Cr, kind, tree, B);
+    e += detail::ChannelStage<ExecSpace, Scalar, Storage>::estimate(cfg, Cr, kind, tree, B);
     e += Attention::estimate_application(cfg.attention(), b, P, L, 1, cfg.heads, false, 0,
                                          train ? MemoryPolicy::keep : MemoryPolicy::inference);
     e.activations += token * (P + 1);     // gathered, partial
@@ -66,28 +67,36 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   const int J = tp ? cfg.channels : Cr;
   const auto [h0, h1] = detail::head_share(cfg.heads, P, rank);
   if (tp) {
-    e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L);
+    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(J, cfg.patch, D, B, J, L);
     e += Attention::estimate_application(cfg.attention(), b, J, L, 1, h1 - h0, false);
     e.activations += token * J;        // tokens
     e.workspace += token * J + S * D;  // d_tokens, the query gradient before this call
   } else {
-    const int width = detail::fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, 0, memory);
-    e += Tokenizer<ExecSpace, Scalar>::estimate(J, cfg.patch, D, B, J, L,
-                                                memory == MemoryPolicy::keep ? 0 : width);
+    using Tokens = detail::FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
+    const int width =
+        detail::fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, 0, memory);
+    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(J, cfg.patch, D, B, J, L,
+                                                         Tokens::all_patches(memory) ? 0 : width);
     e += Attention::estimate_application(cfg.attention(), b, J, L, 1, cfg.heads, true, width,
                                          memory);
-    e += detail::fused_buffers_estimate<ExecSpace, Scalar>(B, L, D, J, 0, memory);
+    e += detail::fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, D, J, 0, memory);
   }
   e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, J, B);
   return e;
 }
 
-template <class ExecSpace, class Scalar = float>
+/// Scalar: parameters, gradients, arithmetic, the partial tokens and the output; Storage: the
+/// images and the tokens (precision.hpp).
+template <class ExecSpace, class Scalar = float, class Storage = Scalar>
 class DistributedFrontEnd {
+  static_assert(is_storage_type_v<Storage>,
+                "dchag::DistributedFrontEnd: Storage is not a storage type");
+
  public:
   using execution_space = ExecSpace;
   using memory_space = typename ExecSpace::memory_space;
   using scalar_type = Scalar;
+  using storage_type = Storage;
   using V3 = View3<Scalar, memory_space>;
   using V4 = View4<Scalar, memory_space>;
 
@@ -110,7 +119,8 @@ class DistributedFrontEnd {
                         {"convention", static_cast<std::int64_t>(cfg.convention)},
                         {"tree", tree},
                         {"seed", static_cast<std::int64_t>(cfg.seed)},
-                        {"scalar size", static_cast<std::int64_t>(sizeof(Scalar))},
+                        {"scalar type", StorageTraits<Scalar>::code},
+                        {"storage type", StorageTraits<Storage>::code},
                         {"channel map", static_cast<std::int64_t>(map.fingerprint())}});
     const int rank = comm_.rank();
     channels_ = map.channels_of(rank);
@@ -144,7 +154,7 @@ class DistributedFrontEnd {
   }
   /// Bytes this rank holds for one training step on B images.
   MemoryEstimate memory_estimate(std::int64_t B) const {
-    return estimate_memory<Scalar, ExecSpace>(cfg_, mode_, map_, comm_.rank(), B, tree_);
+    return estimate_memory<Scalar, ExecSpace, Storage>(cfg_, mode_, map_, comm_.rank(), B, tree_);
   }
   const FrontEndConfig& config() const { return cfg_; }
   const Communicator& communicator() const { return comm_; }
@@ -153,7 +163,7 @@ class DistributedFrontEnd {
 
   /// Collective. out [B, L, D], identical on every rank. images [B, C_r, H, W] (own channels) or
   /// [B, C, H, W] (full image); tp_only needs the full image (every rank tokenizes all channels).
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, ImageInput input = ImageInput::own_channels) {
     detail::ScopedRegion region("dchag::DistributedFrontEnd::forward");
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
@@ -186,11 +196,12 @@ class DistributedFrontEnd {
       }
       case Mode::exact_flat: {
         detail::AttentionFold<ExecSpace, Scalar> fold{*attention_, saved_, &reduce_, sel.size()};
-        detail::fused_forward(exec, *tokenizer_, fold, images, sel, tokens_, out4, 0, cfg_.memory);
+        detail::fused_forward(exec, *tokenizer_, fold, images, sel, fused_, out4, 0, cfg_.memory);
         break;
       }
       case Mode::tp_only:
         tokenizer_->forward(exec, images, sel, tokens_);
+        detail::round_all_tokens<Storage>(exec, tokens_);
         attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_);
         allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(out.data(), out.span()));
         break;
@@ -236,7 +247,7 @@ class DistributedFrontEnd {
         // Token gradients are local: one chunk at a time, straight into the tokenizer.
         const int J = static_cast<int>(channels_.size());
         detail::AttentionFold<ExecSpace, Scalar> fold{*attention_, saved_, &reduce_, J};
-        detail::fused_backward(exec, *tokenizer_, fold, tokens_, J, d_out4, d_chunk_, 0,
+        detail::fused_backward(exec, *tokenizer_, fold, fused_, J, d_out4, d_chunk_, 0,
                                saved_.memory);
         break;
       }
@@ -295,7 +306,7 @@ class DistributedFrontEnd {
   /// `images`, parameters and gradients on every rank; a NaN or Inf on any rank is a dchag::error
   /// on every rank naming the rank, the tensor and the index. Off the hot path: call it when
   /// debugging or every N steps.
-  void check_finite(const ExecSpace& exec, const View4<const Scalar, memory_space>& images) const {
+  void check_finite(const ExecSpace& exec, const View4<const Storage, memory_space>& images) const {
     comm_.check_collectively("dchag::DistributedFrontEnd::check_finite", [&] {
       dchag::check_finite(exec, "images", images);
       dchag::check_finite(exec, parameters());
@@ -346,7 +357,7 @@ class DistributedFrontEnd {
       return;
     }
     if (mode_ == Mode::exact_flat) {
-      const int chunk = detail::reserve_fused(*tokenizer_, tokens_, d_chunk_, B, J, L, D, memory);
+      const int chunk = detail::reserve_fused(*tokenizer_, fused_, d_chunk_, B, J, L, D, memory);
       attention_->reserve(saved_, int(B), int(J), int(L), Segments::whole(int(J)), true, chunk,
                           memory);
       return;
@@ -366,7 +377,7 @@ class DistributedFrontEnd {
     detail::validate_rank(where, cfg_, mode_, map_, comm_.rank(), tree_);
   }
 
-  void check_forward(const View4<const Scalar, memory_space>& images, const V3& out,
+  void check_forward(const View4<const Storage, memory_space>& images, const V3& out,
                      ImageInput input) const {
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     const bool full = input == ImageInput::full_image;
@@ -405,9 +416,9 @@ class DistributedFrontEnd {
   int tree_;
   detail::CommunicatorReduce<ExecSpace, Scalar> reduce_;
   std::vector<int> channels_;
-  std::optional<detail::ChannelStage<ExecSpace, Scalar>> stage_;  // D-CHAG modes
-  std::optional<Tokenizer<ExecSpace, Scalar>> tokenizer_;         // exact_flat, tp_only
-  std::optional<CrossAttention<ExecSpace, Scalar>> attention_;    // final or flat aggregation
+  std::optional<detail::ChannelStage<ExecSpace, Scalar, Storage>> stage_;  // D-CHAG modes
+  std::optional<Tokenizer<ExecSpace, Scalar, Storage>> tokenizer_;         // exact_flat, tp_only
+  std::optional<CrossAttention<ExecSpace, Scalar>> attention_;  // final or flat aggregation
   std::optional<PositionalEmbedding<ExecSpace, Scalar>> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   bool forwarded_ = false;
@@ -417,7 +428,8 @@ class DistributedFrontEnd {
 #else
   bool check_replicas_ = true;
 #endif
-  V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;
+  V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;  // tokens_: tp_only's
+  detail::FusedTokens<Scalar, Storage, memory_space> fused_;           // exact_flat's tokens
   View1<Scalar, memory_space> query_before_, d_chunk_;
 };
 

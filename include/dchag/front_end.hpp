@@ -14,6 +14,7 @@
 #include <dchag/front_end_config.hpp>
 #include <dchag/partial_aggregator.hpp>
 #include <dchag/positional_embedding.hpp>
+#include <dchag/precision.hpp>
 #include <dchag/tokenizer.hpp>
 
 #include <algorithm>
@@ -26,13 +27,17 @@
 
 namespace dchag {
 
-/// The ClimaX front end on one process.
-template <class ExecSpace, class Scalar = float>
+/// The ClimaX front end on one process. `Scalar`: parameters, gradients, arithmetic and the
+/// output; `Storage`: the images and the tokens (precision.hpp).
+template <class ExecSpace, class Scalar = float, class Storage = Scalar>
 class FlatFrontEnd {
+  static_assert(is_storage_type_v<Storage>, "dchag::FlatFrontEnd: Storage is not a storage type");
+
  public:
   using execution_space = ExecSpace;
   using memory_space = typename ExecSpace::memory_space;
   using scalar_type = Scalar;
+  using storage_type = Storage;
 
   FlatFrontEnd(const ExecSpace& exec, const FrontEndConfig& cfg)
       : cfg_(validated(cfg)),
@@ -44,9 +49,9 @@ class FlatFrontEnd {
   const FrontEndConfig& config() const { return cfg_; }
 
   /// out [B, L, D] from images [B, J, H, W] whose channels are those `sel` names (any subset or
-  /// permutation of the model's channels). With MemoryPolicy::recompute the backward reads the
-  /// images again: keep them unchanged until it has run.
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  /// permutation of the model's channels). With MemoryPolicy::recompute, or a Storage other
+  /// than Scalar, the backward reads the images again: keep them unchanged until it has run.
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
     constexpr const char* where = "dchag::FlatFrontEnd::forward";
@@ -55,18 +60,21 @@ class FlatFrontEnd {
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
     if (cfg_.strategy == Strategy::pooled) {
       detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, int(J)};
-      detail::fused_forward(exec, tokenizer_, fold, images, sel, tokens_, as4(out), chunk_channels_,
+      tokens_ = View4<Scalar, memory_space>();
+      detail::fused_forward(exec, tokenizer_, fold, images, sel, fused_, as4(out), chunk_channels_,
                             cfg_.memory);
     } else {
+      fused_ = Tokens();
       detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
       tokenizer_.forward(exec, images, sel, tokens_);
+      detail::round_all_tokens<Storage>(exec, tokens_);
       attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
     }
     channels_in_ = int(J);
     pos_.forward(exec, out);
   }
   /// All C channels, in model order: images [B, C, H, W].
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
     forward(exec, images, ChannelSelection::from_full_image(detail::iota_ids(cfg_.channels)), out);
   }
@@ -83,7 +91,7 @@ class FlatFrontEnd {
     pos_.backward(exec, d_out);
     if (saved_.strategy == Strategy::pooled) {  // the forward's strategy, not the current one
       detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, channels_in_};
-      detail::fused_backward(exec, tokenizer_, fold, tokens_, channels_in_, as4(d_out), d_chunk_,
+      detail::fused_backward(exec, tokenizer_, fold, fused_, channels_in_, as4(d_out), d_chunk_,
                              chunk_channels_, saved_.memory);
       return;
     }
@@ -137,21 +145,22 @@ class FlatFrontEnd {
     MemoryEstimate e = Attention::estimate_module(cfg.attention());
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
     if (cfg.strategy == Strategy::materialized) {
-      e += Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L);
+      e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J,
+                                                           L);
       e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
       const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
       e.activations += tokens;  // tokens
       e.workspace += tokens;    // d_tokens
       return e;
     }
-    const int width =
-        detail::fused_chunk_channels<ExecSpace, Scalar>(B, L, cfg.dim, J, chunk, cfg.memory);
-    const bool keep = cfg.memory == MemoryPolicy::keep;
-    e += Tokenizer<ExecSpace, Scalar>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J, L,
-                                                keep ? 0 : width);
+    const int width = detail::fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, cfg.dim, J,
+                                                                               chunk, cfg.memory);
+    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(
+        cfg.channels, cfg.patch, cfg.dim, B, J, L, Tokens::all_patches(cfg.memory) ? 0 : width);
     e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false, width,
                                          cfg.memory);
-    e += detail::fused_buffers_estimate<ExecSpace, Scalar>(B, L, cfg.dim, J, chunk, cfg.memory);
+    e += detail::fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, cfg.dim, J, chunk,
+                                                                    cfg.memory);
     return e;
   }
   MemoryEstimate memory_estimate(std::int64_t B, int channels_in = -1) const {
@@ -187,12 +196,15 @@ class FlatFrontEnd {
     return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
   }
 
+  using Tokens = detail::FusedTokens<Scalar, Storage, memory_space>;
+
   FrontEndConfig cfg_;
-  Tokenizer<ExecSpace, Scalar> tokenizer_;
+  Tokenizer<ExecSpace, Scalar, Storage> tokenizer_;
   CrossAttention<ExecSpace, Scalar> attention_;
   PositionalEmbedding<ExecSpace, Scalar> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
-  View4<Scalar, memory_space> tokens_;
+  Tokens fused_;                         // the pooled path's tokens
+  View4<Scalar, memory_space> tokens_;   // the materialized path's: every token
   View1<Scalar, memory_space> d_chunk_;  // d_tokens, whole or one fused chunk
   int chunk_channels_ = 0;
   int channels_in_ = 0;  // channels of the last forward
@@ -204,13 +216,17 @@ struct DchagOptions {
   int tree = 1;                               ///< k groups of the local tree (1: none)
 };
 
-/// D-CHAG on one process: `groups[r]` lists the global channels of emulated rank r.
-template <class ExecSpace, class Scalar = float>
+/// D-CHAG on one process: `groups[r]` lists the global channels of emulated rank r. Scalar and
+/// Storage as for FlatFrontEnd; the partial tokens are Scalar.
+template <class ExecSpace, class Scalar = float, class Storage = Scalar>
 class DchagEmulation {
+  static_assert(is_storage_type_v<Storage>, "dchag::DchagEmulation: Storage is not a storage type");
+
  public:
   using execution_space = ExecSpace;
   using memory_space = typename ExecSpace::memory_space;
   using scalar_type = Scalar;
+  using storage_type = Storage;
   using V4 = View4<Scalar, memory_space>;
 
   DchagEmulation(const ExecSpace& exec, const FrontEndConfig& cfg, DchagOptions options,
@@ -220,7 +236,7 @@ class DchagEmulation {
         final_(exec, cfg.attention(), cfg.seed, "final."),
         pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {
     for (std::size_t r = 0; r < groups.size(); ++r) {
-      stages_.push_back(std::make_unique<detail::ChannelStage<ExecSpace, Scalar>>(
+      stages_.push_back(std::make_unique<detail::ChannelStage<ExecSpace, Scalar, Storage>>(
           exec, cfg, groups[r], options.partial, options.tree,
           "partial." + std::to_string(r) + "."));
     }
@@ -229,7 +245,7 @@ class DchagEmulation {
   int groups() const { return static_cast<int>(stages_.size()); }
 
   /// out [B, L, D] from images [B, C, H, W] holding every model channel.
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
@@ -300,8 +316,8 @@ class DchagEmulation {
     const std::int64_t L = cfg_.patches();
     MemoryEstimate e;
     for (const auto& st : stages_) {
-      e += detail::ChannelStage<ExecSpace, Scalar>::estimate(cfg_, int(st->channels().size()),
-                                                             options_.partial, options_.tree, B);
+      e += detail::ChannelStage<ExecSpace, Scalar, Storage>::estimate(
+          cfg_, int(st->channels().size()), options_.partial, options_.tree, B);
     }
     e += Attention::estimate_module(cfg_.attention());
     // validate_batch bounds B * C * L, so B and L fit the attention estimate's ints.
@@ -355,7 +371,7 @@ class DchagEmulation {
 
   FrontEndConfig cfg_;
   DchagOptions options_;
-  std::vector<std::unique_ptr<detail::ChannelStage<ExecSpace, Scalar>>> stages_;
+  std::vector<std::unique_ptr<detail::ChannelStage<ExecSpace, Scalar, Storage>>> stages_;
   CrossAttention<ExecSpace, Scalar> final_;
   PositionalEmbedding<ExecSpace, Scalar> pos_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;

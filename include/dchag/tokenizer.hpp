@@ -12,6 +12,7 @@
 #include <dchag/detail/workspace.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
+#include <dchag/precision.hpp>
 #include <dchag/tensor.hpp>
 
 #include <algorithm>
@@ -24,10 +25,10 @@ namespace dchag {
 namespace detail {
 
 /// im2col of the selected channels [j0, j1): patches(j - j0, b, l, kr * p + kc) =
-/// images(b, image_index(j), row, col). One loop row per image row: its W / p patches each take
-/// p contiguous pixels.
-template <class ExecSpace, class Scalar, class MemSpace>
-void extract_patches(const ExecSpace& exec, const View4<const Scalar, MemSpace>& images,
+/// images(b, image_index(j), row, col), widened from the images' storage type. One loop row per
+/// image row: its W / p patches each take p contiguous pixels.
+template <class ExecSpace, class Scalar, class Pixel, class MemSpace>
+void extract_patches(const ExecSpace& exec, const View4<const Pixel, MemSpace>& images,
                      const View1<int, MemSpace>& image_index,
                      const View4<Scalar, MemSpace>& patches, int j0, int j1, int p) {
   using Team = Kokkos::TeamPolicy<ExecSpace>;
@@ -41,12 +42,12 @@ void extract_patches(const ExecSpace& exec, const View4<const Scalar, MemSpace>&
         const int y = team.league_rank() % H;
         const int b = (team.league_rank() / H) % B;
         const int jj = team.league_rank() / (H * B);
-        const Scalar* src = &images(b, image_index(j0 + jj), y, 0);
+        const Pixel* src = &images(b, image_index(j0 + jj), y, 0);
         const int l0 = (y / p) * wp, kr = y % p;
         Kokkos::parallel_for(Kokkos::TeamThreadRange(team, wp), [&](const int c) {
           Scalar* dst = &patches(jj, b, l0 + c, kr * p);
           Kokkos::parallel_for(Kokkos::ThreadVectorRange(team, p),
-                               [&](const int kc) { dst[kc] = src[c * p + kc]; });
+                               [&](const int kc) { dst[kc] = convert<Scalar>(src[c * p + kc]); });
         });
       });
 }
@@ -75,12 +76,17 @@ struct ChannelSelection {
   int size() const { return static_cast<int>(channel_id.size()); }
 };
 
-template <class ExecSpace, class Scalar = float>
+/// `Scalar`: the weights, their gradients and the arithmetic; `Storage`: the images' type
+/// (precision.hpp). Tokens and patches are Scalar.
+template <class ExecSpace, class Scalar = float, class Storage = Scalar>
 class Tokenizer {
+  static_assert(is_storage_type_v<Storage>, "dchag::Tokenizer: Storage is not a storage type");
+
  public:
   using execution_space = ExecSpace;
   using memory_space = typename ExecSpace::memory_space;
   using scalar_type = Scalar;
+  using storage_type = Storage;
 
   /// Allocates and initialises (ClimaX: trunc-normal 0.02 weights, zero biases, sin-cos channel
   /// embedding) the weights of `owned` channels among `model_channels`.
@@ -141,7 +147,7 @@ class Tokenizer {
 
   /// tokens [B, J, L, D] from images [B, Cimg, H, W] and a selection of J channels. Saves the
   /// patches for backward. H and W must be multiples of the patch size.
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const View4<Scalar, memory_space>& tokens) {
     detail::ScopedRegion region("dchag::Tokenizer::forward");
     check_forward(images, sel);
@@ -155,7 +161,7 @@ class Tokenizer {
   /// the patches of every channel now and keeps them for backward; n > 0 extracts them per
   /// call of project (at most n channels each) from `images`, which this tokenizer then holds
   /// (not a copy: the caller keeps them unchanged until the backward's last chunk, DESIGN 3.8).
-  void prepare(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void prepare(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, int patch_chunk = 0) {
     detail::ScopedRegion region("dchag::Tokenizer::prepare");
     check_forward(images, sel);
@@ -182,14 +188,7 @@ class Tokenizer {
                  where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
                  tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [", B, ", ",
                  J_, ", ", L, ", ", D, "] or the chunk's [", B, ", ", nj, ", ", L, ", ", D, "]");
-    if (images_.data() != nullptr) {
-      DCHAG_EXPECT(std::size_t(nj) <= patches_.extent(0), where, "chunk [", j0, ", ", j1,
-                   ") holds ", nj, " channels, expected at most the prepared patch chunk ",
-                   patches_.extent(0));
-      detail::extract_patches(exec, images_, image_index_, patches_, j0, j1, patch_);
-      patches_first_ = j0;
-      patches_count_ = nj;
-    }
+    load_patches(exec, j0, j1);
     const int t0 = all ? 0 : j0;  // selection index of tokens' first channel slot
     const int p0 = patches_first_;
     // Start every token at bias + channel embedding, then add the patch projection.
@@ -216,6 +215,23 @@ class Tokenizer {
               &patches(j - p0, b, 0, 0), 0, pp, 1, &weight(slot(j), 0, 0), 0, D,
               &tokens(b, j - t0, 0, 0),  D};
         });
+  }
+
+  /// With patches per chunk (prepare's patch_chunk > 0), extracts those of channels [j0, j1) of
+  /// the prepared selection from the held images, unless they are held already; else a no-op.
+  /// project does it; a backward of chunks it did not just project needs it first.
+  void load_patches(const ExecSpace& exec, int j0, int j1) {
+    constexpr const char* where = "dchag::Tokenizer::load_patches";
+    DCHAG_EXPECT(J_ > 0, where, "called before prepare");
+    DCHAG_EXPECT(0 <= j0 && j0 < j1 && j1 <= J_, where, "channel range [", j0, ", ", j1,
+                 ") is not a non-empty range inside the prepared selection [0, ", J_, ")");
+    if (images_.data() == nullptr || (patches_first_ == j0 && patches_count_ == j1 - j0)) return;
+    DCHAG_EXPECT(std::size_t(j1 - j0) <= patches_.extent(0), where, "chunk [", j0, ", ", j1,
+                 ") holds ", j1 - j0, " channels, expected at most the prepared patch chunk ",
+                 patches_.extent(0));
+    detail::extract_patches(exec, images_, image_index_, patches_, j0, j1, patch_);
+    patches_first_ = j0;
+    patches_count_ = j1 - j0;
   }
 
   /// Accumulates the gradients of the weights, biases and channel embeddings of the channels seen
@@ -358,7 +374,7 @@ class Tokenizer {
     return list;
   }
 
-  void check_forward(const View4<const Scalar, memory_space>& images,
+  void check_forward(const View4<const Storage, memory_space>& images,
                      const ChannelSelection& sel) const {
     constexpr const char* where = "dchag::Tokenizer::forward";
     const std::size_t H = images.extent(2), W = images.extent(3), p = patch_;
@@ -404,7 +420,7 @@ class Tokenizer {
 
   // prepare after validation: records the selection, sizes the workspace and extracts the
   // patches (patch_chunk 0) or holds the images for per-chunk extraction.
-  void record(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void record(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
               const ChannelSelection& sel, int patch_chunk) {
     const int B = static_cast<int>(images.extent(0));
     const int J = sel.size();
@@ -454,7 +470,7 @@ class Tokenizer {
   int B_ = 0, J_ = 0, L_ = 0;
   View4<Scalar, memory_space> patches_;  // [held, B, L, p*p]: of channels [first, first+count)
   int patches_first_ = 0, patches_count_ = 0;
-  View4<const Scalar, memory_space> images_;  // per-chunk patches: the images prepare was given
+  View4<const Storage, memory_space> images_;  // per-chunk patches: the images prepare was given
   View1<int, memory_space> slot_, image_index_;
 };
 

@@ -258,6 +258,36 @@ class Tokenizer:
                         assert torch.allclose(tokens[b, j, l], ref, **TOL)
 
 
+# Storage types (DESIGN 3.12): images and tokens held in bf16 or fp16, arithmetic in float64 here.
+STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class RoundTo(torch.autograd.Function):
+    """Rounds to a storage type in the forward, through float32 as dchag narrows its results;
+    the identity in the backward (straight-through, as mixed-precision training does)."""
+
+    @staticmethod
+    def forward(ctx, x, dtype):
+        return x.to(torch.float32).to(dtype).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def stored(x, storage):
+    return x if storage is None else RoundTo.apply(x, STORAGE[storage])
+
+
+def stored_leaf(g, name, shape, var, storage):
+    """An input leaf whose values are already those of the storage type."""
+    t = g.leaf(name, shape, var)
+    if storage is not None:
+        with torch.no_grad():
+            t.copy_(stored(t, storage))
+    return t
+
+
 def ints(seq):
     return ",".join(str(int(i)) for i in seq)
 
@@ -291,10 +321,10 @@ def xattn_artifact(path, seed, B, N, L, D, heads, prefix):
                              D=D, heads=heads, seed=seed))
 
 
-def flat(path, seed, B, C, H, W, p, D, heads, ids):
+def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
-    images = g.leaf("images", [B, len(ids), H, W], 1.0)
+    images = stored_leaf(g, "images", [B, len(ids), H, W], 1.0, storage)
     tok = Tokenizer(g, C, D, p)
     mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
     var_query = g.leaf("var_query", [1, 1, D], 1.0)
@@ -305,10 +335,14 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids):
     pos_embed = g.leaf("pos_embed", [1, L, D], 1.0)
     tokens = tok(images, ids)
     tok.check(images, ids, tokens)
+    tokens = stored(tokens, storage)
     check_climax_against_explicit(tokens, var_query, mha)
     out = climax_aggregate(tokens, var_query, mha) + pos_embed
-    g.finish(path, out, dict(kind="flat", convention="climax", B=B, L=L, D=D, heads=heads, C=C,
-                             H=H, W=W, p=p, channel_ids=ints(ids), seed=seed))
+    meta = dict(kind="flat", convention="climax", B=B, L=L, D=D, heads=heads, C=C, H=H, W=W, p=p,
+                channel_ids=ints(ids), seed=seed)
+    if storage is not None:
+        meta["storage"] = storage
+    g.finish(path, out, meta)
 
 
 def block_sizes(C, P):
@@ -316,12 +350,12 @@ def block_sizes(C, P):
     return [C // P + (1 if r < C % P else 0) for r in range(P)]
 
 
-def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads):
+def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     sizes = block_sizes(C, P)
     starts = np.cumsum([0] + sizes)
-    images = g.leaf("images", [B, C, H, W], 1.0)
+    images = stored_leaf(g, "images", [B, C, H, W], 1.0, storage)
     tok = Tokenizer(g, C, D, p)
 
     partials = []
@@ -362,13 +396,17 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads):
     ids = list(range(C))
     tokens = tok(images, ids)
     tok.check(images, ids, tokens)
+    tokens = stored(tokens, storage)
     ys = [partials[r](tokens[:, starts[r]:starts[r + 1]]) for r in range(P)]
     gathered = torch.stack(ys, dim=1)                                # [B, P, L, D], rank order
     final.check(gathered)
     out = final(gathered) + pos_embed
-    g.finish(path, out, dict(kind="dchag", convention="artifact", partial=partial, tree=tree,
-                             groups=P, map="blocks", channels_per_rank=ints(sizes), B=B, L=L, D=D,
-                             heads=heads, C=C, H=H, W=W, p=p, channel_ids=ints(ids), seed=seed))
+    meta = dict(kind="dchag", convention="artifact", partial=partial, tree=tree, groups=P,
+                map="blocks", channels_per_rank=ints(sizes), B=B, L=L, D=D, heads=heads, C=C, H=H,
+                W=W, p=p, channel_ids=ints(ids), seed=seed)
+    if storage is not None:
+        meta["storage"] = storage
+    g.finish(path, out, meta)
 
 
 def main():
@@ -391,6 +429,14 @@ def main():
           heads=4)
     dchag(f("dchag_xattn_uneven"), 112, "xattn", tree=1, P=3, C=7, B=1, H=4, W=8, p=4, D=12,
           heads=3)
+    flat(f("flat_bf16"), 113, B=2, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[0, 1, 2, 3, 4, 5],
+         storage="bf16")
+    flat(f("flat_fp16_subset"), 114, B=2, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[4, 1, 3],
+         storage="fp16")
+    dchag(f("dchag_xattn_bf16"), 115, "xattn", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
+          heads=4, storage="bf16")
+    dchag(f("dchag_linear_fp16"), 116, "linear", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16,
+          heads=4, storage="fp16")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -99,27 +100,45 @@ Problem small_problem(int channels) {
   return {cfg, 2};
 }
 
-dchag::View4<Scalar, Mem> own_channels(const dchag::View4<Scalar, Mem>& full,
-                                       const std::vector<int>& ids) {
-  dchag::View4<Scalar, Mem> own("own", full.extent(0), ids.size(), full.extent(2), full.extent(3));
+template <class T>
+dchag::View4<T, Mem> own_channels(const dchag::View4<T, Mem>& full, const std::vector<int>& ids) {
+  dchag::View4<T, Mem> own("own", full.extent(0), ids.size(), full.extent(2), full.extent(3));
   for (std::size_t j = 0; j < ids.size(); ++j)
     Kokkos::deep_copy(Kokkos::subview(own, Kokkos::ALL, j, Kokkos::ALL, Kokkos::ALL),
                       Kokkos::subview(full, Kokkos::ALL, ids[j], Kokkos::ALL, Kokkos::ALL));
   return own;
 }
 
-// Runs `mode` on the world communicator and the reference `ref` on this process, same weights.
-template <class Ref>
+// `v` in the storage type T (rounded once per element, on the host).
+template <class T>
+dchag::View4<T, Mem> stored(const dchag::View4<Scalar, Mem>& v) {
+  if constexpr (std::is_same_v<T, Scalar>) {
+    return v;
+  } else {
+    dchag::View4<T, Mem> out("stored", v.extent(0), v.extent(1), v.extent(2), v.extent(3));
+    auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
+    auto ho = Kokkos::create_mirror_view(out);
+    for (std::size_t i = 0; i < h.span(); ++i)
+      ho.data()[i] = dchag::detail::convert<T>(h.data()[i]);
+    Kokkos::deep_copy(out, ho);
+    return out;
+  }
+}
+
+// Runs `mode` on the world communicator and the reference `ref` (of the same Storage) on this
+// process, same weights.
+template <class Storage = Scalar, class Ref>
 void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, Ref& ref,
              dchag::ImageInput input, int tree = 1) {
   Exec exec;
   dchag::Communicator comm(MPI_COMM_WORLD);
-  dchag::DistributedFrontEnd<Exec, Scalar> dist(exec, comm, pb.cfg, mode, map, tree);
+  dchag::DistributedFrontEnd<Exec, Scalar, Storage> dist(exec, comm, pb.cfg, mode, map, tree);
   randomize(dist.parameters());
   randomize(ref.parameters());
   const int C = pb.cfg.channels, L = pb.cfg.patches(), D = pb.cfg.dim;
-  dchag::View4<Scalar, Mem> images("images", pb.B, C, pb.cfg.height, pb.cfg.width);
-  fill(images, 1);
+  dchag::View4<Scalar, Mem> filled("images", pb.B, C, pb.cfg.height, pb.cfg.width);
+  fill(filled, 1);
+  const auto images = stored<Storage>(filled);
   dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D),
       g("g", pb.B, L, D);
   fill(g, 2);
@@ -243,6 +262,36 @@ TEST_CASE("tp_only on P ranks equals the materialized flat front end", "[mpi][di
     compare(dchag::Mode::tp_only, pb, dchag::ChannelMap::blocks(6, P), ref,
             dchag::ImageInput::full_image);
   }
+}
+
+TEST_CASE("16-bit storage on P ranks equals the single-process front ends",
+          "[mpi][distributed][precision]") {
+  // Every token is formed in double and rounded once in both, so they agree as double does.
+  const int P = world_size();
+  Exec exec;
+  auto pb = small_problem(2 * P + 2);
+  const auto map = dchag::ChannelMap::blocks(pb.cfg.channels, P);
+  std::vector<std::vector<int>> groups;
+  for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
+  for (const auto memory : {dchag::MemoryPolicy::keep, dchag::MemoryPolicy::recompute}) {
+    pb.cfg.memory = memory;
+    pb.cfg.strategy = dchag::Strategy::pooled;
+    INFO(dchag::to_string(memory));
+    dchag::DchagEmulation<Exec, Scalar, dchag::bf16> linear(
+        exec, pb.cfg, {dchag::PartialKind::linear, 1}, groups);
+    compare<dchag::bf16>(dchag::Mode::dchag_linear, pb, map, linear,
+                         dchag::ImageInput::own_channels);
+    dchag::DchagEmulation<Exec, Scalar, dchag::fp16> xattn(
+        exec, pb.cfg, {dchag::PartialKind::cross_attention, 2}, groups);
+    compare<dchag::fp16>(dchag::Mode::dchag_xattn, pb, map, xattn, dchag::ImageInput::full_image,
+                         2);
+    dchag::FlatFrontEnd<Exec, Scalar, dchag::bf16> flat(exec, pb.cfg);
+    compare<dchag::bf16>(dchag::Mode::exact_flat, pb, map, flat, dchag::ImageInput::own_channels);
+  }
+  pb.cfg.memory = dchag::MemoryPolicy::keep;
+  pb.cfg.strategy = dchag::Strategy::materialized;
+  dchag::FlatFrontEnd<Exec, Scalar, dchag::bf16> flat(exec, pb.cfg);
+  compare<dchag::bf16>(dchag::Mode::tp_only, pb, map, flat, dchag::ImageInput::full_image);
 }
 
 TEST_CASE("an inference forward equals keep's and refuses a backward on every rank",

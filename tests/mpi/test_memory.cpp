@@ -24,7 +24,7 @@ void require_close(std::int64_t measured, const dchag::MemoryEstimate& e, const 
   REQUIRE(double(measured) <= 1.1 * double(e.total()));
 }
 
-template <class Scalar>
+template <class Scalar, class Storage = Scalar>
 void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelMap& map, int tree) {
   Exec exec;
   dchag::Communicator comm(MPI_COMM_WORLD);
@@ -49,26 +49,27 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
         c.mode == dchag::Mode::dchag_linear || c.mode == dchag::Mode::dchag_xattn ? tree : 1;
     if (c.mode == dchag::Mode::dchag_linear && int(map.channels_of(comm.rank()).size()) % k != 0)
       continue;
-    dchag::View4<Scalar, Mem> images("images", B, cfg.channels, cfg.height, cfg.width);
+    dchag::View4<Storage, Mem> images("images", B, cfg.channels, cfg.height, cfg.width);
     dchag::View3<Scalar, Mem> out("out", B, cfg.patches(), cfg.dim);
     std::int64_t peak = 0;
     dchag::MemoryEstimate estimate;
     {
       dchag::MemoryTracker tracker;
-      dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, cfg, c.mode, map, k);
+      dchag::DistributedFrontEnd<Exec, Scalar, Storage> fe(exec, comm, cfg, c.mode, map, k);
       fe.forward(exec, images, out, dchag::ImageInput::full_image);
       if (c.memory != MemoryPolicy::inference) fe.backward(exec, out);
       exec.fence();
       peak = tracker.peak_bytes();
       estimate = fe.memory_estimate(B);
       const auto free_estimate =
-          dchag::estimate_memory<Scalar, Exec>(cfg, c.mode, map, comm.rank(), B, k);
+          dchag::estimate_memory<Scalar, Exec, Storage>(cfg, c.mode, map, comm.rank(), B, k);
       REQUIRE(free_estimate.total() == estimate.total());
     }
     require_close(peak, estimate,
                   std::string(dchag::to_string(c.mode)) + " " +
                       std::string(dchag::to_string(c.strategy)) + " " +
-                      std::string(dchag::to_string(c.memory)) + " map " + std::string(map.kind()) +
+                      std::string(dchag::to_string(c.memory)) + " storage " +
+                      dchag::StorageTraits<Storage>::name + " map " + std::string(map.kind()) +
                       " tree " + std::to_string(k) + " rank " + std::to_string(comm.rank()));
   }
 }
@@ -92,9 +93,14 @@ TEST_CASE("distributed estimates match the measured peak", "[mpi][memory]") {
   check_modes<float>(config(8 * P, 32, 4), 2, dchag::ChannelMap::blocks(8 * P, P), 1);
   check_modes<double>(config(7 * P + 1, 24, 4), 1, dchag::ChannelMap::round_robin(7 * P + 1, P), 1);
   check_modes<float>(config(6 * P, 32, 8), 1, dchag::ChannelMap::blocks(6 * P, P), 2);
+  check_modes<float, dchag::bf16>(config(8 * P, 32, 4), 2, dchag::ChannelMap::blocks(8 * P, P), 1);
+  check_modes<float, dchag::fp16>(config(6 * P, 32, 8), 1, dchag::ChannelMap::blocks(6 * P, P), 2);
 }
 
-TEST_CASE("single-process estimates match the measured peak", "[memory]") {
+namespace {
+
+template <class Storage>
+void single_process() {
   Exec exec;
   using dchag::MemoryPolicy;
   struct Case {
@@ -110,24 +116,25 @@ TEST_CASE("single-process estimates match the measured peak", "[memory]") {
     auto cfg = config(12, 32, 4);
     cfg.strategy = strategy;
     cfg.memory = c.memory;
-    const std::string policy = " " + std::string(dchag::to_string(c.memory));
-    dchag::View4<float, Mem> images("images", 2, cfg.channels, cfg.height, cfg.width);
+    const std::string policy = " " + std::string(dchag::to_string(c.memory)) + " storage " +
+                               dchag::StorageTraits<Storage>::name;
+    dchag::View4<Storage, Mem> images("images", 2, cfg.channels, cfg.height, cfg.width);
     dchag::View3<float, Mem> out("out", 2, cfg.patches(), cfg.dim);
     {
       dchag::MemoryTracker tracker;
-      dchag::FlatFrontEnd<Exec, float> fe(exec, cfg);
+      dchag::FlatFrontEnd<Exec, float, Storage> fe(exec, cfg);
       fe.forward(exec, images, out);
       if (backward) fe.backward(exec, out);
       exec.fence();
       require_close(tracker.peak_bytes(), fe.memory_estimate(2),
                     "flat " + std::string(dchag::to_string(strategy)) + policy);
       REQUIRE(fe.memory_estimate(2).total() ==
-              dchag::FlatFrontEnd<Exec, float>::estimate(cfg, 2).total());
+              (dchag::FlatFrontEnd<Exec, float, Storage>::estimate(cfg, 2).total()));
     }
     for (const auto kind : {dchag::PartialKind::linear, dchag::PartialKind::cross_attention}) {
       dchag::MemoryTracker tracker;
-      dchag::DchagEmulation<Exec, float> em(exec, cfg, {kind, 2},
-                                            {{0, 1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10, 11}});
+      dchag::DchagEmulation<Exec, float, Storage> em(exec, cfg, {kind, 2},
+                                                     {{0, 1, 2, 3}, {4, 5, 6, 7, 8, 9}, {10, 11}});
       em.forward(exec, images, out);
       if (backward) em.backward(exec, out);
       exec.fence();
@@ -136,6 +143,14 @@ TEST_CASE("single-process estimates match the measured peak", "[memory]") {
                         std::string(dchag::to_string(strategy)) + policy);
     }
   }
+}
+
+}  // namespace
+
+TEST_CASE("single-process estimates match the measured peak", "[memory]") {
+  single_process<float>();
+  single_process<dchag::bf16>();
+  single_process<dchag::fp16>();
 }
 
 TEST_CASE("the tracker counts allocations and frees", "[memory]") {

@@ -13,11 +13,12 @@ namespace dchag::detail {
 
 /// One D-CHAG rank's local work: tokenize its channels and fold them to one partial token, a
 /// chunk of channels at a time (detail/fused.hpp), keeping what cfg.memory says.
-template <class ExecSpace, class Scalar>
+template <class ExecSpace, class Scalar, class Storage = Scalar>
 class ChannelStage {
  public:
   using memory_space = typename ExecSpace::memory_space;
   using V4 = View4<Scalar, memory_space>;
+  using Tokens = FusedTokens<Scalar, Storage, memory_space>;
 
   ChannelStage(const ExecSpace& exec, const FrontEndConfig& cfg, std::vector<int> channels,
                PartialKind kind, int tree, const std::string& name)
@@ -32,23 +33,25 @@ class ChannelStage {
   void reserve(std::size_t B, std::size_t L, std::size_t D, MemoryPolicy memory) {
     const int J = static_cast<int>(channels_.size());
     if (!partial_.streams()) {  // the materialized reference: every token and its gradient
+      fused_ = Tokens();
       ensure_view(tokens_, "dchag::stage::tokens", B, std::size_t(J), L, D);
       ensure_view(d_chunk_, "dchag::stage::d_tokens", B * J * L * D);
       tokenizer_.reserve(int(B), J, int(L));
       partial_.reserve(int(B), int(L), int(D));
       return;
     }
-    const int chunk = reserve_fused(tokenizer_, tokens_, d_chunk_, B, std::size_t(J), L, D, memory);
+    tokens_ = V4();
+    const int chunk = reserve_fused(tokenizer_, fused_, d_chunk_, B, std::size_t(J), L, D, memory);
     partial_.reserve(int(B), int(L), int(D), chunk, memory);
   }
 
   /// partial [B, 1, L, D] from images holding the channels `sel` names.
-  void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& images,
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const V4& partial, MemoryPolicy memory) {
     memory_ = memory;
     streamed_ = partial_.streams();
     if (streamed_) {
-      fused_forward(exec, tokenizer_, partial_, images, sel, tokens_, partial, 0, memory);
+      fused_forward(exec, tokenizer_, partial_, images, sel, fused_, partial, 0, memory);
       return;
     }
     DCHAG_EXPECT(memory == MemoryPolicy::keep, "dchag::ChannelStage::forward", "memory is ",
@@ -56,12 +59,13 @@ class ChannelStage {
     ensure_view(tokens_, "dchag::stage::tokens", images.extent(0), channels_.size(),
                 partial.extent(2), partial.extent(3));
     tokenizer_.forward(exec, images, sel, tokens_);
+    round_all_tokens<Storage>(exec, tokens_);
     partial_.forward(exec, tokens_, partial);
   }
 
   void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_partial) {
     if (streamed_) {
-      fused_backward(exec, tokenizer_, partial_, tokens_, static_cast<int>(channels_.size()),
+      fused_backward(exec, tokenizer_, partial_, fused_, static_cast<int>(channels_.size()),
                      d_partial, d_chunk_, 0, memory_);
       return;
     }
@@ -94,8 +98,8 @@ class ChannelStage {
     const std::int64_t L = cfg.patches(), D = cfg.dim;
     const MemoryPolicy memory = cfg.memory;
     if (kind == PartialKind::cross_attention && cfg.strategy == Strategy::materialized) {
-      MemoryEstimate e =
-          Tokenizer<ExecSpace, Scalar>::estimate(channels, cfg.patch, cfg.dim, B, channels, L);
+      MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(channels, cfg.patch,
+                                                                         cfg.dim, B, channels, L);
       e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B,
                                                           L);
       const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * D;
@@ -103,20 +107,22 @@ class ChannelStage {
       e.workspace += tokens;    // d_tokens
       return e;
     }
-    const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, channels, 0, memory);
-    MemoryEstimate e = Tokenizer<ExecSpace, Scalar>::estimate(
-        channels, cfg.patch, cfg.dim, B, channels, L, memory == MemoryPolicy::keep ? 0 : chunk);
+    const int chunk =
+        fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, channels, 0, memory);
+    MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(
+        channels, cfg.patch, cfg.dim, B, channels, L, Tokens::all_patches(memory) ? 0 : chunk);
     e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L,
                                                         chunk, memory);
-    e += fused_buffers_estimate<ExecSpace, Scalar>(B, L, D, channels, 0, memory);
+    e += fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, D, channels, 0, memory);
     return e;
   }
 
  private:
-  Tokenizer<ExecSpace, Scalar> tokenizer_;
+  Tokenizer<ExecSpace, Scalar, Storage> tokenizer_;
   PartialAggregator<ExecSpace, Scalar> partial_;
   std::vector<int> channels_;
-  V4 tokens_;
+  Tokens fused_;  // the streamed path's
+  V4 tokens_;     // the materialized reference's: every token, rounded to Storage
   View1<Scalar, memory_space> d_chunk_;
   MemoryPolicy memory_ = MemoryPolicy::keep;
   bool streamed_ = true;

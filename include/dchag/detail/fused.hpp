@@ -10,14 +10,15 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 namespace dchag::detail {
 
 /// Channels per chunk of the fused front ends. Host spaces: about 512 KiB of tokens per thread (a
 /// chunk stays in the cores' L2 between being produced and consumed). Devices: every channel
-/// when tokens are kept anyway (launches cost more than cache misses there), else about 256 MiB
-/// of tokens, so that memory stays flat in C.
-template <class ExecSpace, class Scalar>
+/// when the Scalar tokens are kept anyway (launches cost more than cache misses there), else
+/// about 256 MiB of tokens, so that memory stays flat in C.
+template <class ExecSpace, class Scalar, class Storage = Scalar>
 int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels,
                          int requested = 0, MemoryPolicy memory = MemoryPolicy::keep) {
   if (requested > 0) return std::min(requested, channels);
@@ -26,7 +27,7 @@ int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channe
   if constexpr (runs_on_host<ExecSpace>) {
     budget = std::size_t(std::max(ExecSpace().concurrency(), 1)) << 19;
   } else {
-    if (memory == MemoryPolicy::keep) return channels;
+    if (memory == MemoryPolicy::keep && std::is_same_v<Scalar, Storage>) return channels;
   }
   return static_cast<int>(std::clamp<std::size_t>(budget / per_channel, 1, channels));
 }
@@ -64,54 +65,123 @@ struct AttentionFold {
   void backward_end(const ExecSpace& exec) { attention.backward_end(exec, saved, group); }
 };
 
-/// The tokens a fused forward works in: all of them (keep) or one chunk's.
-template <class Scalar, class MemSpace>
-void ensure_fused_tokens(View4<Scalar, MemSpace>& tokens, std::size_t B, std::size_t J,
-                         std::size_t L, std::size_t D, int chunk, MemoryPolicy memory) {
-  if (memory == MemoryPolicy::keep) {
-    ensure_view(tokens, "dchag::fused::tokens", B, J, L, D);
-  } else {
-    ensure_view(tokens, "dchag::fused::tokens_chunk", B, std::size_t(chunk), L, D);
+/// The tokens a fused loop works in. `work` (Scalar) is what the tokenizer writes and the fold
+/// reads: every token when they are kept and Storage is Scalar, else one chunk's. With another
+/// Storage, every chunk is rounded to it in place (precision.hpp), and keep stores the rounded
+/// tokens in `kept` for the backward.
+template <class Scalar, class Storage, class MemSpace>
+struct FusedTokens {
+  static constexpr bool narrow = !std::is_same_v<Scalar, Storage>;
+  using V4 = View4<Scalar, MemSpace>;
+
+  V4 work;
+  View4<Storage, MemSpace> kept;  // keep with a narrow Storage only
+
+  /// Whether `work` holds every token (then chunks are views of channels, not of memory).
+  static bool whole(MemoryPolicy memory) { return !narrow && memory == MemoryPolicy::keep; }
+  /// Whether the tokenizer can keep every channel's patches: only when it keeps the tokens in
+  /// Scalar; otherwise it extracts them again per chunk from the caller's images.
+  static bool all_patches(MemoryPolicy memory) { return whole(memory); }
+
+  void ensure(std::size_t B, std::size_t J, std::size_t L, std::size_t D, int chunk,
+              MemoryPolicy memory) {
+    if (whole(memory)) {
+      ensure_view(work, "dchag::fused::tokens", B, J, L, D);
+    } else {
+      ensure_view(work, "dchag::fused::tokens_chunk", B, std::size_t(chunk), L, D);
+    }
+    if (narrow && memory == MemoryPolicy::keep) {
+      ensure_view(kept, "dchag::fused::tokens", B, J, L, D);
+    } else {
+      kept = {};
+    }
   }
+  /// The Scalar tokens of channels [j0, j1) as the fold and the tokenizer address them.
+  V4 chunk(MemoryPolicy memory, int j0, int j1) const {
+    if (whole(memory)) return work;
+    return V4(work.data(), work.extent(0), std::size_t(j1 - j0), work.extent(2), work.extent(3));
+  }
+};
+
+/// Rounds the chunk x [B, n, L, D] (channels [j0, j0 + n)) to Storage in place and, when `kept`
+/// is allocated, stores the rounded tokens in its slots.
+template <class ExecSpace, class Scalar, class Storage, class MemSpace>
+void round_tokens(const ExecSpace& exec, const View4<Scalar, MemSpace>& x,
+                  const View4<Storage, MemSpace>& kept, int j0) {
+  const int n = static_cast<int>(x.extent(1)), L = static_cast<int>(x.extent(2));
+  const bool store = kept.data() != nullptr;
+  for_each_row(
+      exec, "dchag::fused::round_tokens", std::int64_t(x.extent(0)) * n * L,
+      static_cast<int>(x.extent(3)), KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+        const int l = static_cast<int>(r % L), j = static_cast<int>((r / L) % n);
+        const int b = static_cast<int>(r / (std::int64_t(L) * n));
+        const Storage v = convert<Storage>(x(b, j, l, d));
+        x(b, j, l, d) = convert<Scalar>(v);
+        if (store) kept(b, j0 + j, l, d) = v;
+      });
+}
+
+/// x [B, n, L, D] = the kept tokens of channels [j0, j0 + n), widened to Scalar.
+template <class ExecSpace, class Scalar, class Storage, class MemSpace>
+void load_tokens(const ExecSpace& exec, const View4<Storage, MemSpace>& kept,
+                 const View4<Scalar, MemSpace>& x, int j0) {
+  const int n = static_cast<int>(x.extent(1)), L = static_cast<int>(x.extent(2));
+  for_each_row(
+      exec, "dchag::fused::load_tokens", std::int64_t(x.extent(0)) * n * L,
+      static_cast<int>(x.extent(3)), KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+        const int l = static_cast<int>(r % L), j = static_cast<int>((r / L) % n);
+        const int b = static_cast<int>(r / (std::int64_t(L) * n));
+        x(b, j, l, d) = convert<Scalar>(kept(b, j0 + j, l, d));
+      });
+}
+
+/// The materialized path's rounding: every token of x [B, J, L, D] to Storage, in place (a
+/// no-op when Storage is Scalar), so that both strategies see the same tokens.
+template <class Storage, class ExecSpace, class Scalar, class MemSpace>
+void round_all_tokens(const ExecSpace& exec, const View4<Scalar, MemSpace>& x) {
+  if constexpr (!std::is_same_v<Scalar, Storage>)
+    round_tokens(exec, x, View4<Storage, MemSpace>(), 0);
 }
 
 /// Allocates what fused_forward and fused_backward need for B images of J channels besides the
 /// fold's own state (the tokens, the gradient chunk where a backward may follow, the tokenizer's
 /// patches), so that a collective caller allocates before its first collective. Returns the
 /// chunk width, for the fold's reserve.
-template <class ExecSpace, class Scalar>
-int reserve_fused(Tokenizer<ExecSpace, Scalar>& tokenizer,
-                  View4<Scalar, typename ExecSpace::memory_space>& tokens,
+template <class ExecSpace, class Scalar, class Storage>
+int reserve_fused(Tokenizer<ExecSpace, Scalar, Storage>& tokenizer,
+                  FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>& tokens,
                   View1<Scalar, typename ExecSpace::memory_space>& d_chunk, std::size_t B,
                   std::size_t J, std::size_t L, std::size_t D, MemoryPolicy memory) {
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, int(J), 0, memory);
-  ensure_fused_tokens(tokens, B, J, L, D, chunk, memory);
+  using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
+  const int chunk = fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, int(J), 0, memory);
+  tokens.ensure(B, J, L, D, chunk, memory);
   if (memory != MemoryPolicy::inference)
     ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
-  tokenizer.reserve(int(B), int(J), int(L), memory == MemoryPolicy::keep ? 0 : chunk);
+  tokenizer.reserve(int(B), int(J), int(L), Tokens::all_patches(memory) ? 0 : chunk);
   return chunk;
 }
 
 /// out = fold(tokens of the channels `sel` names in images), chunk by chunk.
-template <class ExecSpace, class Scalar, class Fold>
-void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer, Fold& fold,
-                   const View4<const Scalar, typename ExecSpace::memory_space>& images,
+template <class ExecSpace, class Scalar, class Storage, class Fold>
+void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar, Storage>& tokenizer,
+                   Fold& fold, const View4<const Storage, typename ExecSpace::memory_space>& images,
                    const ChannelSelection& sel,
-                   View4<Scalar, typename ExecSpace::memory_space>& tokens,
+                   FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>& tokens,
                    const View4<Scalar, typename ExecSpace::memory_space>& out, int requested_chunk,
                    MemoryPolicy memory) {
-  using V4 = View4<Scalar, typename ExecSpace::memory_space>;
+  using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
   const std::size_t B = images.extent(0), L = out.extent(2), D = out.extent(3);
   const int J = sel.size();
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, requested_chunk, memory);
-  const bool keep = memory == MemoryPolicy::keep;
-  ensure_fused_tokens(tokens, B, std::size_t(J), L, D, chunk, memory);
-  tokenizer.prepare(exec, images, sel, keep ? 0 : chunk);
+  const int chunk =
+      fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, requested_chunk, memory);
+  tokens.ensure(B, std::size_t(J), L, D, chunk, memory);
+  tokenizer.prepare(exec, images, sel, Tokens::all_patches(memory) ? 0 : chunk);
   fold.stream_begin(exec, out, memory);
   for (int j0 = 0; j0 < J; j0 += chunk) {
     const int j1 = std::min(J, j0 + chunk);
-    const V4 x = keep ? tokens : V4(tokens.data(), B, j1 - j0, L, D);
+    const auto x = tokens.chunk(memory, j0, j1);
     tokenizer.project(exec, j0, j1, x);
+    if constexpr (Tokens::narrow) round_tokens(exec, x, tokens.kept, j0);
     fold.stream_chunk(exec, x, j0, j1);
   }
   fold.stream_end(exec, out);
@@ -119,23 +189,33 @@ void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenize
 
 /// The backward of fused_forward from d_out: token gradients one chunk at a time, into
 /// `d_chunk`, consumed by the tokenizer at once. After a recompute forward each chunk is
-/// tokenized again first (the images the forward read must be unchanged).
-template <class ExecSpace, class Scalar, class Fold>
-void fused_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokenizer, Fold& fold,
-                    const View4<Scalar, typename ExecSpace::memory_space>& tokens, int J,
+/// tokenized again first; with a narrow Storage the patches are extracted again (both read the
+/// images the forward read, which must be unchanged).
+template <class ExecSpace, class Scalar, class Storage, class Fold>
+void fused_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar, Storage>& tokenizer,
+                    Fold& fold,
+                    FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>& tokens, int J,
                     const View4<const Scalar, typename ExecSpace::memory_space>& d_out,
                     View1<Scalar, typename ExecSpace::memory_space>& d_chunk, int requested_chunk,
                     MemoryPolicy memory) {
   using V4 = View4<Scalar, typename ExecSpace::memory_space>;
+  using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
   const std::size_t B = d_out.extent(0), L = d_out.extent(2), D = d_out.extent(3);
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, requested_chunk, memory);
+  const int chunk =
+      fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, requested_chunk, memory);
   const bool keep = memory == MemoryPolicy::keep;
   ensure_view(d_chunk, "dchag::fused::d_tokens_chunk", B * chunk * L * D);
   fold.backward_begin(exec, d_out);
   for (int j0 = 0; j0 < J; j0 += chunk) {
     const int j1 = std::min(J, j0 + chunk);
-    const V4 x = keep ? tokens : V4(tokens.data(), B, j1 - j0, L, D);
-    if (!keep) tokenizer.project(exec, j0, j1, x);
+    const V4 x = tokens.chunk(memory, j0, j1);
+    if (!keep) {
+      tokenizer.project(exec, j0, j1, x);
+      if constexpr (Tokens::narrow) round_tokens(exec, x, tokens.kept, j0);
+    } else if constexpr (Tokens::narrow) {
+      load_tokens(exec, tokens.kept, x, j0);
+      tokenizer.load_patches(exec, j0, j1);
+    }
     const V4 dt(d_chunk.data(), B, j1 - j0, L, D);
     fold.backward_chunk(exec, x, j0, j1, dt);
     tokenizer.backward(exec, dt, j0, j1);
@@ -144,17 +224,21 @@ void fused_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar>& tokeniz
 }
 
 /// Bytes of the fused loop's own buffers for B images of J channels: the tokens (all of them,
-/// kept for backward, or one chunk's) and, where a backward may follow, the gradient chunk.
-template <class ExecSpace, class Scalar>
+/// kept for backward, or one chunk's, and both with a narrow Storage) and, where a backward may
+/// follow, the gradient chunk.
+template <class ExecSpace, class Scalar, class Storage = Scalar>
 MemoryEstimate fused_buffers_estimate(std::int64_t B, std::int64_t L, std::int64_t D, int J,
                                       int requested_chunk, MemoryPolicy memory) {
+  using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
   const std::int64_t per_channel = std::int64_t(sizeof(Scalar)) * B * L * D;
-  const int chunk = fused_chunk_channels<ExecSpace, Scalar>(B, L, D, J, requested_chunk, memory);
+  const int chunk =
+      fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, requested_chunk, memory);
   MemoryEstimate e;
-  if (memory == MemoryPolicy::keep) {
+  if (Tokens::whole(memory)) {
     e.activations = per_channel * J;
   } else {
     e.workspace = per_channel * chunk;
+    if (memory == MemoryPolicy::keep) e.activations = std::int64_t(sizeof(Storage)) * B * L * D * J;
   }
   if (memory != MemoryPolicy::inference) e.workspace += per_channel * chunk;
   return e;

@@ -3,6 +3,7 @@
 /// profiling regions, Kokkos Kernels GEMM). Only this header may spell Kokkos::Experimental.
 #include <KokkosBlas3_gemm.hpp>
 #include <Kokkos_Core.hpp>
+#include <dchag/detail/small_float.hpp>
 
 #include <cstddef>
 #include <cstdint>
@@ -33,6 +34,20 @@ template <class T>
 KOKKOS_INLINE_FUNCTION T max(T a, T b) {
   return a < b ? b : a;
 }
+
+/// 16-bit storage types: Kokkos' own where it has a real 16-bit one (CUDA, HIP, SYCL), else
+/// dchag's (Kokkos 3.4 has no bhalf_t, and host-only builds alias both to float).
+#if defined(KOKKOS_HALF_T_IS_FLOAT) && !KOKKOS_HALF_T_IS_FLOAT
+using fp16_type = ::Kokkos::Experimental::half_t;
+#else
+using fp16_type = fp16_storage;
+#endif
+#if defined(KOKKOS_BHALF_T_IS_FLOAT) && !KOKKOS_BHALF_T_IS_FLOAT
+using bf16_type = ::Kokkos::Experimental::bhalf_t;
+#else
+using bf16_type = bf16_storage;
+#endif
+static_assert(sizeof(fp16_type) == 2 && sizeof(bf16_type) == 2);
 
 /// Devices Kokkos can see for its default execution space, callable before initialize: 0 with a
 /// host-only default space, and 0 (unknown) before Kokkos 4.3, which has no such query.
