@@ -5,7 +5,10 @@
 /// Every piece of every tensor is copied through a host mirror of its device memory. A tensor held
 /// transposed (`transposed_rows` R > 0) is converted to and from the file's row-major
 /// [R, numel / R] layout (`to_file_layout` / `from_file_layout` of dchag/tensor.hpp). File values
-/// of F32, F16 and BF16 are converted to the model's scalar.
+/// of F32, F64, F16 and BF16 (what PyTorch writes) are converted to the model's scalar: exactly,
+/// except F64 into a float model, which is rounded to nearest. A file tensor whose shape differs
+/// from the model's only by dimensions of size 1 (`[]` for `[1]`, `[C, D]` for `[1, C, D]`,
+/// `[L, D]` for `[1, L, D]`) holds the same row-major values and is read as it is.
 ///
 /// Channels matched by name: when the file's metadata has the key `channels` (comma-separated
 /// channel names, index = the file's channel id) and the caller gives the model's channel names,
@@ -181,9 +184,11 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
           " tensors; LoadOptions::allow_missing is off)"));
     }
     const auto& info = file.info(file_name);
-    DCHAG_THROW_IF(info.shape != expected, where, "tensor '", file_name, "' in '", file.source(),
-                   "' has shape ", shape_string(info.shape), ", expected ", shape_string(expected),
-                   remap_rows ? " (one row per name in the file's \"channels\" metadata)" : "");
+    DCHAG_THROW_IF(!safetensors::detail::same_up_to_unit_dims(info.shape, expected), where,
+                   "tensor '", file_name, "' in '", file.source(), "' has shape ",
+                   shape_string(info.shape), ", expected ", shape_string(expected),
+                   remap_rows ? " (one row per name in the file's \"channels\" metadata)" : "",
+                   " (dimensions of size 1 may be left out or added)");
     steps.push_back({&t, std::move(file_name), remap_rows});
   }
 
