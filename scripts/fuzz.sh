@@ -3,9 +3,10 @@
 # clang++-14, ASan and UBSan, and fuzzes it for a bounded time:
 #   scripts/fuzz.sh [seconds] [libFuzzer flags...]     (default 60 seconds)
 # e.g. scripts/fuzz.sh 3600 -fork=2. Build directory: $DCHAG_FUZZ_BUILD_DIR (default build-fuzz).
-# Seeds: tests/golden/*.safetensors, flat_all with channel names, tests/fuzz/regressions/*. The
-# corpus grows in <build>/corpus (kept between runs); a finding is written to <build>/artifacts/
-# (crash-*, leak-*, timeout-*, oom-*) and the script fails.
+# Seeds: tests/golden/*.safetensors, tests/checkpoint/*.safetensors (F64, size-1 dimensions),
+# flat_all with channel names, tests/fuzz/regressions/*. The corpus grows in <build>/corpus (kept
+# between runs); a finding is written to <build>/artifacts/ (crash-*, leak-*, timeout-*, oom-*)
+# and the script fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,7 +31,7 @@ cmake --build "$build" --target fuzz_safetensors --parallel "$(nproc)"
 mkdir -p "$build/corpus" "$build/artifacts"
 rm -rf "$build/seeds"
 mkdir "$build/seeds"
-cp tests/golden/*.safetensors "$build/seeds/"
+cp tests/golden/*.safetensors tests/checkpoint/*.safetensors "$build/seeds/"
 if [ -d tests/fuzz/regressions ]; then
   find tests/fuzz/regressions -type f -exec cp {} "$build/seeds/" \;
 fi

@@ -140,6 +140,41 @@ TEST_CASE("safetensors: BF16 round trip of exactly representable values", "[safe
   CHECK(std::signbit(f.values<float>("b")[1]));
 }
 
+TEST_CASE("safetensors: F64 round trip is exact; read as float it rounds to nearest",
+          "[safetensors]") {
+  const double inf = std::numeric_limits<double>::infinity();
+  const std::vector<double> v = {
+      0.0,       -0.0,          0.1,           -1.0 / 3.0,    0x1.fffffffffffffp1023,
+      0x1p-1074, 1.0 + 0x1p-52, 1.0 + 0x1p-24, 1.0 + 0x3p-24, inf};
+  st::Writer w;
+  w.add("d", {2, 5}, v.data(), st::DType::F64);
+  const auto bytes = w.serialize();
+  const auto f = st::File::parse(bytes);
+  CHECK(f.info("d").dtype == st::DType::F64);
+  CHECK(f.info("d").end - f.info("d").begin == 8 * v.size());
+  CHECK(st::dtype_size(st::DType::F64) == 8);
+  CHECK(std::string(st::dtype_name(st::DType::F64)) == "F64");
+  // Little-endian IEEE binary64 bytes, as numpy's "<f8" writes them: 0.1 is 0x3FB999999999999A.
+  std::uint64_t n = 0;
+  for (int i = 7; i >= 0; --i) n = (n << 8) | bytes[static_cast<std::size_t>(i)];
+  const std::size_t at = 8 + static_cast<std::size_t>(n) + 2 * 8;
+  std::uint64_t u = 0;
+  for (int i = 7; i >= 0; --i) u = (u << 8) | bytes[at + static_cast<std::size_t>(i)];
+  CHECK(u == 0x3FB999999999999Aull);
+
+  const auto d = f.values<double>("d");
+  REQUIRE(d.size() == v.size());
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    INFO("index " << i);
+    CHECK(std::bit_cast<std::uint64_t>(d[i]) == std::bit_cast<std::uint64_t>(v[i]));
+  }
+  const auto fl = f.values<float>("d");
+  for (std::size_t i = 0; i < v.size(); ++i) CHECK(fl[i] == static_cast<float>(v[i]));
+  CHECK(fl[7] == 1.0f);                     // a tie: to even
+  CHECK(fl[8] == 1.0f + 0x1p-22f);          // a tie: to even (up)
+  CHECK(fl[4] == static_cast<float>(inf));  // beyond float's range
+}
+
 TEST_CASE("safetensors: F16 and BF16 round to nearest even", "[safetensors]") {
   const double inf = std::numeric_limits<double>::infinity();
   struct Case {
@@ -443,12 +478,12 @@ TEST_CASE("safetensors: wrong value types in the header", "[safetensors]") {
 }
 
 TEST_CASE("safetensors: unsupported dtypes are named", "[safetensors]") {
-  for (const std::string dt : {"F64", "I64", "BOOL", "U8", "F8_E4M3", "f32", ""}) {
+  for (const std::string dt : {"I64", "I32", "BOOL", "U8", "F8_E4M3", "f32", "f64", ""}) {
     const std::string h = R"({"t":{"dtype":")" + dt + R"(","shape":[1],"data_offsets":[0,8]}})";
     INFO("dtype " << dt);
     CHECK_THAT(parse_error(h, 8), Contains("bad.safetensors") && Contains("'t'") &&
                                       Contains("\"" + dt + "\"") &&
-                                      Contains("supported: F32, F16, BF16"));
+                                      Contains("supported: F32, F64, F16, BF16"));
   }
 }
 

@@ -127,11 +127,8 @@ void check_finite(const ExecSpace& exec, const TensorList<Scalar, MemSpace>& lis
     for (const auto& p : t.pieces) {
       const std::int64_t i = detail::first_non_finite(exec, p.values);
       if (i < 0) continue;
-      std::int64_t file = p.offset + i;
-      if (t.transposed_rows > 0) {  // memory [numel / R, R] holds the file's [R, numel / R]
-        const std::int64_t R = t.transposed_rows, cols = t.numel() / R;
-        file = (file % R) * cols + file / R;
-      }
+      const std::int64_t file =
+          t.transposed_rows > 0 ? file_index(i, t.transposed_rows, t.numel()) : p.offset + i;
       detail::throw_non_finite(t.name, file, detail::position(file, t.shape),
                                detail::element_at(p.values, i));
     }

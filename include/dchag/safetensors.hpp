@@ -11,11 +11,12 @@
 /// problem is a dchag::error naming the file and what is wrong. Looking up a tensor that is not
 /// there, or expecting another shape, is the caller's mistake: std::invalid_argument.
 ///
-/// Supported dtypes are F32, F16 and BF16; values are read as float or double (widening is exact)
-/// and written with round-to-nearest-even. Non-string values inside "__metadata__" are accepted
-/// and ignored (the format only defines string values there).
+/// Supported dtypes are F32, F64, F16 and BF16 (detail/safetensors_dtypes.hpp); any other dtype is
+/// an error naming the tensor and these four. Values are read as float or double (widening is
+/// exact; F64 read as float is rounded to nearest) and written with round-to-nearest-even.
+/// Non-string values inside "__metadata__" are accepted and ignored (the format only defines
+/// string values there).
 #include <algorithm>
-#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -30,29 +31,11 @@
 #include <utility>
 #include <vector>
 
-#include "dchag/detail/half_bits.hpp"
 #include "dchag/detail/json_lite.hpp"
+#include "dchag/detail/safetensors_dtypes.hpp"
 #include "dchag/error.hpp"
 
 namespace dchag::safetensors {
-
-enum class DType { F32, F16, BF16 };
-
-/// Bytes per element.
-inline std::size_t dtype_size(DType t) { return t == DType::F32 ? 4 : 2; }
-
-/// The name used in the header ("F32", "F16", "BF16").
-inline const char* dtype_name(DType t) {
-  switch (t) {
-    case DType::F32:
-      return "F32";
-    case DType::F16:
-      return "F16";
-    case DType::BF16:
-      return "BF16";
-  }
-  return "?";
-}
 
 /// Largest header accepted when reading (the reference implementation uses the same limit).
 inline constexpr std::uint64_t max_header_bytes = 100'000'000;
@@ -72,56 +55,6 @@ struct TensorInfo {
 };
 
 namespace detail {
-
-inline std::string shape_string(std::span<const std::int64_t> shape) {
-  std::string s = "[";
-  for (std::size_t i = 0; i < shape.size(); ++i) {
-    if (i) s += ", ";
-    s += std::to_string(shape[i]);
-  }
-  return s + "]";
-}
-
-/// numel of `shape`, or nullopt if a dimension is negative or the product (times `elem`) overflows.
-inline std::optional<std::int64_t> checked_numel(std::span<const std::int64_t> shape,
-                                                 std::size_t elem) {
-  std::int64_t n = 1;
-  for (auto d : shape) {
-    if (d < 0) return std::nullopt;
-    if (d != 0 && n > std::numeric_limits<std::int64_t>::max() / d) return std::nullopt;
-    n *= d;
-  }
-  if (static_cast<std::uint64_t>(n) > std::numeric_limits<std::size_t>::max() / elem) {
-    return std::nullopt;
-  }
-  return n;
-}
-
-inline float load_as_float(const unsigned char* p, DType t) {
-  if (t == DType::F32) {
-    const std::uint32_t u = std::uint32_t{p[0]} | (std::uint32_t{p[1]} << 8) |
-                            (std::uint32_t{p[2]} << 16) | (std::uint32_t{p[3]} << 24);
-    return std::bit_cast<float>(u);
-  }
-  const auto h = static_cast<std::uint16_t>(p[0] | (p[1] << 8));
-  return t == DType::F16 ? ::dchag::detail::half_bits_to_float(h)
-                         : ::dchag::detail::bf16_bits_to_float(h);
-}
-
-inline void store_from_double(unsigned char* p, double v, DType t) {
-  if (t == DType::F32) {
-    const auto u = std::bit_cast<std::uint32_t>(static_cast<float>(v));
-    for (int i = 0; i < 4; ++i) p[i] = static_cast<unsigned char>(u >> (8 * i));
-    return;
-  }
-  const std::uint16_t h = t == DType::F16 ? ::dchag::detail::double_to_half_bits(v)
-                                          : ::dchag::detail::double_to_bf16_bits(v);
-  p[0] = static_cast<unsigned char>(h & 0xFF);
-  p[1] = static_cast<unsigned char>(h >> 8);
-}
-
-template <class T>
-inline constexpr bool is_value_type_v = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 /// "a directory", "a symbolic link", ...: what a path that is not a regular file is.
 inline std::string file_kind(std::filesystem::file_type t) {
@@ -264,8 +197,7 @@ class File {
     const unsigned char* p = bytes_.data() + data_start_ + t.begin;
     const std::size_t es = dtype_size(t.dtype);
     const auto n = static_cast<std::size_t>(t.numel());
-    for (std::size_t i = 0; i < n; ++i)
-      dst[i] = static_cast<T>(detail::load_as_float(p + i * es, t.dtype));
+    for (std::size_t i = 0; i < n; ++i) dst[i] = detail::load_as<T>(p + i * es, t.dtype);
   }
 
   const TensorInfo* find(std::string_view name) const {
@@ -387,15 +319,11 @@ class File {
     if (dtype->kind != json::Kind::string)
       fail("tensor '", name, "': \"dtype\" is ", json::kind_name(dtype->kind),
            ", expected a string");
-    if (dtype->text == "F32")
-      t.dtype = DType::F32;
-    else if (dtype->text == "F16")
-      t.dtype = DType::F16;
-    else if (dtype->text == "BF16")
-      t.dtype = DType::BF16;
-    else
+    const auto parsed = dtype_from_name(dtype->text);
+    if (!parsed)
       fail("tensor '", name, "': unsupported dtype \"", dtype->text,
-           "\" (supported: F32, F16, BF16)");
+           "\" (supported: ", supported_dtypes, ")");
+    t.dtype = *parsed;
 
     if (shape->kind != json::Kind::array)
       fail("tensor '", name, "': \"shape\" is ", json::kind_name(shape->kind),
@@ -440,9 +368,9 @@ class File {
 /// the data buffer starts at a multiple of 8 bytes.
 class Writer {
  public:
-  /// Adds a tensor with `shape` from data[0 .. numel), stored as `dtype` (F16/BF16 rounded to
-  /// nearest even). Throws std::invalid_argument on an empty, reserved or repeated name or a bad
-  /// shape.
+  /// Adds a tensor with `shape` from data[0 .. numel), stored as `dtype` (F32, F16 and BF16
+  /// rounded to nearest even; F64 exact). Throws std::invalid_argument on an empty, reserved or
+  /// repeated name or a bad shape.
   template <class T>
   void add(std::string name, std::vector<std::int64_t> shape, const T* data,
            DType dtype = DType::F32) {

@@ -4,7 +4,11 @@
 ///
 /// Every piece of every tensor is copied through a host mirror of its device memory. A tensor held
 /// transposed (`transposed_rows` R > 0) is converted to and from the file's row-major
-/// [R, numel / R] layout. File values of F32, F16 and BF16 are converted to the model's scalar.
+/// [R, numel / R] layout (`to_file_layout` / `from_file_layout` of dchag/tensor.hpp). File values
+/// of F32, F64, F16 and BF16 (what PyTorch writes) are converted to the model's scalar: exactly,
+/// except F64 into a float model, which is rounded to nearest. A file tensor whose shape differs
+/// from the model's only by dimensions of size 1 (`[]` for `[1]`, `[C, D]` for `[1, C, D]`,
+/// `[L, D]` for `[1, L, D]`) holds the same row-major values and is read as it is.
 ///
 /// Channels matched by name: when the file's metadata has the key `channels` (comma-separated
 /// channel names, index = the file's channel id) and the caller gives the model's channel names,
@@ -82,29 +86,6 @@ inline int index_of(const std::vector<std::string>& list, const std::string& nam
   for (std::size_t i = 0; i < list.size(); ++i)
     if (list[i] == name) return static_cast<int>(i);
   return -1;
-}
-
-/// Checks that a tensor's pieces lie inside it and that a transposed tensor is one whole piece.
-template <class Scalar, class MemSpace>
-void check_pieces(const char* where, const NamedTensor<Scalar, MemSpace>& t) {
-  const std::int64_t n = t.numel();
-  if (t.transposed_rows > 0) {
-    DCHAG_EXPECT(t.pieces.size() == 1 && t.pieces[0].offset == 0 &&
-                     std::int64_t(t.pieces[0].values.extent(0)) == n && n % t.transposed_rows == 0,
-                 where, "tensor '", t.name, "' has transposed_rows = ", t.transposed_rows,
-                 ", expected one piece holding all ", n, " elements, a multiple of it");
-  }
-  for (const auto& p : t.pieces) {
-    DCHAG_EXPECT(p.offset >= 0 && p.offset + std::int64_t(p.values.extent(0)) <= n, where,
-                 "tensor '", t.name, "' has a piece of ", p.values.extent(0),
-                 " elements at offset ", p.offset, ", expected it inside the ", n,
-                 " elements of shape ", safetensors::detail::shape_string(t.shape));
-  }
-}
-
-/// File index of element k of a transposed tensor's piece: memory [n / R, R] holds file [R, n / R].
-inline std::int64_t transposed_index(std::int64_t k, std::int64_t R, std::int64_t n) {
-  return (k % R) * (n / R) + k / R;
 }
 
 }  // namespace detail
@@ -203,34 +184,30 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
           " tensors; LoadOptions::allow_missing is off)"));
     }
     const auto& info = file.info(file_name);
-    DCHAG_THROW_IF(info.shape != expected, where, "tensor '", file_name, "' in '", file.source(),
-                   "' has shape ", shape_string(info.shape), ", expected ", shape_string(expected),
-                   remap_rows ? " (one row per name in the file's \"channels\" metadata)" : "");
+    DCHAG_THROW_IF(!safetensors::detail::same_up_to_unit_dims(info.shape, expected), where,
+                   "tensor '", file_name, "' in '", file.source(), "' has shape ",
+                   shape_string(info.shape), ", expected ", shape_string(expected),
+                   remap_rows ? " (one row per name in the file's \"channels\" metadata)" : "",
+                   " (dimensions of size 1 may be left out or added)");
     steps.push_back({&t, std::move(file_name), remap_rows});
   }
 
   for (const auto& step : steps) {
     const auto& t = *step.tensor;
     const std::vector<Scalar> values = file.values<Scalar>(step.file_name);
-    const std::int64_t n = t.numel(), R = t.transposed_rows;
+    if (!step.remap_rows) {
+      from_file_layout<Scalar>(values, t);
+      continue;
+    }
     for (const auto& piece : t.pieces) {
+      // Rows of model channels missing from the file keep their values (allow_missing).
       auto host = Kokkos::create_mirror_view(piece.values);
-      const std::int64_t count = piece.values.extent(0);
-      if (step.remap_rows) {
-        // Rows of model channels missing from the file keep their values (allow_missing).
-        const std::int64_t D = t.shape[2];
-        Kokkos::deep_copy(host, piece.values);
-        for (std::int64_t k = 0; k < count; ++k) {
-          const std::int64_t i = piece.offset + k;
-          const int f = file_of[static_cast<std::size_t>(i / D)];
-          if (f >= 0) host(k) = values[static_cast<std::size_t>(f * D + i % D)];
-        }
-      } else if (R > 0) {
-        for (std::int64_t k = 0; k < count; ++k)
-          host(k) = values[static_cast<std::size_t>(detail::transposed_index(k, R, n))];
-      } else {
-        for (std::int64_t k = 0; k < count; ++k)
-          host(k) = values[static_cast<std::size_t>(piece.offset + k)];
+      const std::int64_t count = piece.values.extent(0), D = t.shape[2];
+      Kokkos::deep_copy(host, piece.values);
+      for (std::int64_t k = 0; k < count; ++k) {
+        const std::int64_t i = piece.offset + k;
+        const int f = file_of[static_cast<std::size_t>(i / D)];
+        if (f >= 0) host(k) = values[static_cast<std::size_t>(f * D + i % D)];
       }
       Kokkos::deep_copy(piece.values, host);
     }
@@ -265,17 +242,7 @@ void save_weights(safetensors::Writer& writer, const TensorList<Scalar, MemSpace
   }
   detail::ScopedRegion region("dchag::save_weights");
   for (const auto& t : params) {
-    const std::int64_t n = t.numel(), R = t.transposed_rows;
-    std::vector<Scalar> values(static_cast<std::size_t>(n), Scalar(0));
-    for (const auto& piece : t.pieces) {
-      auto host = Kokkos::create_mirror_view(piece.values);
-      Kokkos::deep_copy(host, piece.values);
-      const std::int64_t count = piece.values.extent(0);
-      for (std::int64_t k = 0; k < count; ++k) {
-        const std::int64_t i = R > 0 ? detail::transposed_index(k, R, n) : piece.offset + k;
-        values[static_cast<std::size_t>(i)] = host(k);
-      }
-    }
+    const std::vector<Scalar> values = to_file_layout(t);
     writer.add(t.name, t.shape, values.data());
   }
 }
