@@ -36,6 +36,7 @@
 #include <functional>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #ifndef DCHAG_BENCH_VERSION
@@ -203,17 +204,41 @@ void cross_attention(benchmark::State& state, dchag::Strategy strategy, bool bac
   }
 }
 
+/// `images` = `drawn` rounded to Storage.
+template <class Storage>
+void store_images(const dchag::View4<Scalar, Mem>& drawn,
+                  const dchag::View4<Storage, Mem>& images) {
+  const Scalar* src = drawn.data();
+  Storage* dst = images.data();
+  Kokkos::parallel_for(
+      "bench::store_images", Kokkos::RangePolicy<Exec>(0, drawn.span()),
+      KOKKOS_LAMBDA(const std::size_t i) { dst[i] = dchag::detail::convert<Storage>(src[i]); });
+  Kokkos::fence();
+}
+
+template <class Storage = Scalar>
 void flat_front_end(benchmark::State& state, dchag::Strategy strategy, bool backward,
                     dchag::MemoryPolicy memory = dchag::MemoryPolicy::keep) {
   const Shape s = shape_of(state);
+  constexpr bool narrow = !std::is_same_v<Storage, Scalar>;
+  // With another storage type the pixels are drawn in Scalar outside the peak, then stored.
+  dchag::View4<Scalar, Mem> drawn;
+  if constexpr (narrow) {
+    drawn = dchag::View4<Scalar, Mem>("drawn", s.B, s.C, s.H, s.W);
+    fill(drawn, 2);
+  }
   const PeakBytes peak;
   Exec exec;
   auto cfg = front_end_config(s, strategy);
   cfg.memory = memory;
-  dchag::FlatFrontEnd<Exec, Scalar> fe(exec, cfg);
-  dchag::View4<Scalar, Mem> images("images", s.B, s.C, s.H, s.W);
+  dchag::FlatFrontEnd<Exec, Scalar, Storage> fe(exec, cfg);
+  dchag::View4<Storage, Mem> images("images", s.B, s.C, s.H, s.W);
+  if constexpr (narrow) {
+    store_images(drawn, images);
+  } else {
+    fill(images, 2);
+  }
   dchag::View3<Scalar, Mem> out("out", s.B, s.L(), s.D);
-  fill(images, 2);
   const bool pooled = strategy == dchag::Strategy::pooled;
   if (!backward) {
     timed_loop(state, exec, [&] { fe.forward(exec, images, out); });
@@ -329,6 +354,11 @@ void register_all(const std::vector<Shape>& shapes, int groups) {
   });
   add("FlatFrontEnd/forward_backward/recompute",
       [](auto& st) { flat_front_end(st, Strategy::pooled, true, dchag::MemoryPolicy::recompute); });
+  // bf16 storage of the images and tokens, float arithmetic (DESIGN 3.12).
+  add("FlatFrontEnd/forward/bf16",
+      [](auto& st) { flat_front_end<dchag::bf16>(st, Strategy::pooled, false); });
+  add("FlatFrontEnd/forward_backward/bf16",
+      [](auto& st) { flat_front_end<dchag::bf16>(st, Strategy::pooled, true); });
   add("DchagEmulation/forward_backward/linear",
       [groups](auto& st) { dchag_emulation(st, dchag::PartialKind::linear, groups); });
   add("DchagEmulation/forward_backward/cross_attention",

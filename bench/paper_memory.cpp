@@ -1,5 +1,6 @@
-// dchag_paper_memory: dchag::estimate_memory at the paper's scale (DESIGN 5), every mode and
-// memory policy, as the Markdown table of bench/README.md. Allocates nothing but Kokkos itself.
+// dchag_paper_memory: dchag::estimate_memory at the paper's scale (DESIGN 5), every mode, memory
+// policy and storage type (float accumulation), as the Markdown table of bench/README.md. Allocates
+// nothing but Kokkos itself.
 //
 //   dchag_paper_memory [--C 1024] [--P 8] [--rank 0]
 //
@@ -23,16 +24,32 @@ struct Row {
   dchag::Strategy strategy;
 };
 
-template <class Scalar>
+template <class Storage>
 dchag::MemoryEstimate estimate(dchag::FrontEndConfig cfg, Row row, dchag::MemoryPolicy memory,
                                int P, int rank) {
   cfg.strategy = row.strategy;
   cfg.memory = memory;
-  return dchag::estimate_memory<Scalar, Exec>(cfg, row.mode,
-                                              dchag::ChannelMap::blocks(cfg.channels, P), rank, 2);
+  return dchag::estimate_memory<float, Exec, Storage>(
+      cfg, row.mode, dchag::ChannelMap::blocks(cfg.channels, P), rank, 2);
 }
 
 double gb(std::int64_t bytes) { return double(bytes) / 1e9; }
+
+template <class Storage>
+void rows_for(const dchag::FrontEndConfig& cfg, const Row& row, int P, int rank,
+              std::int64_t base) {
+  for (const auto memory : {dchag::MemoryPolicy::keep, dchag::MemoryPolicy::recompute,
+                            dchag::MemoryPolicy::inference}) {
+    if (memory != dchag::MemoryPolicy::keep && row.strategy != dchag::Strategy::pooled) continue;
+    const auto e = estimate<Storage>(cfg, row, memory, P, rank);
+    std::printf("| %s | %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f%% |\n",
+                std::string(dchag::to_string(row.mode)).c_str(),
+                std::string(dchag::to_string(row.strategy)).c_str(),
+                std::string(dchag::to_string(memory)).c_str(), dchag::StorageTraits<Storage>::name,
+                gb(e.parameters + e.gradients), gb(e.activations), gb(e.workspace),
+                gb(e.communication), gb(e.total()), 100.0 * double(e.total()) / double(base));
+  }
+}
 
 int run(int C, int P, int rank) {
   dchag::FrontEndConfig cfg;
@@ -49,24 +66,15 @@ int run(int C, int P, int rank) {
   const auto base = estimate<float>(cfg, rows[0], dchag::MemoryPolicy::keep, P, rank).total();
   std::printf(
       "estimate_memory per rank, GB (1e9 B): C = %d, 128x256, p = 4, D = 2048, 32 heads, B = 2, "
-      "P = %d, rank %d, float, %s\n\n",
+      "P = %d, rank %d, float accumulation, %s\n\n",
       C, P, rank, Exec::name());
   std::printf(
-      "| mode | strategy | memory | parameters + gradients | activations | workspace | "
-      "communication | total | vs tp_only keep |\n");
-  std::printf("|---|---|---|---:|---:|---:|---:|---:|---:|\n");
+      "| mode | strategy | memory | storage | parameters + gradients | activations | workspace | "
+      "communication | total | vs tp_only float keep |\n");
+  std::printf("|---|---|---|---|---:|---:|---:|---:|---:|---:|\n");
   for (const Row& row : rows) {
-    for (const auto memory : {dchag::MemoryPolicy::keep, dchag::MemoryPolicy::recompute,
-                              dchag::MemoryPolicy::inference}) {
-      if (memory != dchag::MemoryPolicy::keep && row.strategy != dchag::Strategy::pooled) continue;
-      const auto e = estimate<float>(cfg, row, memory, P, rank);
-      std::printf("| %s | %s | %s | %.2f | %.2f | %.2f | %.2f | %.2f | %.1f%% |\n",
-                  std::string(dchag::to_string(row.mode)).c_str(),
-                  std::string(dchag::to_string(row.strategy)).c_str(),
-                  std::string(dchag::to_string(memory)).c_str(), gb(e.parameters + e.gradients),
-                  gb(e.activations), gb(e.workspace), gb(e.communication), gb(e.total()),
-                  100.0 * double(e.total()) / double(base));
-    }
+    rows_for<float>(cfg, row, P, rank, base);
+    rows_for<dchag::bf16>(cfg, row, P, rank, base);
   }
   return 0;
 }

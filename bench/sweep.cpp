@@ -59,7 +59,9 @@ const char* const kUsage =
                     (default keep; not keep needs pooled; inference times forwards only)
   --tree K          local tree of the D-CHAG modes (default 1: none)
   --map M           blocks or round_robin channel placement (default blocks)
-  --scalar S        float or double (default float)
+  --scalar S        float or double (default float): parameters, gradients, arithmetic
+  --storage S       float, bf16 or fp16 with --scalar float (default float): images and tokens
+                    (DESIGN 3.12)
   --preset paper    C = 64..1024, every mode and valid strategy, at the preset's configuration;
                     options given explicitly override it
   --help            this text
@@ -117,6 +119,7 @@ struct Options {
   int B = 1, H = 64, W = 64, p = 8, D = 256, heads = 8, reps = 5, tree = 1;
   bool round_robin = false;
   bool is_double = false;
+  std::string storage;  // empty: the scalar
   bool named_mode = false, named_strategy = false;
   bool preset = false;
 };
@@ -158,8 +161,8 @@ Options parse(int argc, char** argv) {
   // Pass 1: collect --key value / --key=value; pass 2: defaults, then the preset, then the keys.
   std::vector<std::pair<std::string, std::string>> given;
   const std::vector<std::string> known = {
-      "--mode",  "--strategy", "--C",    "--B",   "--H",      "--W",      "--p",     "--D",
-      "--heads", "--reps",     "--tree", "--map", "--scalar", "--preset", "--memory"};
+      "--mode",  "--strategy", "--C",    "--B",   "--H",      "--W",      "--p",      "--D",
+      "--heads", "--reps",     "--tree", "--map", "--scalar", "--preset", "--memory", "--storage"};
   Options o;
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i], v;
@@ -238,7 +241,14 @@ Options parse(int argc, char** argv) {
       if (v != "float" && v != "double")
         throw UsageError("--scalar is '" + v + "', expected float or double");
       o.is_double = v == "double";
+    } else if (k == "--storage") {
+      if (v != "float" && v != "bf16" && v != "fp16")
+        throw UsageError("--storage is '" + v + "', expected float, bf16 or fp16");
+      o.storage = v;
     }
+  }
+  if (o.is_double && !o.storage.empty()) {
+    throw UsageError("--storage " + o.storage + " needs --scalar float (double stores in double)");
   }
   if (o.H % o.p != 0 || o.W % o.p != 0) {
     throw UsageError("--H " + std::to_string(o.H) + " and --W " + std::to_string(o.W) +
@@ -333,7 +343,7 @@ double median(std::vector<double> v) {
   return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
 }
 
-template <class Scalar>
+template <class Scalar, class Storage>
 Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm) {
   const auto t_start = std::chrono::steady_clock::now();
   Exec exec;
@@ -353,17 +363,25 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
 
   // Inputs, before the tracker starts: a simulation owns them, the front end does not. The same
   // seed on every rank: d_out must be identical on all ranks (the output is replicated).
-  dchag::View4<Scalar, Mem> images("sweep::images", o.B, run.C, o.H, o.W);
+  dchag::View4<Storage, Mem> images("sweep::images", o.B, run.C, o.H, o.W);
   dchag::View3<Scalar, Mem> out("sweep::out", o.B, L, o.D), d_out("sweep::d_out", o.B, L, o.D);
   {
     Kokkos::Random_XorShift64_Pool<Exec> pool(12345);
-    Kokkos::fill_random(images, pool, Scalar(-1), Scalar(1));
+    dchag::View1<Scalar, Mem> pixels("sweep::pixels", images.span());
+    Kokkos::fill_random(pixels, pool, Scalar(-1), Scalar(1));
     Kokkos::fill_random(d_out, pool, Scalar(-1), Scalar(1));
+    Storage* dst = images.data();
+    Kokkos::parallel_for(
+        "sweep::store_images", Kokkos::RangePolicy<Exec>(exec, 0, pixels.extent(0)),
+        KOKKOS_LAMBDA(const std::size_t i) {
+          dst[i] = dchag::detail::convert<Storage>(pixels(i));
+        });
   }
   exec.fence();
 
   Result res;
-  res.input_bytes = std::int64_t(sizeof(Scalar)) * (images.span() + out.span() + d_out.span());
+  res.input_bytes = std::int64_t(sizeof(Storage)) * images.span() +
+                    std::int64_t(sizeof(Scalar)) * (out.span() + d_out.span());
   std::vector<double> fwd, fwdbwd;
   std::int64_t my_params = 0;  // this rank's parameter and gradient bytes (exact in the estimate)
   dchag::MemoryTracker tracker;
@@ -390,13 +408,13 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
     };
     dchag::MemoryEstimate e;
     if (run.kind == Kind::flat) {
-      dchag::FlatFrontEnd<Exec, Scalar> fe(exec, cfg);
+      dchag::FlatFrontEnd<Exec, Scalar, Storage> fe(exec, cfg);
       e = fe.memory_estimate(o.B);
       steps(fe, [&] { fe.forward(exec, images, out); });
     } else {
       const auto map = channel_map(o, run.C, P);
-      dchag::DistributedFrontEnd<Exec, Scalar> fe(exec, comm, cfg, mode_of(run.kind), map,
-                                                  is_dchag(run.kind) ? o.tree : 1);
+      dchag::DistributedFrontEnd<Exec, Scalar, Storage> fe(exec, comm, cfg, mode_of(run.kind), map,
+                                                           is_dchag(run.kind) ? o.tree : 1);
       e = fe.memory_estimate(o.B);
       steps(fe, [&] { fe.forward(exec, images, out, dchag::ImageInput::full_image); });
     }
@@ -430,10 +448,23 @@ Result run_one(const Run& run, const Options& o, const dchag::Communicator& comm
   return res;
 }
 
+std::string storage_name(const Options& o) {
+  return o.storage.empty() ? (o.is_double ? "double" : "float") : o.storage;
+}
+
+Result run_typed(const Run& run, const Options& o, const dchag::Communicator& comm) {
+  const std::string s = storage_name(o);
+  if (o.is_double) return run_one<double, double>(run, o, comm);  // parse: no other storage
+  if (s == "bf16") return run_one<float, dchag::bf16>(run, o, comm);
+  if (s == "fp16") return run_one<float, dchag::fp16>(run, o, comm);
+  return run_one<float, float>(run, o, comm);
+}
+
 void print_json(const Run& run, const Options& o, int P, const Result& r) {
   const auto& e = r.estimate;
   std::printf(
-      "{\"mode\":\"%s\",\"strategy\":\"%s\",\"memory\":\"%s\",\"scalar\":\"%s\",\"C\":%d,\"P\":%d,"
+      "{\"mode\":\"%s\",\"strategy\":\"%s\",\"memory\":\"%s\",\"scalar\":\"%s\",\"storage\":\"%s\","
+      "\"C\":%d,\"P\":%d,"
       "\"B\":%d,\"H\":%d,"
       "\"W\":%d,"
       "\"p\":%d,\"D\":%d,\"heads\":%d,\"tree\":%d,\"map\":\"%s\",\"reps\":%d,"
@@ -444,15 +475,15 @@ void print_json(const Run& run, const Options& o, int P, const Result& r) {
       "\"fwd_ms\":%.3f,\"fwdbwd_ms\":%.3f,\"fwd_ms_min\":%.3f,\"fwdbwd_ms_min\":%.3f,"
       "\"exec\":\"%s\",\"kokkos_version\":%d}\n",
       name_of(run.kind), std::string(dchag::to_string(run.strategy)).c_str(),
-      std::string(dchag::to_string(run.memory)).c_str(), o.is_double ? "double" : "float", run.C, P,
-      o.B, o.H, o.W, o.p, o.D, o.heads, is_dchag(run.kind) ? o.tree : 1,
-      o.round_robin ? "round_robin" : "blocks", o.reps, static_cast<long long>(r.peak_max),
-      static_cast<long long>(r.peak_min), static_cast<long long>(r.state_max),
-      static_cast<long long>(e.total()), r.estimate_rank, static_cast<long long>(e.parameters),
-      static_cast<long long>(e.gradients), static_cast<long long>(e.activations),
-      static_cast<long long>(e.workspace), static_cast<long long>(e.communication),
-      static_cast<long long>(r.input_bytes), r.fwd_ms, r.fwdbwd_ms, r.fwd_ms_min, r.fwdbwd_ms_min,
-      Exec::name(), KOKKOS_VERSION);
+      std::string(dchag::to_string(run.memory)).c_str(), o.is_double ? "double" : "float",
+      storage_name(o).c_str(), run.C, P, o.B, o.H, o.W, o.p, o.D, o.heads,
+      is_dchag(run.kind) ? o.tree : 1, o.round_robin ? "round_robin" : "blocks", o.reps,
+      static_cast<long long>(r.peak_max), static_cast<long long>(r.peak_min),
+      static_cast<long long>(r.state_max), static_cast<long long>(e.total()), r.estimate_rank,
+      static_cast<long long>(e.parameters), static_cast<long long>(e.gradients),
+      static_cast<long long>(e.activations), static_cast<long long>(e.workspace),
+      static_cast<long long>(e.communication), static_cast<long long>(r.input_bytes), r.fwd_ms,
+      r.fwdbwd_ms, r.fwd_ms_min, r.fwdbwd_ms_min, Exec::name(), KOKKOS_VERSION);
   std::fflush(stdout);
 }
 
@@ -473,13 +504,14 @@ int sweep(int argc, char** argv) {
   if (rank == 0) {
     std::fprintf(
         stderr,
-        "dchag_sweep: %d runs on %d rank(s), %s, %s, B=%d %dx%d p=%d D=%d heads=%d, %d reps\n",
-        int(runs.size()), P, Exec::name(), o.is_double ? "double" : "float", o.B, o.H, o.W, o.p,
-        o.D, o.heads, o.reps);
+        "dchag_sweep: %d runs on %d rank(s), %s, %s (storage %s), B=%d %dx%d p=%d D=%d heads=%d, "
+        "%d reps\n",
+        int(runs.size()), P, Exec::name(), o.is_double ? "double" : "float",
+        storage_name(o).c_str(), o.B, o.H, o.W, o.p, o.D, o.heads, o.reps);
   }
   for (std::size_t i = 0; i < runs.size(); ++i) {
     const Run& run = runs[i];
-    const Result r = o.is_double ? run_one<double>(run, o, comm) : run_one<float>(run, o, comm);
+    const Result r = run_typed(run, o, comm);
     if (rank == 0) {
       print_json(run, o, P, r);
       std::fprintf(

@@ -13,6 +13,7 @@ Writes into OUT_DIR:
   series.gp                   gnuplot arrays naming those files, titles and line styles
                               (plot_sweep.gp loads it)
   tables.md                   the tables of bench/README.md's memory and throughput study
+A run with --storage bf16 or fp16 is keyed as memory "<policy>-<storage>".
 Several lines for one (mode, strategy, memory, C, P) (a re-run appended to the file): the last one
 wins. Lines without a memory policy (older sweeps) are keep.
 """
@@ -52,6 +53,9 @@ def load(path):
             except json.JSONDecodeError as e:
                 sys.exit(f"sweep_data.py: {path}:{n}: not JSON ({e})")
             r.setdefault("memory", "keep")
+            # A storage type other than the scalar is part of the policy's name: keep-bf16.
+            if r.get("storage", r.get("scalar")) != r.get("scalar"):
+                r["memory"] += "-" + r["storage"]
             r["peak_MiB"] = r["peak_bytes_per_rank"] / MIB
             r["est_MiB"] = r["estimate_bytes_per_rank"] / MIB
             e = r["estimate"]

@@ -619,7 +619,8 @@ TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]
   const std::vector<std::string> expected = {
       "xattn_climax_basic", "xattn_climax_nh1",     "xattn_climax_d20",  "xattn_climax_c1",
       "xattn_climax_bl1",   "xattn_artifact_basic", "flat_all",          "flat_subset",
-      "dchag_linear",       "dchag_xattn_tree",     "dchag_linear_tree", "dchag_xattn_uneven"};
+      "dchag_linear",       "dchag_xattn_tree",     "dchag_linear_tree", "dchag_xattn_uneven",
+      "flat_bf16",          "flat_fp16_subset",     "dchag_xattn_bf16",  "dchag_linear_fp16"};
   for (const auto& name : expected) {
     INFO(name);
     CHECK(std::filesystem::exists(dir / (name + ".safetensors")));
@@ -656,6 +657,8 @@ TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]
           CHECK(f.metadata_value(key).has_value());
         }
       }
+      const auto storage = f.metadata_value("storage");  // absent: no rounding
+      CHECK((!storage || *storage == "bf16" || *storage == "fp16"));
     }
     for (const auto& t : f.tensors()) {
       INFO(t.name);

@@ -188,7 +188,7 @@ class Tokenizer {
                  where, "tokens is [", tokens.extent(0), ", ", tokens.extent(1), ", ",
                  tokens.extent(2), ", ", tokens.extent(3), "], expected [B, J, L, D] = [", B, ", ",
                  J_, ", ", L, ", ", D, "] or the chunk's [", B, ", ", nj, ", ", L, ", ", D, "]");
-    load_patches(exec, j0, j1);
+    extract_chunk(where, exec, j0, j1);
     const int t0 = all ? 0 : j0;  // selection index of tokens' first channel slot
     const int p0 = patches_first_;
     // Start every token at bias + channel embedding, then add the patch projection.
@@ -225,13 +225,7 @@ class Tokenizer {
     DCHAG_EXPECT(J_ > 0, where, "called before prepare");
     DCHAG_EXPECT(0 <= j0 && j0 < j1 && j1 <= J_, where, "channel range [", j0, ", ", j1,
                  ") is not a non-empty range inside the prepared selection [0, ", J_, ")");
-    if (images_.data() == nullptr || (patches_first_ == j0 && patches_count_ == j1 - j0)) return;
-    DCHAG_EXPECT(std::size_t(j1 - j0) <= patches_.extent(0), where, "chunk [", j0, ", ", j1,
-                 ") holds ", j1 - j0, " channels, expected at most the prepared patch chunk ",
-                 patches_.extent(0));
-    detail::extract_patches(exec, images_, image_index_, patches_, j0, j1, patch_);
-    patches_first_ = j0;
-    patches_count_ = j1 - j0;
+    extract_chunk(where, exec, j0, j1);
   }
 
   /// Accumulates the gradients of the weights, biases and channel embeddings of the channels seen
@@ -450,6 +444,17 @@ class Tokenizer {
       images_ = images;
       patches_first_ = patches_count_ = 0;  // none extracted yet
     }
+  }
+
+  // load_patches after its range checks; `where` names the public entry point.
+  void extract_chunk(const char* where, const ExecSpace& exec, int j0, int j1) {
+    if (images_.data() == nullptr || (patches_first_ == j0 && patches_count_ == j1 - j0)) return;
+    DCHAG_EXPECT(std::size_t(j1 - j0) <= patches_.extent(0), where, "chunk [", j0, ", ", j1,
+                 ") holds ", j1 - j0, " channels, expected at most the prepared patch chunk ",
+                 patches_.extent(0));
+    detail::extract_patches(exec, images_, image_index_, patches_, j0, j1, patch_);
+    patches_first_ = j0;
+    patches_count_ = j1 - j0;
   }
 
   static void check_tokens(const char* where, const View4<Scalar, memory_space>& tokens,
