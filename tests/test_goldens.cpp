@@ -352,6 +352,35 @@ TEST_CASE("goldens: bf16 and fp16 storage against PyTorch", "[goldens][precision
   check_storage_files<dchag::fp16>({"flat_fp16_subset", "dchag_linear_fp16"});
 }
 
+TEST_CASE("goldens: a fresh front end holds ClimaX's sin-cos embeddings", "[goldens][init]") {
+  // init_climax: pos_embed from ClimaX's get_2d_sincos_pos_embed (patch column first) and
+  // var_embed from its 1-D form over the channel index, computed by the golden script in float64
+  // and stored in float32 (|error| <= 2^-24 for values in [-1, 1]).
+  Exec exec;
+  const auto f = read_golden("init_climax");
+  REQUIRE(meta_string(f, "kind") == "init");
+  dchag::FrontEndConfig cfg;
+  cfg.channels = meta_int(f, "C");
+  cfg.height = meta_int(f, "H");
+  cfg.width = meta_int(f, "W");
+  cfg.patch = meta_int(f, "p");
+  cfg.dim = meta_int(f, "D");
+  cfg.heads = 2;
+  REQUIRE(cfg.patches() == meta_int(f, "L"));
+  REQUIRE(cfg.grid_h() != cfg.grid_w());  // a square grid would not tell rows from columns
+  dchag::FlatFrontEnd<Exec, double> model(exec, cfg);
+  const auto params = model.parameters();
+  for (const char* name : {"pos_embed", "var_embed"}) {
+    INFO(name);
+    const auto got = dchag_test::file_order(dchag_test::find(params, name));
+    const auto ref = f.values<double>(name);
+    REQUIRE(got.size() == ref.size());
+    double err = 0;
+    for (std::size_t i = 0; i < ref.size(); ++i) err = std::max(err, std::abs(got[i] - ref[i]));
+    CHECK(err <= u32);
+  }
+}
+
 TEST_CASE("goldens: the storage files fail without the rounding", "[goldens][precision]") {
   // The flat model in double storage (no rounding of the tokens) on the bf16 file's own images
   // and weights: its output misses the golden by a sizeable fraction of u, hundreds of times the

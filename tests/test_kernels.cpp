@@ -629,7 +629,7 @@ TEST_CASE("Initialisation follows ClimaX: zero queries and biases, sin-cos embed
       }
     }
   }
-  SECTION("positional embedding: first D/2 from the patch row, last D/2 from the column") {
+  SECTION("positional embedding: first D/2 from the patch column, last D/2 from the row") {
     const int gh = 3, gw = 4, dim = 16;
     dchag::PositionalEmbedding<Exec, double> pos(exec, gh, gw, dim);
     const auto ps = pos.parameters();
@@ -643,8 +643,8 @@ TEST_CASE("Initialisation follows ClimaX: zero queries and biases, sin-cos embed
         const auto want_r = sincos(r, dim / 2), want_c = sincos(c, dim / 2);
         const double* got = &v[std::size_t(r * gw + c) * dim];
         for (int d = 0; d < dim / 2; ++d) {
-          CHECK(got[d] == Approx(want_r[d]).margin(1e-14));
-          CHECK(got[dim / 2 + d] == Approx(want_c[d]).margin(1e-14));
+          CHECK(got[d] == Approx(want_c[d]).margin(1e-14));
+          CHECK(got[dim / 2 + d] == Approx(want_r[d]).margin(1e-14));
         }
       }
     }

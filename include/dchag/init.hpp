@@ -103,8 +103,9 @@ void init_sincos_rows(const V& v, const std::vector<int>& row_ids) {
   detail::copy_from_host(v, values);
 }
 
-/// [L, D] 2-D sin-cos positional embedding over an h_p x w_p patch grid (row-major): the first
-/// D/2 values encode the patch row, the last D - D/2 the column (DESIGN 3.5).
+/// [L, D] 2-D sin-cos positional embedding over an h_p x w_p patch grid (row-major), as ClimaX's
+/// (MAE's) get_2d_sincos_pos_embed: its meshgrid puts the patch column in the first D/2 values and
+/// the row in the last D - D/2 (DESIGN 3.5).
 template <class V>
 void init_sincos_2d(const V& v, int grid_h, int grid_w) {
   const int dim = static_cast<int>(v.extent(1));
@@ -113,8 +114,8 @@ void init_sincos_2d(const V& v, int grid_h, int grid_w) {
   for (int r = 0; r < grid_h; ++r) {
     for (int c = 0; c < grid_w; ++c) {
       double* row = &values[(static_cast<std::size_t>(r) * grid_w + c) * dim];
-      detail::sincos_1d(r, half, row);
-      detail::sincos_1d(c, dim - half, row + half);
+      detail::sincos_1d(c, half, row);
+      detail::sincos_1d(r, dim - half, row + half);
     }
   }
   detail::copy_from_host(v, values);

@@ -1,6 +1,7 @@
 #pragma once
 /// Learned positional embedding added to the aggregated tokens (DESIGN 3.5): out[b, l, :] +=
-/// pos[l, :], initialised with the 2-D sin-cos embedding of the patch grid. Name: `pos_embed`
+/// pos[l, :], initialised with ClimaX's 2-D sin-cos embedding of the patch grid (patch column in
+/// the first D/2 values, row in the rest). Name: `pos_embed`
 /// [1, L, D].
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>

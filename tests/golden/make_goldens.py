@@ -409,6 +409,36 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None):
     g.finish(path, out, meta)
 
 
+# ClimaX's / MAE's sin-cos initialisers, as they are written there (numpy, float64).
+def get_1d_sincos_pos_embed_from_grid(embed_dim, pos):
+    omega = np.arange(embed_dim // 2, dtype=np.float64)
+    omega /= embed_dim / 2.0
+    omega = 1.0 / 10000 ** omega
+    pos = pos.reshape(-1)
+    out = np.einsum("m,d->md", pos, omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def get_2d_sincos_pos_embed(embed_dim, grid_size_h, grid_size_w):
+    grid_h = np.arange(grid_size_h, dtype=np.float32)
+    grid_w = np.arange(grid_size_w, dtype=np.float32)
+    grid = np.meshgrid(grid_w, grid_h)  # here w goes first
+    grid = np.stack(grid, axis=0).reshape([2, 1, grid_size_h, grid_size_w])
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def init_climax(path, C, H, W, p, D):
+    """The fresh pos_embed and var_embed of a ClimaX model (no gradients: kind "init")."""
+    gh, gw = H // p, W // p
+    pos = torch.from_numpy(get_2d_sincos_pos_embed(D, gh, gw)).reshape(1, gh * gw, D)
+    var = torch.from_numpy(get_1d_sincos_pos_embed_from_grid(D, np.arange(C))).reshape(1, C, D)
+    meta = dict(kind="init", convention="climax", C=C, H=H, W=W, p=p, D=D, L=gh * gw)
+    write_safetensors(path, [("pos_embed", pos), ("var_embed", var)], meta)
+    print(f"{os.path.basename(path)}: 2 tensors, {os.path.getsize(path)} bytes")
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     os.makedirs(out_dir, exist_ok=True)
@@ -437,6 +467,7 @@ def main():
           heads=4, storage="bf16")
     dchag(f("dchag_linear_fp16"), 116, "linear", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16,
           heads=4, storage="fp16")
+    init_climax(f("init_climax"), C=5, H=12, W=16, p=4, D=12)
 
 
 if __name__ == "__main__":
