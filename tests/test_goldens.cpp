@@ -212,6 +212,11 @@ dchag::FrontEndConfig front_end_config(const st::File& f, dchag::Strategy strate
   cfg.convention = meta_string(f, "convention") == "climax" ? dchag::Convention::climax
                                                             : dchag::Convention::artifact;
   cfg.seed = 12345;  // not the file's: every value must come from load_weights
+  if (const auto pc = f.metadata_value("partial_convention")) {  // D-CHAG-C partials differ
+    REQUIRE((*pc == "climax" || *pc == "artifact"));
+    cfg.partial_convention =
+        *pc == "climax" ? dchag::Convention::climax : dchag::Convention::artifact;
+  }
   return cfg;
 }
 
@@ -297,10 +302,19 @@ double check_file(const std::string& name, dchag::Strategy strategy, double rtol
   return check_dchag<Scalar, Storage>(f, strategy, rtol_storage);
 }
 
-const std::vector<std::string> golden_files = {
-    "xattn_climax_basic", "xattn_climax_nh1",     "xattn_climax_d20",  "xattn_climax_c1",
-    "xattn_climax_bl1",   "xattn_artifact_basic", "flat_all",          "flat_subset",
-    "dchag_linear",       "dchag_xattn_tree",     "dchag_linear_tree", "dchag_xattn_uneven"};
+const std::vector<std::string> golden_files = {"xattn_climax_basic",
+                                               "xattn_climax_nh1",
+                                               "xattn_climax_d20",
+                                               "xattn_climax_c1",
+                                               "xattn_climax_bl1",
+                                               "xattn_artifact_basic",
+                                               "flat_all",
+                                               "flat_subset",
+                                               "dchag_linear",
+                                               "dchag_xattn_tree",
+                                               "dchag_linear_tree",
+                                               "dchag_xattn_uneven",
+                                               "dchag_xattn_climax_partials"};
 
 template <class Scalar>
 void check_all(const char* scalar_name) {

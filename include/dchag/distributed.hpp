@@ -108,20 +108,23 @@ class DistributedFrontEnd {
       : comm_(comm), cfg_(cfg), mode_(mode), map_(map), tree_(tree), reduce_(exec, comm) {
     constexpr const char* where = "dchag::DistributedFrontEnd";
     comm_.check_collectively(where, [&] { validate_local(); });
-    comm_.agree(where, {{"C", cfg.channels},
-                        {"H", cfg.height},
-                        {"W", cfg.width},
-                        {"p", cfg.patch},
-                        {"D", cfg.dim},
-                        {"heads", cfg.heads},
-                        {"mode", static_cast<std::int64_t>(mode)},
-                        {"strategy", static_cast<std::int64_t>(cfg.strategy)},
-                        {"convention", static_cast<std::int64_t>(cfg.convention)},
-                        {"tree", tree},
-                        {"seed", static_cast<std::int64_t>(cfg.seed)},
-                        {"scalar type", StorageTraits<Scalar>::code},
-                        {"storage type", StorageTraits<Storage>::code},
-                        {"channel map", static_cast<std::int64_t>(map.fingerprint())}});
+    comm_.agree(where,
+                {{"C", cfg.channels},
+                 {"H", cfg.height},
+                 {"W", cfg.width},
+                 {"p", cfg.patch},
+                 {"D", cfg.dim},
+                 {"heads", cfg.heads},
+                 {"mode", static_cast<std::int64_t>(mode)},
+                 {"strategy", static_cast<std::int64_t>(cfg.strategy)},
+                 {"convention", static_cast<std::int64_t>(cfg.convention)},
+                 {"partial convention",
+                  static_cast<std::int64_t>(cfg.partial_convention.value_or(cfg.convention))},
+                 {"tree", tree},
+                 {"seed", static_cast<std::int64_t>(cfg.seed)},
+                 {"scalar type", StorageTraits<Scalar>::code},
+                 {"storage type", StorageTraits<Storage>::code},
+                 {"channel map", static_cast<std::int64_t>(map.fingerprint())}});
     const int rank = comm_.rank();
     channels_ = map.channels_of(rank);
     pos_.emplace(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim);

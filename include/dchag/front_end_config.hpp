@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 namespace dchag {
@@ -23,17 +24,24 @@ struct FrontEndConfig {
   int dim = 0;       ///< D
   int heads = 1;     ///< cross-attention heads; must divide D
   Strategy strategy = Strategy::pooled;
+  /// Of the flat cross-attention, or of D-CHAG's final one.
   Convention convention = Convention::climax;
   std::uint64_t seed = 0;  ///< initialisation seed
   /// What a forward keeps for its backward (keep, recompute; inference: no backward). Not keep
   /// needs the pooled strategy.
   MemoryPolicy memory = MemoryPolicy::keep;
+  /// Of D-CHAG's partial cross-attentions (D-CHAG-C); unset: `convention`.
+  std::optional<Convention> partial_convention;
 
   int grid_h() const { return height / patch; }
   int grid_w() const { return width / patch; }
   /// L = (H / p) * (W / p), in 64 bits: it can exceed INT_MAX, which validate() refuses.
   std::int64_t patches() const { return std::int64_t(grid_h()) * grid_w(); }
   AttentionConfig attention() const { return {dim, heads, convention, strategy}; }
+  /// The partial cross-attentions' configuration: attention() in partial_convention.
+  AttentionConfig partial_attention() const {
+    return {dim, heads, partial_convention.value_or(convention), strategy};
+  }
 
   /// Refuses a configuration that is inconsistent or whose sizes for one image of every channel
   /// the kernels cannot index (detail/sizes.hpp: int league sizes, 2^53 elements per tensor).

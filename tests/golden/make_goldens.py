@@ -223,6 +223,25 @@ class Artifact:
         assert torch.allclose(ga, gb, **TOL)
 
 
+class Climax:
+    """ClimaX's aggregation as a module under `prefix`: var_query [1, 1, D] and var_agg
+    (nn.MultiheadAttention), x [B, N, L, D] -> [B, L, D]."""
+
+    def __init__(self, g, prefix, D, heads):
+        self.mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
+        self.var_query = g.leaf(prefix + "var_query", [1, 1, D], 1.0)
+        g.param(prefix + "var_agg.in_proj_weight", self.mha.in_proj_weight, 1.0 / D)
+        g.param(prefix + "var_agg.in_proj_bias", self.mha.in_proj_bias, 0.1)
+        g.param(prefix + "var_agg.out_proj.weight", self.mha.out_proj.weight, 1.0 / D)
+        g.param(prefix + "var_agg.out_proj.bias", self.mha.out_proj.bias, 0.1)
+
+    def __call__(self, x):
+        return climax_aggregate(x, self.var_query, self.mha)
+
+    def check(self, x):
+        check_climax_against_explicit(x, self.var_query, self.mha)
+
+
 class Tokenizer:
     """ClimaX token_embeds (one Conv2d(1, D, p, stride=p) per model channel) + var_embed."""
 
@@ -350,7 +369,8 @@ def block_sizes(C, P):
     return [C // P + (1 if r < C % P else 0) for r in range(P)]
 
 
-def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None):
+def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
+          partial_convention="artifact"):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     sizes = block_sizes(C, P)
@@ -380,7 +400,7 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None):
                     return torch.einsum("bkld,k->bld", torch.stack(gs, dim=1), tw) + tb
                 partials.append(lin_tree)
         else:
-            att = Artifact(g, pre, D, heads)
+            att = (Artifact if partial_convention == "artifact" else Climax)(g, pre, D, heads)
             if tree == 1:
                 partials.append(att)
             else:
@@ -406,6 +426,8 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None):
                 W=W, p=p, channel_ids=ints(ids), seed=seed)
     if storage is not None:
         meta["storage"] = storage
+    if partial_convention != "artifact":
+        meta["partial_convention"] = partial_convention
     g.finish(path, out, meta)
 
 
@@ -468,6 +490,8 @@ def main():
     dchag(f("dchag_linear_fp16"), 116, "linear", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16,
           heads=4, storage="fp16")
     init_climax(f("init_climax"), C=5, H=12, W=16, p=4, D=12)
+    dchag(f("dchag_xattn_climax_partials"), 117, "xattn", tree=2, P=2, C=8, B=2, H=8, W=8, p=4,
+          D=16, heads=4, partial_convention="climax")
 
 
 if __name__ == "__main__":

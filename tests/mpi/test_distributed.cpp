@@ -281,10 +281,14 @@ TEST_CASE("16-bit storage on P ranks equals the single-process front ends",
         exec, pb.cfg, {dchag::PartialKind::linear, 1}, groups);
     compare<dchag::bf16>(dchag::Mode::dchag_linear, pb, map, linear,
                          dchag::ImageInput::own_channels);
-    dchag::DchagEmulation<Exec, Scalar, dchag::fp16> xattn(
-        exec, pb.cfg, {dchag::PartialKind::cross_attention, 2}, groups);
-    compare<dchag::fp16>(dchag::Mode::dchag_xattn, pb, map, xattn, dchag::ImageInput::full_image,
-                         2);
+    {
+      auto mixed = pb;  // and partials in another convention than the final cross-attention
+      mixed.cfg.partial_convention = dchag::Convention::artifact;
+      dchag::DchagEmulation<Exec, Scalar, dchag::fp16> xattn(
+          exec, mixed.cfg, {dchag::PartialKind::cross_attention, 2}, groups);
+      compare<dchag::fp16>(dchag::Mode::dchag_xattn, mixed, map, xattn,
+                           dchag::ImageInput::full_image, 2);
+    }
     dchag::FlatFrontEnd<Exec, Scalar, dchag::bf16> flat(exec, pb.cfg);
     compare<dchag::bf16>(dchag::Mode::exact_flat, pb, map, flat, dchag::ImageInput::own_channels);
   }

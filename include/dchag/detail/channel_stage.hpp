@@ -23,8 +23,8 @@ class ChannelStage {
   ChannelStage(const ExecSpace& exec, const FrontEndConfig& cfg, std::vector<int> channels,
                PartialKind kind, int tree, const std::string& name)
       : tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, channels, cfg.seed),
-        partial_(exec, kind, static_cast<int>(channels.size()), tree, cfg.attention(), cfg.seed,
-                 name),
+        partial_(exec, kind, static_cast<int>(channels.size()), tree, cfg.partial_attention(),
+                 cfg.seed, name),
         channels_(std::move(channels)) {}
 
   const std::vector<int>& channels() const { return channels_; }
@@ -100,8 +100,8 @@ class ChannelStage {
     if (kind == PartialKind::cross_attention && cfg.strategy == Strategy::materialized) {
       MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(channels, cfg.patch,
                                                                          cfg.dim, B, channels, L);
-      e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B,
-                                                          L);
+      e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree,
+                                                          cfg.partial_attention(), B, L);
       const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * D;
       e.activations += tokens;  // tokens
       e.workspace += tokens;    // d_tokens
@@ -111,8 +111,8 @@ class ChannelStage {
         fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, channels, 0, memory);
     MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(
         channels, cfg.patch, cfg.dim, B, channels, L, Tokens::all_patches(memory) ? 0 : chunk);
-    e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree, cfg.attention(), B, L,
-                                                        chunk, memory);
+    e += PartialAggregator<ExecSpace, Scalar>::estimate(
+        kind, channels, tree, cfg.partial_attention(), B, L, chunk, memory);
     e += fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, D, channels, 0, memory);
     return e;
   }
