@@ -466,6 +466,31 @@ TEST_CASE("Front ends reject bad input with a precise message", "[front_end][err
                     {"dchag::FlatFrontEnd", "config.heads is 3", "expected a divisor of dim = 8"});
   }
 
+  SECTION("lead times: needed with config.lead_time, refused without, one per sample") {
+    V4<float> images("images", B, good.channels, good.height, good.width);
+    V3<float> out("out", B, L, D);
+    dchag::View1<float, Mem> times("times", B), short_times("short", B - 1);
+    FrontEndConfig cfg = good;
+    cfg.lead_time = true;
+    dchag::FlatFrontEnd<Exec, float> with(exec, cfg);
+    dchag::FlatFrontEnd<Exec, float> without(exec, good);
+    require_invalid([&] { with.forward(exec, images, out); },
+                    {"dchag::FlatFrontEnd::forward", "no lead_times given", "config.lead_time"});
+    require_invalid([&] { without.forward(exec, images, out, times); },
+                    {"dchag::FlatFrontEnd::forward", "lead_times given, expected none"});
+    require_invalid(
+        [&] { with.forward(exec, images, out, short_times); },
+        {"dchag::FlatFrontEnd::forward", "lead_times.extent(0) is 1", "expected B = 2"});
+    dchag::DchagEmulation<Exec, float> emu(exec, cfg, {}, {{0, 1}, {2, 3, 4}});
+    require_invalid([&] { emu.forward(exec, images, out); },
+                    {"dchag::DchagEmulation::forward", "no lead_times given"});
+    with.forward(exec, images, out, times);  // and the parameters carry ClimaX's names
+    const auto with_params = with.parameters(), without_params = without.parameters();
+    CHECK(find(with_params, "lead_time_embed.weight") != nullptr);
+    CHECK(find(with_params, "lead_time_embed.bias") != nullptr);
+    CHECK(find(without_params, "lead_time_embed.weight") == nullptr);
+  }
+
   SECTION("FlatFrontEnd") {
     for (const auto strat : kStrategies) {
       FrontEndConfig cfg = good;

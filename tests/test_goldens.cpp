@@ -217,6 +217,7 @@ dchag::FrontEndConfig front_end_config(const st::File& f, dchag::Strategy strate
     cfg.partial_convention =
         *pc == "climax" ? dchag::Convention::climax : dchag::Convention::artifact;
   }
+  cfg.lead_time = f.metadata_value("lead_time").has_value();  // ClimaX's lead_time_embed stage
   return cfg;
 }
 
@@ -238,13 +239,18 @@ double check_flat(const st::File& f, dchag::Strategy strategy, double rtol_stora
                max_abs(f.values<double>("grad_out"))};
 
   dchag::View3<Scalar, Mem> out("out", B, L, D);
-  model.forward(exec, images, dchag::ChannelSelection::own(ids), out);
+  if (cfg.lead_time) {
+    const auto lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
+    model.forward(exec, images, dchag::ChannelSelection::own(ids), out, lead_times);
+  } else {
+    model.forward(exec, images, dchag::ChannelSelection::own(ids), out);
+  }
   cmp(host_values(out), "out", 0.0);
 
   model.zero_gradients(exec);
   model.backward(exec, grad_out);
   cmp.gradients(model.gradients());
-  cmp.require_all_gradients({"grad.images"});
+  cmp.require_all_gradients({"grad.images", "grad.lead_times"});
   return cmp.worst;
 }
 
@@ -278,13 +284,18 @@ double check_dchag(const st::File& f, dchag::Strategy strategy, double rtol_stor
                max_abs(f.values<double>("grad_out"))};
 
   dchag::View3<Scalar, Mem> out("out", B, L, D);
-  model.forward(exec, images, out);
+  if (cfg.lead_time) {
+    const auto lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
+    model.forward(exec, images, out, lead_times);
+  } else {
+    model.forward(exec, images, out);
+  }
   cmp(host_values(out), "out", 0.0);
 
   model.zero_gradients(exec);
   model.backward(exec, grad_out);
   cmp.gradients(model.gradients());
-  cmp.require_all_gradients({"grad.images"});
+  cmp.require_all_gradients({"grad.images", "grad.lead_times"});
   return cmp.worst;
 }
 
@@ -314,7 +325,9 @@ const std::vector<std::string> golden_files = {"xattn_climax_basic",
                                                "dchag_xattn_tree",
                                                "dchag_linear_tree",
                                                "dchag_xattn_uneven",
-                                               "dchag_xattn_climax_partials"};
+                                               "dchag_xattn_climax_partials",
+                                               "flat_lead_time",
+                                               "dchag_linear_lead_time"};
 
 template <class Scalar>
 void check_all(const char* scalar_name) {

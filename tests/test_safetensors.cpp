@@ -617,11 +617,13 @@ std::int64_t meta_int(const st::File& f, const char* key) {
 TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]") {
   const std::filesystem::path dir = DCHAG_GOLDEN_DIR;
   const std::vector<std::string> expected = {
-      "xattn_climax_basic", "xattn_climax_nh1",           "xattn_climax_d20",  "xattn_climax_c1",
-      "xattn_climax_bl1",   "xattn_artifact_basic",       "flat_all",          "flat_subset",
-      "dchag_linear",       "dchag_xattn_tree",           "dchag_linear_tree", "dchag_xattn_uneven",
-      "flat_bf16",          "flat_fp16_subset",           "dchag_xattn_bf16",  "dchag_linear_fp16",
-      "init_climax",        "dchag_xattn_climax_partials"};
+      "xattn_climax_basic", "xattn_climax_nh1",      "xattn_climax_d20",
+      "xattn_climax_c1",    "xattn_climax_bl1",      "xattn_artifact_basic",
+      "flat_all",           "flat_subset",           "dchag_linear",
+      "dchag_xattn_tree",   "dchag_linear_tree",     "dchag_xattn_uneven",
+      "flat_bf16",          "flat_fp16_subset",      "dchag_xattn_bf16",
+      "dchag_linear_fp16",  "init_climax",           "dchag_xattn_climax_partials",
+      "flat_lead_time",     "dchag_linear_lead_time"};
   for (const auto& name : expected) {
     INFO(name);
     CHECK(std::filesystem::exists(dir / (name + ".safetensors")));

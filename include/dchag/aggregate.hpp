@@ -5,6 +5,7 @@
 #include <dchag/cross_attention.hpp>
 #include <dchag/error.hpp>
 #include <dchag/front_end.hpp>
+#include <dchag/lead_time_embedding.hpp>
 #include <dchag/linear_aggregation.hpp>
 #include <dchag/partial_aggregator.hpp>
 #include <dchag/positional_embedding.hpp>

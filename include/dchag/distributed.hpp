@@ -50,6 +50,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   const MemoryPolicy memory = cfg.memory;
   const bool train = memory != MemoryPolicy::inference;
   MemoryEstimate e = PositionalEmbedding<ExecSpace, Scalar>::estimate(L, D);
+  e += detail::LeadTimeStage<ExecSpace, Scalar>::estimate(cfg.lead_time, D, B);
   e += Attention::estimate_module(cfg.attention());
   if (mode == Mode::dchag_linear || mode == Mode::dchag_xattn) {
     const auto kind =
@@ -122,12 +123,14 @@ class DistributedFrontEnd {
                   static_cast<std::int64_t>(cfg.partial_convention.value_or(cfg.convention))},
                  {"tree", tree},
                  {"seed", static_cast<std::int64_t>(cfg.seed)},
+                 {"lead time", cfg.lead_time ? 1 : 0},
                  {"scalar type", StorageTraits<Scalar>::code},
                  {"storage type", StorageTraits<Storage>::code},
                  {"channel map", static_cast<std::int64_t>(map.fingerprint())}});
     const int rank = comm_.rank();
     channels_ = map.channels_of(rank);
     pos_.emplace(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim);
+    lead_.emplace(exec, cfg.lead_time, cfg.dim, cfg.seed);
     if (is_dchag()) {
       const PartialKind kind =
           mode == Mode::dchag_linear ? PartialKind::linear : PartialKind::cross_attention;
@@ -168,9 +171,27 @@ class DistributedFrontEnd {
   /// [B, C, H, W] (full image); tp_only needs the full image (every rank tokenizes all channels).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, ImageInput input = ImageInput::own_channels) {
+    run_forward(exec, images, out, input, nullptr);
+  }
+  /// The same with the lead time of every sample, lead_times [B], identical on every rank
+  /// (cfg.lead_time).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const V3& out, const View1<const Scalar, memory_space>& lead_times,
+               ImageInput input = ImageInput::own_channels) {
+    run_forward(exec, images, out, input, &lead_times);
+  }
+
+ private:
+  void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+                   const V3& out, ImageInput input,
+                   const View1<const Scalar, memory_space>* lead_times) {
     detail::ScopedRegion region("dchag::DistributedFrontEnd::forward");
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
-    comm_.check_collectively(where, [&] { check_forward(images, out, input); });
+    comm_.check_collectively(where, [&] {
+      check_forward(images, out, input);
+      lead_->check(where, lead_times);
+      if (lead_times) detail::check_lead_times(where, *lead_times, images.extent(0));
+    });
     comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
                         {"image input", static_cast<std::int64_t>(input)},
                         {"memory policy", static_cast<std::int64_t>(cfg_.memory)}});
@@ -179,6 +200,10 @@ class DistributedFrontEnd {
     // allocation that fails on one rank is then an exception on every rank, not a hang.
     comm_.check_collectively(where, [&] { reserve(B); });
     if (check_replicas_) verify_replicated(exec);
+    if (check_replicas_ && lead_times) {
+      comm_.agree(where, {{"checksum of lead_times",
+                           static_cast<std::int64_t>(detail::checksum_view(*lead_times))}});
+    }
     const auto sel = selection(input);
     const V4 out4(out.data(), B, 1, L, D);
     switch (mode_) {
@@ -210,10 +235,12 @@ class DistributedFrontEnd {
         break;
     }
     pos_->forward(exec, out);
+    lead_->forward(exec, lead_times, out);
     forwarded_ = true;
     forwarded_memory_ = cfg_.memory;
   }
 
+ public:
   /// Collective. Accumulates gradients from d_out [B, L, D], which must be identical on every rank
   /// (the output is replicated). Replicated parameters (final or flat cross-attention, positional
   /// embedding) get identical gradients on every rank; each rank's tokenizer and partial
@@ -237,6 +264,7 @@ class DistributedFrontEnd {
     }
     const View4<const Scalar, memory_space> d_out4(d_out.data(), B, 1, L, D);
     pos_->backward(exec, d_out);
+    lead_->backward(exec, d_out);
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
@@ -283,6 +311,7 @@ class DistributedFrontEnd {
     if (tokenizer_) tokenizer_->zero_gradients(exec);
     attention_->zero_gradients(exec);
     pos_->zero_gradients(exec);
+    lead_->zero_gradients(exec);
   }
 
   /// This rank's parameters, by ClimaX / D-CHAG name: token_embeds.{c}.* and its var_embed rows,
@@ -295,6 +324,7 @@ class DistributedFrontEnd {
     if (mode_ == Mode::tp_only) list = tokenizer_->parameters();
     detail::append(list, attention_params(false));
     detail::append(list, pos_->parameters());
+    lead_->append_to(list, false);
     return list;
   }
 
@@ -409,6 +439,7 @@ class DistributedFrontEnd {
     if (tokenizer_) list = grads ? tokenizer_->gradients() : tokenizer_->parameters();
     detail::append(list, attention_params(grads));
     detail::append(list, grads ? pos_->gradients() : pos_->parameters());
+    lead_->append_to(list, grads);
     return list;
   }
 
@@ -423,6 +454,7 @@ class DistributedFrontEnd {
   std::optional<Tokenizer<ExecSpace, Scalar, Storage>> tokenizer_;         // exact_flat, tp_only
   std::optional<CrossAttention<ExecSpace, Scalar>> attention_;  // final or flat aggregation
   std::optional<PositionalEmbedding<ExecSpace, Scalar>> pos_;
+  std::optional<detail::LeadTimeStage<ExecSpace, Scalar>> lead_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   bool forwarded_ = false;
   MemoryPolicy forwarded_memory_ = MemoryPolicy::keep;

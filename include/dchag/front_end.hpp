@@ -12,6 +12,7 @@
 #include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/front_end_config.hpp>
+#include <dchag/lead_time_embedding.hpp>
 #include <dchag/partial_aggregator.hpp>
 #include <dchag/positional_embedding.hpp>
 #include <dchag/precision.hpp>
@@ -44,7 +45,8 @@ class FlatFrontEnd {
         tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, detail::iota_ids(cfg.channels),
                    cfg.seed),
         attention_(exec, cfg.attention(), cfg.seed, "var_agg"),
-        pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {}
+        pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim),
+        lead_(exec, cfg.lead_time, cfg.dim, cfg.seed) {}
 
   const FrontEndConfig& config() const { return cfg_; }
 
@@ -53,10 +55,38 @@ class FlatFrontEnd {
   /// than Scalar, the backward reads the images again: keep them unchanged until it has run.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
+    run_forward(exec, images, sel, out, nullptr);
+  }
+  /// The same with the lead time of every sample, lead_times [B] (cfg.lead_time).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
+               const View1<const Scalar, memory_space>& lead_times) {
+    run_forward(exec, images, sel, out, &lead_times);
+  }
+  /// All C channels, in model order: images [B, C, H, W].
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const View3<Scalar, memory_space>& out) {
+    run_forward(exec, images, all_channels(), out, nullptr);
+  }
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const View3<Scalar, memory_space>& out,
+               const View1<const Scalar, memory_space>& lead_times) {
+    run_forward(exec, images, all_channels(), out, &lead_times);
+  }
+
+ private:
+  ChannelSelection all_channels() const {
+    return ChannelSelection::from_full_image(detail::iota_ids(cfg_.channels));
+  }
+  void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+                   const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
+                   const View1<const Scalar, memory_space>* lead_times) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
     constexpr const char* where = "dchag::FlatFrontEnd::forward";
     detail::check_images(where, cfg_, images, sel);
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
+    lead_.check(where, lead_times);
+    if (lead_times) detail::check_lead_times(where, *lead_times, images.extent(0));
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
     if (cfg_.strategy == Strategy::pooled) {
       detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, int(J)};
@@ -72,13 +102,10 @@ class FlatFrontEnd {
     }
     channels_in_ = int(J);
     pos_.forward(exec, out);
-  }
-  /// All C channels, in model order: images [B, C, H, W].
-  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
-               const View3<Scalar, memory_space>& out) {
-    forward(exec, images, ChannelSelection::from_full_image(detail::iota_ids(cfg_.channels)), out);
+    lead_.forward(exec, lead_times, out);
   }
 
+ public:
   /// Accumulates every parameter gradient from d_out [B, L, D] of the last forward.
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::backward");
@@ -89,6 +116,7 @@ class FlatFrontEnd {
                  "backward");
     detail::check_tokens(where, cfg_, "d_out", d_out, std::size_t(saved_.B));
     pos_.backward(exec, d_out);
+    lead_.backward(exec, d_out);
     if (saved_.strategy == Strategy::pooled) {  // the forward's strategy, not the current one
       detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, channels_in_};
       detail::fused_backward(exec, tokenizer_, fold, fused_, channels_in_, as4(d_out), d_chunk_,
@@ -144,6 +172,7 @@ class FlatFrontEnd {
     const std::int64_t L = cfg.patches();
     MemoryEstimate e = Attention::estimate_module(cfg.attention());
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
+    e += detail::LeadTimeStage<ExecSpace, Scalar>::estimate(cfg.lead_time, cfg.dim, B);
     if (cfg.strategy == Strategy::materialized) {
       e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J,
                                                            L);
@@ -170,18 +199,22 @@ class FlatFrontEnd {
     tokenizer_.zero_gradients(exec);
     attention_.zero_gradients(exec);
     pos_.zero_gradients(exec);
+    lead_.zero_gradients(exec);
   }
-  /// ClimaX state-dict names: token_embeds.{c}.proj.*, var_embed, var_query, var_agg.*, pos_embed.
+  /// ClimaX state-dict names: token_embeds.{c}.proj.*, var_embed, var_query, var_agg.*, pos_embed
+  /// (and lead_time_embed.* with cfg.lead_time).
   TensorList<Scalar, memory_space> parameters() const {
     auto list = tokenizer_.parameters();
     detail::append(list, attention_.parameters());
     detail::append(list, pos_.parameters());
+    lead_.append_to(list, false);
     return list;
   }
   TensorList<Scalar, memory_space> gradients() const {
     auto list = tokenizer_.gradients();
     detail::append(list, attention_.gradients());
     detail::append(list, pos_.gradients());
+    lead_.append_to(list, true);
     return list;
   }
 
@@ -202,6 +235,7 @@ class FlatFrontEnd {
   Tokenizer<ExecSpace, Scalar, Storage> tokenizer_;
   CrossAttention<ExecSpace, Scalar> attention_;
   PositionalEmbedding<ExecSpace, Scalar> pos_;
+  detail::LeadTimeStage<ExecSpace, Scalar> lead_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   Tokens fused_;                         // the pooled path's tokens
   View4<Scalar, memory_space> tokens_;   // the materialized path's: every token
@@ -234,7 +268,8 @@ class DchagEmulation {
       : cfg_(validated(cfg, groups)),
         options_(options),
         final_(exec, cfg.attention(), cfg.seed, "final."),
-        pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim) {
+        pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim),
+        lead_(exec, cfg.lead_time, cfg.dim, cfg.seed) {
     for (std::size_t r = 0; r < groups.size(); ++r) {
       stages_.push_back(std::make_unique<detail::ChannelStage<ExecSpace, Scalar, Storage>>(
           exec, cfg, groups[r], options.partial, options.tree,
@@ -247,8 +282,23 @@ class DchagEmulation {
   /// out [B, L, D] from images [B, C, H, W] holding every model channel.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
+    run_forward(exec, images, out, nullptr);
+  }
+  /// The same with the lead time of every sample, lead_times [B] (cfg.lead_time).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const View3<Scalar, memory_space>& out,
+               const View1<const Scalar, memory_space>& lead_times) {
+    run_forward(exec, images, out, &lead_times);
+  }
+
+ private:
+  void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+                   const View3<Scalar, memory_space>& out,
+                   const View1<const Scalar, memory_space>* lead_times) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
+    lead_.check(where, lead_times);
+    if (lead_times) detail::check_lead_times(where, *lead_times, images.extent(0));
     // Every channel is tokenized here; the largest module (a stage or the final fold) takes at
     // most C of them.
     detail::check_images(where, cfg_, images, cfg_.channels, "C = ", cfg_.channels);
@@ -270,8 +320,10 @@ class DchagEmulation {
     final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_);
     memory_ = cfg_.memory;
     pos_.forward(exec, out);
+    lead_.forward(exec, lead_times, out);
   }
 
+ public:
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::DchagEmulation::backward");
     constexpr const char* where = "dchag::DchagEmulation::backward";
@@ -282,6 +334,7 @@ class DchagEmulation {
     const std::size_t B = gathered_.extent(0), L = cfg_.patches(), D = cfg_.dim;
     detail::check_tokens(where, cfg_, "d_out", d_out, B);
     pos_.backward(exec, d_out);
+    lead_.backward(exec, d_out);
     final_.backward(exec, gathered_, saved_,
                     View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D), d_gathered_);
     for (std::size_t r = 0; r < stages_.size(); ++r) {
@@ -325,6 +378,7 @@ class DchagEmulation {
     e += Attention::estimate_application(cfg_.attention(), B, P, L, 1, cfg_.heads, false, 0,
                                          train ? MemoryPolicy::keep : MemoryPolicy::inference);
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg_.dim);
+    e += detail::LeadTimeStage<ExecSpace, Scalar>::estimate(cfg_.lead_time, cfg_.dim, B);
     const std::int64_t token = std::int64_t(sizeof(Scalar)) * B * L * cfg_.dim;
     e.activations += token * (P + 1);     // gathered, partial
     if (train) e.workspace += token * P;  // d_gathered
@@ -334,6 +388,7 @@ class DchagEmulation {
     for (auto& st : stages_) st->zero_gradients(exec);
     final_.zero_gradients(exec);
     pos_.zero_gradients(exec);
+    lead_.zero_gradients(exec);
   }
   TensorList<Scalar, memory_space> parameters() const { return named(false); }
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
@@ -366,6 +421,7 @@ class DchagEmulation {
       detail::merge_into(list, grads ? st->gradients() : st->parameters());
     detail::append(list, grads ? final_.gradients("final.") : final_.parameters("final."));
     detail::append(list, grads ? pos_.gradients() : pos_.parameters());
+    lead_.append_to(list, grads);
     return list;
   }
 
@@ -374,6 +430,7 @@ class DchagEmulation {
   std::vector<std::unique_ptr<detail::ChannelStage<ExecSpace, Scalar, Storage>>> stages_;
   CrossAttention<ExecSpace, Scalar> final_;
   PositionalEmbedding<ExecSpace, Scalar> pos_;
+  detail::LeadTimeStage<ExecSpace, Scalar> lead_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   MemoryPolicy memory_ = MemoryPolicy::keep;  // of the last forward
   V4 gathered_, d_gathered_, partial_;

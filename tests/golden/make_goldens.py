@@ -340,7 +340,17 @@ def xattn_artifact(path, seed, B, N, L, D, heads, prefix):
                              D=D, heads=heads, seed=seed))
 
 
-def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None):
+def lead_time_stage(g, B, D):
+    """ClimaX's lead_time_embed (nn.Linear(1, D)) and the lead times of the samples (leaf
+    `lead_times` [B]); returns f(x) = x + lead_time_embed(lead_times.unsqueeze(-1)).unsqueeze(1)."""
+    lin = torch.nn.Linear(1, D).double()
+    g.param("lead_time_embed.weight", lin.weight, 1.0)
+    g.param("lead_time_embed.bias", lin.bias, 0.1)
+    lead_times = g.leaf("lead_times", [B], 1.0)
+    return lambda x: x + lin(lead_times.unsqueeze(-1)).unsqueeze(1)
+
+
+def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     images = stored_leaf(g, "images", [B, len(ids), H, W], 1.0, storage)
@@ -357,8 +367,12 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None):
     tokens = stored(tokens, storage)
     check_climax_against_explicit(tokens, var_query, mha)
     out = climax_aggregate(tokens, var_query, mha) + pos_embed
+    if lead_time:
+        out = lead_time_stage(g, B, D)(out)
     meta = dict(kind="flat", convention="climax", B=B, L=L, D=D, heads=heads, C=C, H=H, W=W, p=p,
                 channel_ids=ints(ids), seed=seed)
+    if lead_time:
+        meta["lead_time"] = 1
     if storage is not None:
         meta["storage"] = storage
     g.finish(path, out, meta)
@@ -370,7 +384,7 @@ def block_sizes(C, P):
 
 
 def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
-          partial_convention="artifact"):
+          partial_convention="artifact", lead_time=False):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     sizes = block_sizes(C, P)
@@ -421,6 +435,8 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
     gathered = torch.stack(ys, dim=1)                                # [B, P, L, D], rank order
     final.check(gathered)
     out = final(gathered) + pos_embed
+    if lead_time:
+        out = lead_time_stage(g, B, D)(out)
     meta = dict(kind="dchag", convention="artifact", partial=partial, tree=tree, groups=P,
                 map="blocks", channels_per_rank=ints(sizes), B=B, L=L, D=D, heads=heads, C=C, H=H,
                 W=W, p=p, channel_ids=ints(ids), seed=seed)
@@ -428,6 +444,8 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
         meta["storage"] = storage
     if partial_convention != "artifact":
         meta["partial_convention"] = partial_convention
+    if lead_time:
+        meta["lead_time"] = 1
     g.finish(path, out, meta)
 
 
@@ -492,6 +510,10 @@ def main():
     init_climax(f("init_climax"), C=5, H=12, W=16, p=4, D=12)
     dchag(f("dchag_xattn_climax_partials"), 117, "xattn", tree=2, P=2, C=8, B=2, H=8, W=8, p=4,
           D=16, heads=4, partial_convention="climax")
+    flat(f("flat_lead_time"), 118, B=3, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[2, 5, 0, 4],
+         lead_time=True)
+    dchag(f("dchag_linear_lead_time"), 119, "linear", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16,
+          heads=4, lead_time=True)
 
 
 if __name__ == "__main__":

@@ -142,12 +142,17 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
   dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D),
       g("g", pb.B, L, D);
   fill(g, 2);
-  if (input == dchag::ImageInput::full_image) {
-    dist.forward(exec, images, out, input);
+  const auto mine =
+      input == dchag::ImageInput::full_image ? images : own_channels(images, dist.channels());
+  if (pb.cfg.lead_time) {  // ClimaX's lead-time stage: the same lead times on every rank
+    dchag::View1<Scalar, Mem> lead_times("lead_times", pb.B);
+    fill(lead_times, 3);
+    dist.forward(exec, mine, out, lead_times, input);
+    ref.forward(exec, images, ref_out, lead_times);
   } else {
-    dist.forward(exec, own_channels(images, dist.channels()), out, input);
+    dist.forward(exec, mine, out, input);
+    ref.forward(exec, images, ref_out);
   }
-  ref.forward(exec, images, ref_out);
   const auto o = host(out), r = host(ref_out);
   double scale = 0;
   for (double x : r) scale = std::max(scale, std::abs(x));
@@ -180,6 +185,12 @@ std::vector<dchag::ChannelMap> maps(int channels, int ranks) {
   for (const auto& l : lists) ok = ok && !l.empty();
   if (ok) m.push_back(dchag::ChannelMap::from_lists(channels, lists));
   return m;
+}
+
+bool dchag_test_has(const List& list, const std::string& name) {
+  for (const auto& t : list)
+    if (t.name == name) return true;
+  return false;
 }
 
 int world_size() {
@@ -262,6 +273,23 @@ TEST_CASE("tp_only on P ranks equals the materialized flat front end", "[mpi][di
     compare(dchag::Mode::tp_only, pb, dchag::ChannelMap::blocks(6, P), ref,
             dchag::ImageInput::full_image);
   }
+}
+
+TEST_CASE("the lead-time stage on P ranks equals the single-process front ends",
+          "[mpi][distributed][lead_time]") {
+  const int P = world_size();
+  Exec exec;
+  auto pb = small_problem(2 * P + 1);
+  pb.cfg.lead_time = true;
+  const auto map = dchag::ChannelMap::round_robin(pb.cfg.channels, P);
+  std::vector<std::vector<int>> groups;
+  for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
+  dchag::DchagEmulation<Exec, Scalar> emu(exec, pb.cfg, {dchag::PartialKind::cross_attention, 1},
+                                          groups);
+  compare(dchag::Mode::dchag_xattn, pb, map, emu, dchag::ImageInput::own_channels);
+  dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+  compare(dchag::Mode::exact_flat, pb, map, flat, dchag::ImageInput::full_image);
+  REQUIRE(dchag_test_has(flat.parameters(), "lead_time_embed.weight"));
 }
 
 TEST_CASE("16-bit storage on P ranks equals the single-process front ends",
