@@ -19,8 +19,8 @@
 ///
 /// Saving writes each tensor whole: elements that no piece of the list holds are written as zero.
 /// A distributed model (where a rank holds only its own channels' tokenizer weights and
-/// `var_embed` rows) must therefore gather the pieces of all ranks before saving, or every rank
-/// writes a file that is partly zeros.
+/// `var_embed` rows) is saved into one file by the collective save_weights of
+/// dchag/distributed_weights.hpp, which gathers the pieces of all ranks.
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/error.hpp>
 #include <dchag/safetensors.hpp>
