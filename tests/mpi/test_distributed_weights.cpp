@@ -352,6 +352,7 @@ TEST_CASE("a tensor missing or mis-shaped for one rank fails the load on every r
       }
       comm.agree("test", {{"barrier", 0}});
       Dist model(exec, comm, cfg, mode, map);
+      randomize(model.parameters());  // unlike the file's initial values: a copy would show
       const auto before = snapshot(model.parameters());
       bool thrown = false;
       try {
