@@ -600,6 +600,133 @@ TEST_CASE("safetensors: truncated and corrupted files never crash", "[safetensor
 }
 
 // ----------------------------------------------------------------------------------------------
+// File::open: the header only, values read from the file on demand
+// ----------------------------------------------------------------------------------------------
+
+namespace {
+
+void write_bytes(const std::filesystem::path& path, const std::vector<unsigned char>& bytes) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
+}
+
+/// What reading the file at `path` gives: every tensor's values, or the error's message without
+/// the name of the function (File::read and File::open name themselves).
+std::string outcome(const st::File& f) {
+  std::string s;
+  for (const auto& t : f.tensors()) {
+    s += t.name + ":";
+    for (double v : f.values<double>(t.name)) s += std::to_string(v) + ",";
+  }
+  return s;
+}
+
+template <class Open>
+std::string outcome_of(Open open) {
+  try {
+    return outcome(open());
+  } catch (const dchag::error& e) {
+    std::string what = e.what();
+    for (const std::string head : {"dchag::safetensors::File::read: ",
+                                   "dchag::safetensors::File::open: ", "dchag::safetensors: "})
+      if (what.rfind(head, 0) == 0) what.erase(0, head.size());
+    return "error: " + what;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("safetensors: File::open reads the same values as File::read, and slices of them",
+          "[safetensors]") {
+  const auto path = temp_path("open.safetensors");
+  std::vector<double> a(12);
+  for (std::size_t i = 0; i < a.size(); ++i) a[i] = 0.25 * static_cast<double>(i) - 1.0;
+  st::Writer w;
+  w.set_metadata("channels", "x,y");
+  w.add("a", {3, 4}, a.data());
+  w.add("h", {2, 2}, a.data(), st::DType::BF16);
+  w.add("d", {12}, a.data(), st::DType::F64);
+  w.add("empty", {0}, a.data());
+  w.write(path.string());
+  const auto read = st::File::read(path.string());
+  const auto open = st::File::open(path.string());
+  CHECK(open.source() == path.string());
+  CHECK(open.names() == read.names());
+  CHECK(open.metadata() == read.metadata());
+  for (const auto& name : read.names()) {
+    INFO(name);
+    CHECK(open.values<double>(name) == read.values<double>(name));
+    CHECK(open.info(name).shape == read.info(name).shape);
+  }
+  const std::vector<double> middle(a.begin() + 5, a.begin() + 9);
+  CHECK(open.values<double>("a", 5, 4) == middle);
+  CHECK(read.values<double>("a", 5, 4) == middle);
+  CHECK(open.values<double>("d", 5, 4) == middle);
+  CHECK(open.values<float>("a", 11, 1) == std::vector<float>{float(a[11])});
+  CHECK(open.values<double>("a", 12, 0).empty());
+  CHECK(open.values<double>("empty", 0, 0).empty());
+  for (const auto& [first, count] :
+       {std::pair{-1, 2}, std::pair{11, 2}, std::pair{0, 13}, std::pair{3, -1}}) {
+    INFO(first << " + " << count);
+    CHECK_THROWS_AS(open.values<double>("a", first, count), std::invalid_argument);
+    CHECK_THROWS_WITH(read.values<double>("a", first, count),
+                      Contains("tensor 'a'") && Contains("expected a range inside [0, 12)"));
+  }
+  CHECK_THROWS_WITH(open.values<double>("nope", 0, 1), Contains("no tensor 'nope'"));
+
+  // Opened, then truncated or rewritten with another size: reads fail, naming the file.
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) - 8);
+  CHECK_THROWS_AS(open.values<double>("a"), dchag::error);
+  CHECK_THROWS_WITH(open.values<double>("a", 0, 1),
+                    Contains(path.string()) && Contains("changed since it was opened"));
+  std::filesystem::remove(path);
+  CHECK_THROWS_WITH(open.values<double>("a"), Contains("cannot be opened again"));
+  CHECK_THROWS_WITH(st::File::open(path.string()), Contains("File::open") &&
+                                                       Contains(path.string()) &&
+                                                       Contains("does not exist"));
+  const auto dir = temp_path("open_dir.safetensors");
+  std::filesystem::create_directory(dir);
+  CHECK_THROWS_WITH(st::File::open(dir.string()), Contains("is a directory"));
+  std::filesystem::remove(dir);
+}
+
+TEST_CASE("safetensors: File::open judges truncated and corrupted files as File::read does",
+          "[safetensors]") {
+  const float v[3] = {1.0f, 2.0f, 3.0f};
+  st::Writer w;
+  w.set_metadata("k", "v");
+  w.add("a", {3}, v);
+  w.add("b", {1, 2}, v, st::DType::F16);
+  const auto good = w.serialize();
+  const auto path = temp_path("open_bad.safetensors");
+  const auto both = [&](const std::vector<unsigned char>& bytes) {
+    write_bytes(path, bytes);
+    const auto r = outcome_of([&] { return st::File::read(path.string()); });
+    const auto o = outcome_of([&] { return st::File::open(path.string()); });
+    CHECK(o == r);
+    return r.rfind("error: ", 0) != 0;
+  };
+  std::size_t accepted = 0;
+  for (std::size_t len = 0; len <= good.size(); ++len)
+    accepted += both(std::vector<unsigned char>(good.begin(), good.begin() + std::ptrdiff_t(len)));
+  CHECK(accepted == 1);  // only the whole file
+  for (std::size_t i = 0; i < good.size(); ++i) {
+    for (unsigned char x : {0x00, 0x22, 0x2C, 0x7D, 0xFF}) {
+      auto b = good;
+      b[i] = x;
+      accepted += both(b);
+    }
+  }
+  CHECK(accepted > 1);  // some corruptions only change values
+  // A header length beyond the limit or the file is refused before anything more is read.
+  auto huge = good;
+  huge[5] = 0x10;
+  CHECK_FALSE(both(huge));
+  std::filesystem::remove(path);
+}
+
+// ----------------------------------------------------------------------------------------------
 // The committed PyTorch golden files (tests/golden, see its README.md)
 // ----------------------------------------------------------------------------------------------
 

@@ -173,6 +173,54 @@ TEST_CASE("weights: save and load through a path", "[weights]") {
   require_equal(a.parameters(), b.parameters());
 }
 
+TEST_CASE("weights: a model holding some channels loads them through File::open", "[weights]") {
+  // As one rank of a distributed model does: only its channels' tensors and var_embed rows.
+  Exec exec;
+  const int D = 4, p = 2;
+  dchag::Tokenizer<Exec, double> src(exec, 4, p, D, {0, 1, 2, 3}, 1);
+  fill_distinct(src.parameters(), 8);
+  const auto path =
+      std::filesystem::temp_directory_path() /
+      ("dchag_test_weights_open_" + std::to_string(std::random_device{}()) + ".safetensors");
+  dchag::save_weights(path.string(), src.parameters(), {"a", "b", "c", "d"});
+  dchag::LoadOptions options;
+  options.channel_names = {"d", "c", "b", "a"};  // model channel c is file channel 3 - c
+  dchag::Tokenizer<Exec, double> opened(exec, 4, p, D, {3, 1}, 2), read(exec, 4, p, D, {3, 1}, 3);
+  dchag::load_weights(st::File::open(path.string()), opened.parameters(), options);
+  dchag::load_weights(st::File::read(path.string()), read.parameters(), options);
+  const auto pieces = [](const dchag::TensorList<double, Mem>& list) {
+    std::vector<std::vector<double>> v;
+    for (const auto& t : list)
+      for (const auto& piece : t.pieces) {
+        auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), piece.values);
+        v.emplace_back(h.data(), h.data() + h.extent(0));
+      }
+    return v;
+  };
+  CHECK(pieces(opened.parameters()) == pieces(read.parameters()));
+  const auto file = st::File::read(path.string());
+  const auto params = opened.parameters();
+  CHECK(file_order(find(params, "token_embeds.3.proj.weight")) ==
+        file.values<double>("token_embeds.0.proj.weight"));
+  const auto var = file_order(find(params, "var_embed")),
+             file_var = file.values<double>("var_embed");
+  for (int d = 0; d < D; ++d) {
+    CHECK(var[3 * D + d] == file_var[0 * D + d]);
+    CHECK(var[1 * D + d] == file_var[2 * D + d]);
+  }
+
+  // A file that changes after it was opened fails the load before any parameter changes.
+  dchag::Tokenizer<Exec, double> late(exec, 4, p, D, {3, 1}, 4);
+  fill_distinct(late.parameters(), 9);
+  const auto unchanged = pieces(late.parameters());
+  const auto file_open = st::File::open(path.string());
+  std::filesystem::resize_file(path, std::filesystem::file_size(path) - 4);
+  CHECK_THROWS_WITH(dchag::load_weights(file_open, late.parameters(), options),
+                    Contains("changed since it was opened"));
+  CHECK(pieces(late.parameters()) == unchanged);
+  std::filesystem::remove(path);
+}
+
 TEST_CASE("weights: loading from a directory or a missing path is an error naming it",
           "[weights]") {
   Exec exec;

@@ -11,4 +11,5 @@
 #include <dchag/communicator.hpp>
 #include <dchag/device.hpp>
 #include <dchag/distributed.hpp>
+#include <dchag/distributed_weights.hpp>
 #endif

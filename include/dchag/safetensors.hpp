@@ -33,6 +33,7 @@
 
 #include "dchag/detail/json_lite.hpp"
 #include "dchag/detail/safetensors_dtypes.hpp"
+#include "dchag/detail/safetensors_io.hpp"
 #include "dchag/error.hpp"
 
 namespace dchag::safetensors {
@@ -54,50 +55,14 @@ struct TensorInfo {
   }
 };
 
-namespace detail {
-
-/// "a directory", "a symbolic link", ...: what a path that is not a regular file is.
-inline std::string file_kind(std::filesystem::file_type t) {
-  using ft = std::filesystem::file_type;
-  switch (t) {
-    case ft::directory:
-      return "a directory";
-    case ft::symlink:
-      return "a symbolic link";
-    case ft::block:
-      return "a block device";
-    case ft::character:
-      return "a character device";
-    case ft::fifo:
-      return "a FIFO";
-    case ft::socket:
-      return "a socket";
-    default:
-      return "not a regular file";
-  }
-}
-
-}  // namespace detail
-
 /// A parsed, validated safetensors file held in memory.
 class File {
  public:
   /// Reads the whole file at `path` and validates it. Throws dchag::error naming the path when it
   /// is not a regular readable file (missing, a directory, a device, unreadable) or reading fails.
   static File read(const std::string& path) {
-    namespace fs = std::filesystem;
     const std::string where = "dchag::safetensors::File::read: '" + path + "'";
-    std::error_code ec;
-    const fs::file_status st = fs::status(path, ec);
-    if (st.type() == fs::file_type::not_found) {
-      throw error(where + " does not exist, expected a regular file");
-    }
-    if (ec) throw error(where + " cannot be inspected (" + ec.message() + ")");
-    if (!fs::is_regular_file(st)) {
-      throw error(where + " is " + detail::file_kind(st.type()) + ", expected a regular file");
-    }
-    const std::uintmax_t expected = fs::file_size(path, ec);
-    if (ec) throw error(where + ": cannot determine the size (" + ec.message() + ")");
+    const std::uintmax_t expected = detail::regular_file_size(where, path);
     if (expected > std::numeric_limits<std::size_t>::max() / 2) {
       throw error(where + " holds " + std::to_string(expected) + " bytes, more than fit in memory");
     }
@@ -115,6 +80,34 @@ class File {
                   std::to_string(expected) + ")");
     }
     return parse(std::move(bytes), path);
+  }
+
+  /// Reads and validates only the header of the file at `path` (its 8-byte length and JSON, the
+  /// offsets against the file's size); values() and copy_to() then read just the bytes of what
+  /// they are asked for. The file must not change while the File is used: a read finding another
+  /// size or too few bytes throws dchag::error. Throws as read() does.
+  static File open(const std::string& path) {
+    const std::string where = "dchag::safetensors::File::open: '" + path + "'";
+    const std::uintmax_t size = detail::regular_file_size(where, path);
+    std::ifstream in(path, std::ios::binary);
+    if (!in) throw error(where + " cannot be opened for reading");
+    File f;
+    f.source_ = path;
+    f.path_ = path;
+    f.file_size_ = size;
+    f.bytes_.resize(static_cast<std::size_t>(std::min<std::uintmax_t>(size, 8)));
+    f.read_exactly(in, 0, f.bytes_.data(), f.bytes_.size());
+    if (f.bytes_.size() == 8) {
+      std::uint64_t n = 0;
+      for (int i = 7; i >= 0; --i) n = (n << 8) | f.bytes_[static_cast<std::size_t>(i)];
+      // validate() names a length beyond the limit or the file; only a fitting one is read.
+      if (n <= max_header_bytes && n <= size - 8) {
+        f.bytes_.resize(8 + static_cast<std::size_t>(n));
+        f.read_exactly(in, 8, f.bytes_.data() + 8, static_cast<std::size_t>(n));
+      }
+    }
+    f.validate();
+    return f;
   }
 
   /// Validates `bytes` as a safetensors file; `source` names it in error messages.
@@ -166,7 +159,22 @@ class File {
     static_assert(detail::is_value_type_v<T>, "dchag::safetensors: T must be float or double");
     const TensorInfo& t = info(name);
     std::vector<T> out(static_cast<std::size_t>(t.numel()));
-    convert(t, out.data());
+    convert(t, out.data(), 0, out.size());
+    return out;
+  }
+
+  /// Elements [first, first + count) of the tensor in row-major order, converted to T. Throws
+  /// std::invalid_argument when the range is not inside the tensor.
+  template <class T>
+  std::vector<T> values(std::string_view name, std::int64_t first, std::int64_t count) const {
+    static_assert(detail::is_value_type_v<T>, "dchag::safetensors: T must be float or double");
+    const TensorInfo& t = info(name);
+    DCHAG_THROW_IF(first < 0 || count < 0 || count > t.numel() - first,
+                   "dchag::safetensors::File::values", "elements [", first, ", ", first, " + ",
+                   count, ") of tensor '", name, "' in '", source_,
+                   "', expected a range inside [0, ", t.numel(), ")");
+    std::vector<T> out(static_cast<std::size_t>(count));
+    convert(t, out.data(), static_cast<std::size_t>(first), static_cast<std::size_t>(count));
     return out;
   }
 
@@ -179,7 +187,7 @@ class File {
         !std::equal(t.shape.begin(), t.shape.end(), expected_shape.begin(), expected_shape.end()),
         "dchag::safetensors::File::copy_to", "tensor '", name, "' in '", source_, "' has shape ",
         detail::shape_string(t.shape), ", expected ", detail::shape_string(expected_shape));
-    convert(t, dst);
+    convert(t, dst, 0, static_cast<std::size_t>(t.numel()));
   }
 
  private:
@@ -192,12 +200,36 @@ class File {
 
   File() = default;
 
+  std::string path_;              // File::open: values are read from here
+  std::uintmax_t file_size_ = 0;  // File::open: the size validated
+
   template <class T>
-  void convert(const TensorInfo& t, T* dst) const {
-    const unsigned char* p = bytes_.data() + data_start_ + t.begin;
+  void convert(const TensorInfo& t, T* dst, std::size_t first, std::size_t count) const {
     const std::size_t es = dtype_size(t.dtype);
-    const auto n = static_cast<std::size_t>(t.numel());
-    for (std::size_t i = 0; i < n; ++i) dst[i] = detail::load_as<T>(p + i * es, t.dtype);
+    const unsigned char* p = nullptr;
+    std::vector<unsigned char> read;
+    if (path_.empty()) {
+      p = bytes_.data() + data_start_ + t.begin + first * es;
+    } else {
+      read.resize(count * es);
+      std::ifstream in(path_, std::ios::binary);
+      std::error_code ec;
+      const std::uintmax_t size = std::filesystem::file_size(path_, ec);
+      if (!in || ec) fail("cannot read tensor '", t.name, "': the file cannot be opened again");
+      if (size != file_size_) {
+        fail("cannot read tensor '", t.name, "': the file changed since it was opened (", size,
+             " bytes, was ", file_size_, ")");
+      }
+      read_exactly(in, data_start_ + t.begin + first * es, read.data(), read.size());
+      p = read.data();
+    }
+    for (std::size_t i = 0; i < count; ++i) dst[i] = detail::load_as<T>(p + i * es, t.dtype);
+  }
+
+  void read_exactly(std::ifstream& in, std::size_t at, unsigned char* dst, std::size_t n) const {
+    if (!detail::read_at(in, at, dst, n)) {
+      fail("error reading ", n, " bytes at offset ", at, ": got ", in.gcount());
+    }
   }
 
   const TensorInfo* find(std::string_view name) const {
@@ -223,12 +255,13 @@ class File {
     if (n > max_header_bytes) {
       fail("header length ", n, " exceeds the limit of ", max_header_bytes, " bytes");
     }
-    if (n > bytes_.size() - 8) {
-      fail("header length ", n, " is larger than the ", bytes_.size() - 8,
+    const std::uintmax_t size = path_.empty() ? bytes_.size() : file_size_;
+    if (n > size - 8) {
+      fail("header length ", n, " is larger than the ", size - 8,
            " bytes that follow it in the file");
     }
     data_start_ = 8 + static_cast<std::size_t>(n);
-    const std::size_t data_size = bytes_.size() - data_start_;
+    const auto data_size = static_cast<std::size_t>(size - data_start_);
 
     json::Value root;
     try {

@@ -19,8 +19,8 @@
 ///
 /// Saving writes each tensor whole: elements that no piece of the list holds are written as zero.
 /// A distributed model (where a rank holds only its own channels' tokenizer weights and
-/// `var_embed` rows) must therefore gather the pieces of all ranks before saving, or every rank
-/// writes a file that is partly zeros.
+/// `var_embed` rows) is saved into one file by the collective save_weights of
+/// dchag/distributed_weights.hpp, which gathers the pieces of all ranks.
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/error.hpp>
 #include <dchag/safetensors.hpp>
@@ -28,6 +28,7 @@
 
 #include <Kokkos_Core.hpp>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -90,36 +91,50 @@ inline int index_of(const std::vector<std::string>& list, const std::string& nam
 
 }  // namespace detail
 
-/// Copies every tensor of `params` from `file` (see the file comment for names and channels).
-/// Throws std::invalid_argument when a tensor or model channel is absent (unless
-/// `options.allow_missing`) or a shape differs from the file's. Everything is checked before the
-/// first value is copied, so a load that throws leaves the parameters as they were.
+namespace detail {
+
+/// One tensor of a load: where it comes from in the file and, once read, the values of its
+/// pieces in memory layout, one after the other.
 template <class Scalar, class MemSpace>
-void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpace>& params,
-                  const LoadOptions& options = {}) {
-  detail::ScopedRegion region("dchag::load_weights");
+struct LoadStep {
+  const NamedTensor<Scalar, MemSpace>* tensor;
+  std::string file_name;
+  bool remap_rows;  // var_embed by name: model row c <- file row file_of[c]
+  std::vector<Scalar> values = {};
+};
+
+template <class Scalar, class MemSpace>
+struct LoadPlan {
+  std::vector<LoadStep<Scalar, MemSpace>> steps;
+  std::vector<int> file_of;  // by name: model channel c -> file channel (-1: not in the file)
+};
+
+/// Every check of load_weights; reads no values.
+template <class Scalar, class MemSpace>
+LoadPlan<Scalar, MemSpace> plan_load(const safetensors::File& file,
+                                     const TensorList<Scalar, MemSpace>& params,
+                                     const LoadOptions& options) {
   constexpr const char* where = "dchag::load_weights";
   using safetensors::detail::shape_string;
+  LoadPlan<Scalar, MemSpace> plan;
 
-  // Channel matching by name: model channel c -> file channel file_of[c] (-1: not in the file).
   const auto file_channels = file.metadata_value("channels");
   const bool by_name = file_channels.has_value() && !options.channel_names.empty();
   std::vector<std::string> file_names;
-  std::vector<int> file_of;
+  std::vector<int>& file_of = plan.file_of;
   if (by_name) {
-    file_names = detail::split_commas(*file_channels);
+    file_names = split_commas(*file_channels);
     for (std::size_t f = 0; f < file_names.size(); ++f) {
-      if (detail::index_of(file_names, file_names[f]) != static_cast<int>(f)) {
-        throw error(detail::concat(where, ": '", file.source(), "': channel name '", file_names[f],
-                                   "' appears twice in the \"channels\" metadata"));
+      if (index_of(file_names, file_names[f]) != static_cast<int>(f)) {
+        throw error(concat(where, ": '", file.source(), "': channel name '", file_names[f],
+                           "' appears twice in the \"channels\" metadata"));
       }
     }
     for (std::size_t c = 0; c < options.channel_names.size(); ++c) {
-      DCHAG_EXPECT(
-          detail::index_of(options.channel_names, options.channel_names[c]) == static_cast<int>(c),
-          where, "channel_names[", c, "] = '", options.channel_names[c],
-          "' appears twice, expected unique names");
-      file_of.push_back(detail::index_of(file_names, options.channel_names[c]));
+      DCHAG_EXPECT(index_of(options.channel_names, options.channel_names[c]) == static_cast<int>(c),
+                   where, "channel_names[", c, "] = '", options.channel_names[c],
+                   "' appears twice, expected unique names");
+      file_of.push_back(index_of(file_names, options.channel_names[c]));
     }
   }
   const auto check_named = [&](int c) {
@@ -128,25 +143,18 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
                  options.channel_names.size(), " names, expected one per model channel");
   };
   const auto missing_channel = [&](int c, const std::string& tensor) {
-    return std::invalid_argument(detail::concat(
-        where, ": model channel ", c, " '", options.channel_names[c], "' (tensor '", tensor,
-        "') is not among the channels of '", file.source(), "' (", *file_channels, ")"));
+    return std::invalid_argument(
+        concat(where, ": model channel ", c, " '", options.channel_names[c], "' (tensor '", tensor,
+               "') is not among the channels of '", file.source(), "' (", *file_channels, ")"));
   };
 
-  // First every check, then every copy.
-  struct Step {
-    const NamedTensor<Scalar, MemSpace>* tensor;
-    std::string file_name;
-    bool remap_rows;  // var_embed by name: model row c <- file row file_of[c]
-  };
-  std::vector<Step> steps;
   for (const auto& t : params) {
-    detail::check_pieces(where, t);
+    check_pieces(where, t);
     std::string file_name = t.name;
     std::vector<std::int64_t> expected = t.shape;
     bool remap_rows = false;
     if (by_name) {
-      if (auto te = detail::split_token_embed_name(t.name)) {
+      if (auto te = split_token_embed_name(t.name)) {
         const int c = te->first;
         check_named(c);
         const int f = file_of[static_cast<std::size_t>(c)];
@@ -154,7 +162,7 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
           if (options.allow_missing) continue;
           throw missing_channel(c, t.name);
         }
-        file_name = detail::token_embed_name(f, te->second);
+        file_name = token_embed_name(f, te->second);
       } else if (t.name == "var_embed") {
         DCHAG_EXPECT(t.shape.size() == 3 && t.shape[0] == 1, where, "tensor 'var_embed' has shape ",
                      shape_string(t.shape), ", expected [1, C, D]");
@@ -178,7 +186,7 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
     }
     if (!file.contains(file_name)) {
       if (options.allow_missing) continue;
-      throw std::invalid_argument(detail::concat(
+      throw std::invalid_argument(concat(
           where, ": tensor '", file_name, "'", file_name != t.name ? " (for '" + t.name + "')" : "",
           " is not in '", file.source(), "' (", file.tensors().size(),
           " tensors; LoadOptions::allow_missing is off)"));
@@ -189,30 +197,108 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
                    shape_string(info.shape), ", expected ", shape_string(expected),
                    remap_rows ? " (one row per name in the file's \"channels\" metadata)" : "",
                    " (dimensions of size 1 may be left out or added)");
-    steps.push_back({&t, std::move(file_name), remap_rows});
+    plan.steps.push_back({&t, std::move(file_name), remap_rows});
   }
+  return plan;
+}
 
-  for (const auto& step : steps) {
+/// Reads from `file` what every step's pieces hold (only their elements: a distributed model's
+/// rank reads its own rows of var_embed), into step.values. Changes no parameter.
+template <class Scalar, class MemSpace>
+void read_load(const safetensors::File& file, LoadPlan<Scalar, MemSpace>& plan) {
+  for (auto& step : plan.steps) {
     const auto& t = *step.tensor;
-    const std::vector<Scalar> values = file.values<Scalar>(step.file_name);
-    if (!step.remap_rows) {
-      from_file_layout<Scalar>(values, t);
+    const std::int64_t n = t.numel(), R = t.transposed_rows;
+    auto& out = step.values;
+    out.reserve(static_cast<std::size_t>(t.held()));
+    if (R > 0) {  // one whole piece (check_pieces)
+      const std::vector<Scalar> v = file.values<Scalar>(step.file_name);
+      for (std::int64_t k = 0; k < n; ++k)
+        out.push_back(v[static_cast<std::size_t>(file_index(k, R, n))]);
       continue;
     }
     for (const auto& piece : t.pieces) {
+      const std::int64_t count = piece.values.extent(0);
+      if (!step.remap_rows) {
+        const std::vector<Scalar> v = file.values<Scalar>(step.file_name, piece.offset, count);
+        out.insert(out.end(), v.begin(), v.end());
+        continue;
+      }
       // Rows of model channels missing from the file keep their values (allow_missing).
       auto host = Kokkos::create_mirror_view(piece.values);
-      const std::int64_t count = piece.values.extent(0), D = t.shape[2];
       Kokkos::deep_copy(host, piece.values);
-      for (std::int64_t k = 0; k < count; ++k) {
-        const std::int64_t i = piece.offset + k;
-        const int f = file_of[static_cast<std::size_t>(i / D)];
-        if (f >= 0) host(k) = values[static_cast<std::size_t>(f * D + i % D)];
+      const std::int64_t D = t.shape[2];
+      for (std::int64_t k = 0; k < count;) {
+        const std::int64_t i = piece.offset + k, run = std::min(count - k, D - i % D);
+        const int f = plan.file_of[static_cast<std::size_t>(i / D)];
+        if (f >= 0) {
+          const auto v = file.values<Scalar>(step.file_name, f * D + i % D, run);
+          for (std::int64_t j = 0; j < run; ++j) host(k + j) = v[static_cast<std::size_t>(j)];
+        }
+        k += run;
       }
+      out.insert(out.end(), host.data(), host.data() + count);
+    }
+  }
+}
+
+/// Copies the values read_load found into the pieces.
+template <class Scalar, class MemSpace>
+void apply_load(const LoadPlan<Scalar, MemSpace>& plan) {
+  for (const auto& step : plan.steps) {
+    std::size_t at = 0;
+    for (const auto& piece : step.tensor->pieces) {
+      auto host = Kokkos::create_mirror_view(piece.values);
+      for (std::size_t k = 0; k < host.extent(0); ++k) host(k) = step.values[at + k];
+      at += host.extent(0);
       Kokkos::deep_copy(piece.values, host);
     }
   }
 }
+
+}  // namespace detail
+
+/// Copies every tensor of `params` from `file` (see the file comment for names and channels).
+/// Throws std::invalid_argument when a tensor or model channel is absent (unless
+/// `options.allow_missing`) or a shape differs from the file's. Everything is checked and read
+/// before the first value is copied, so a load that throws (a File::open whose file changed, too)
+/// leaves the parameters as they were.
+template <class Scalar, class MemSpace>
+void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpace>& params,
+                  const LoadOptions& options = {}) {
+  detail::ScopedRegion region("dchag::load_weights");
+  auto plan = detail::plan_load(file, params, options);
+  detail::read_load(file, plan);
+  detail::apply_load(plan);
+}
+
+namespace detail {
+
+/// save_weights' checks of `channel_names` (one per channel of var_embed, non-empty, unique, no
+/// commas) and of the pieces.
+template <class Scalar, class MemSpace>
+void check_save(const char* where, const TensorList<Scalar, MemSpace>& params,
+                const std::vector<std::string>& channel_names) {
+  for (std::size_t c = 0; c < channel_names.size(); ++c) {
+    DCHAG_EXPECT(!channel_names[c].empty() && channel_names[c].find(',') == std::string::npos,
+                 where, "channel_names[", c, "] is '", channel_names[c],
+                 "', expected a non-empty name without commas");
+    DCHAG_EXPECT(index_of(channel_names, channel_names[c]) == static_cast<int>(c), where,
+                 "channel_names[", c, "] = '", channel_names[c],
+                 "' appears twice, expected unique names");
+  }
+  for (const auto& t : params) check_pieces(where, t);
+  if (channel_names.empty()) return;
+  for (const auto& t : params) {
+    if (t.name == "var_embed" && t.shape.size() == 3) {
+      DCHAG_EXPECT(std::size_t(t.shape[1]) == channel_names.size(), where, "channel_names has ",
+                   channel_names.size(), " names, expected C = ", t.shape[1], " (var_embed is ",
+                   safetensors::detail::shape_string(t.shape), ")");
+    }
+  }
+}
+
+}  // namespace detail
 
 /// Adds every tensor of `params` to `writer` as F32 in file layout, elements no piece holds as
 /// zero. With `channel_names` (one per model channel, no commas), also writes the `channels`
@@ -220,26 +306,8 @@ void load_weights(const safetensors::File& file, const TensorList<Scalar, MemSpa
 template <class Scalar, class MemSpace>
 void save_weights(safetensors::Writer& writer, const TensorList<Scalar, MemSpace>& params,
                   const std::vector<std::string>& channel_names = {}) {
-  constexpr const char* where = "dchag::save_weights";
-  for (std::size_t c = 0; c < channel_names.size(); ++c) {
-    DCHAG_EXPECT(!channel_names[c].empty() && channel_names[c].find(',') == std::string::npos,
-                 where, "channel_names[", c, "] is '", channel_names[c],
-                 "', expected a non-empty name without commas");
-    DCHAG_EXPECT(detail::index_of(channel_names, channel_names[c]) == static_cast<int>(c), where,
-                 "channel_names[", c, "] = '", channel_names[c],
-                 "' appears twice, expected unique names");
-  }
-  for (const auto& t : params) detail::check_pieces(where, t);
-  if (!channel_names.empty()) {
-    for (const auto& t : params) {
-      if (t.name == "var_embed" && t.shape.size() == 3) {
-        DCHAG_EXPECT(std::size_t(t.shape[1]) == channel_names.size(), where, "channel_names has ",
-                     channel_names.size(), " names, expected C = ", t.shape[1], " (var_embed is ",
-                     safetensors::detail::shape_string(t.shape), ")");
-      }
-    }
-    writer.set_metadata("channels", detail::join_names(channel_names));
-  }
+  detail::check_save("dchag::save_weights", params, channel_names);
+  if (!channel_names.empty()) writer.set_metadata("channels", detail::join_names(channel_names));
   detail::ScopedRegion region("dchag::save_weights");
   for (const auto& t : params) {
     const std::vector<Scalar> values = to_file_layout(t);
