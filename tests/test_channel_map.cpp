@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "dchag/aggregate.hpp"
 #include "dchag/channel_map.hpp"
 
 using dchag::ChannelMap;
@@ -15,6 +16,7 @@ void require_consistent(const ChannelMap& map) {
   for (int r = 0; r < map.ranks(); ++r) {
     const auto& list = map.channels_of(r);
     REQUIRE_FALSE(list.empty());
+    CHECK(map.groups().at(std::size_t(r)) == list);  // groups() lists the same, rank by rank
     for (std::size_t i = 0; i < list.size(); ++i) {
       CHECK(map.owner(list[i]) == r);
       CHECK(map.local_index(list[i]) == static_cast<int>(i));
@@ -148,4 +150,35 @@ TEST_CASE("ChannelMap lookups reject out-of-range channels and ranks", "[channel
   CHECK_THROWS_WITH(map.channels_of(3),
                     "dchag::ChannelMap::channels_of: rank is 3, expected 0 <= rank < 3");
   CHECK_THROWS_AS(map.channels_of(-1), std::invalid_argument);
+}
+
+TEST_CASE("DchagEmulation takes its groups from a ChannelMap", "[channel_map][front_end]") {
+  using Exec = Kokkos::DefaultExecutionSpace;
+  using Mem = Exec::memory_space;
+  Exec exec;
+  dchag::FrontEndConfig cfg{7, 4, 4, 2, 8, 2, dchag::Strategy::pooled, dchag::Convention::artifact,
+                            31};
+  const auto map = ChannelMap::round_robin(7, 3);
+  REQUIRE(map.ranks() == 3);
+  const dchag::DchagOptions options{dchag::PartialKind::cross_attention, 1};
+  dchag::DchagEmulation<Exec, double> from_map(exec, cfg, options, map);
+  dchag::DchagEmulation<Exec, double> from_groups(exec, cfg, options, map.groups());
+  CHECK(from_map.groups() == 3);
+  dchag::View4<double, Mem> images("images", 2, 7, 4, 4);
+  Kokkos::deep_copy(images, 0.25);
+  dchag::View3<double, Mem> a("a", 2, cfg.patches(), cfg.dim), b("b", 2, cfg.patches(), cfg.dim);
+  from_map.forward(exec, images, a);
+  from_groups.forward(exec, images, b);
+  auto ha = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), a);
+  auto hb = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), b);
+  for (std::size_t i = 0; i < ha.span(); ++i) REQUIRE(ha.data()[i] == hb.data()[i]);
+  // Same names: partial.{r} for the map's rank r.
+  const auto names = from_map.parameters();
+  bool has_rank2 = false;
+  for (const auto& t : names) has_rank2 = has_rank2 || t.name.rfind("partial.2.", 0) == 0;
+  CHECK(has_rank2);
+  REQUIRE_THROWS_WITH(
+      (dchag::DchagEmulation<Exec, double>(exec, cfg, options, ChannelMap::blocks(6, 3))),
+      Catch::Contains("dchag::DchagEmulation") && Catch::Contains("map.channels() is 6") &&
+          Catch::Contains("expected config.channels = 7"));
 }

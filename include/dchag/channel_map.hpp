@@ -82,6 +82,9 @@ class ChannelMap {
     return lists_[static_cast<std::size_t>(rank)];
   }
 
+  /// Every rank's channels, rank by rank (channels_of of each): the groups of a DchagEmulation.
+  const std::vector<std::vector<int>>& groups() const noexcept { return lists_; }
+
   /// Rank that holds global channel `channel`.
   int owner(int channel) const {
     check_channel("dchag::ChannelMap::owner", channel);

@@ -5,6 +5,7 @@
 /// - DchagEmulation: D-CHAG on one process; channels split into P groups as if on P ranks, each
 ///   group tokenized and folded to a partial token, a final cross-attention over the P partial
 ///   tokens, then the positional embedding. The reference for the distributed engine.
+#include <dchag/channel_map.hpp>
 #include <dchag/config.hpp>
 #include <dchag/cross_attention.hpp>
 #include <dchag/detail/channel_stage.hpp>
@@ -263,6 +264,12 @@ class DchagEmulation {
   using storage_type = Storage;
   using V4 = View4<Scalar, memory_space>;
 
+  /// The groups of `map`, as the ranks of a DistributedFrontEnd with that map would hold them
+  /// (the map's channel count must be cfg.channels).
+  DchagEmulation(const ExecSpace& exec, const FrontEndConfig& cfg, DchagOptions options,
+                 const ChannelMap& map)
+      : DchagEmulation(exec, cfg, options, checked_groups(cfg, map)) {}
+
   DchagEmulation(const ExecSpace& exec, const FrontEndConfig& cfg, DchagOptions options,
                  const std::vector<std::vector<int>>& groups)
       : cfg_(validated(cfg, groups)),
@@ -394,6 +401,12 @@ class DchagEmulation {
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
 
  private:
+  static const std::vector<std::vector<int>>& checked_groups(const FrontEndConfig& cfg,
+                                                             const ChannelMap& map) {
+    DCHAG_EXPECT(map.channels() == cfg.channels, "dchag::DchagEmulation", "map.channels() is ",
+                 map.channels(), ", expected config.channels = ", cfg.channels);
+    return map.groups();
+  }
   static const FrontEndConfig& validated(const FrontEndConfig& cfg,
                                          const std::vector<std::vector<int>>& groups) {
     constexpr const char* where = "dchag::DchagEmulation";
