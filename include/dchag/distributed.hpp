@@ -211,14 +211,7 @@ class DistributedFrontEnd {
       case Mode::dchag_xattn: {
         stage_->forward(exec, images, sel, partial_, cfg_.memory);
         allgather(exec, comm_, partial_, received_);
-        auto received = received_;
-        auto gathered = gathered_;
-        detail::for_each_row(
-            exec, "dchag::distributed::rank_major_to_batch_major", std::int64_t(B) * P * L, int(D),
-            KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-              const std::int64_t l = r % L, rk = (r / L) % P, b = r / (std::int64_t(L) * P);
-              gathered(b, rk, l, d) = received(rk, b, l, d);
-            });
+        detail::rank_major_to_batch_major(exec, received_, gathered_);
         attention_->forward(exec, gathered_, Segments::whole(int(P)), out4, saved_);
         break;
       }

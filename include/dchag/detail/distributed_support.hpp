@@ -5,6 +5,7 @@
 #include <dchag/channel_map.hpp>
 #include <dchag/communicator.hpp>
 #include <dchag/config.hpp>
+#include <dchag/detail/loops.hpp>
 #include <dchag/front_end_config.hpp>
 #include <dchag/tensor.hpp>
 
@@ -116,6 +117,19 @@ std::int64_t staging_bytes(const FrontEndConfig& cfg, Mode mode, int P, std::int
       return std::int64_t(staged_bytes<Scalar>(B * J * L * D));
   }
   return 0;
+}
+
+/// gathered [B, P, L, D] = received [P, B, L, D] (the all-gather's rank-major order). A free
+/// function: nvcc refuses device lambdas in private member functions (CONTRIBUTING).
+template <class ExecSpace, class V4>
+void rank_major_to_batch_major(const ExecSpace& exec, const V4& received, const V4& gathered) {
+  const std::int64_t P = received.extent(0), B = received.extent(1), L = received.extent(2);
+  for_each_row(
+      exec, "dchag::distributed::rank_major_to_batch_major", B * P * L,
+      static_cast<int>(received.extent(3)), KOKKOS_LAMBDA(const std::int64_t r, const int d) {
+        const std::int64_t l = r % L, rk = (r / L) % P, b = r / (L * P);
+        gathered(b, rk, l, d) = received(rk, b, l, d);
+      });
 }
 
 }  // namespace detail

@@ -104,20 +104,31 @@ struct FusedTokens {
 };
 
 /// Rounds the chunk x [B, n, L, D] (channels [j0, j0 + n)) to Storage in place and, when `kept`
-/// is allocated, stores the rounded tokens in its slots.
+/// is allocated, stores the rounded tokens in its slots. One team per (b, j): its L * D values
+/// are contiguous in both views, so the lanes stream them with no index arithmetic.
 template <class ExecSpace, class Scalar, class Storage, class MemSpace>
 void round_tokens(const ExecSpace& exec, const View4<Scalar, MemSpace>& x,
                   const View4<Storage, MemSpace>& kept, int j0) {
-  const int n = static_cast<int>(x.extent(1)), L = static_cast<int>(x.extent(2));
+  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
+  const int n = static_cast<int>(x.extent(1));
+  const std::int64_t block = std::int64_t(x.extent(2)) * x.extent(3);
   const bool store = kept.data() != nullptr;
-  for_each_row(
-      exec, "dchag::fused::round_tokens", std::int64_t(x.extent(0)) * n * L,
-      static_cast<int>(x.extent(3)), KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-        const int l = static_cast<int>(r % L), j = static_cast<int>((r / L) % n);
-        const int b = static_cast<int>(r / (std::int64_t(L) * n));
-        const Storage v = convert<Storage>(x(b, j, l, d));
-        x(b, j, l, d) = convert<Scalar>(v);
-        if (store) kept(b, j0 + j, l, d) = v;
+  Kokkos::parallel_for(
+      "dchag::fused::round_tokens", row_teams(exec, std::int64_t(x.extent(0)) * n),
+      KOKKOS_LAMBDA(const Member& team) {
+        const int b = team.league_rank() / n, j = team.league_rank() % n;
+        Scalar* xs = &x(b, j, 0, 0);
+        if (store) {
+          Storage* ks = &kept(b, j0 + j, 0, 0);
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, block), [&](const std::int64_t i) {
+            const Storage v = convert<Storage>(xs[i]);
+            xs[i] = convert<Scalar>(v);
+            ks[i] = v;
+          });
+        } else {
+          Kokkos::parallel_for(Kokkos::TeamVectorRange(team, block),
+                               [&](const std::int64_t i) { xs[i] = round_to<Storage>(xs[i]); });
+        }
       });
 }
 
@@ -125,13 +136,17 @@ void round_tokens(const ExecSpace& exec, const View4<Scalar, MemSpace>& x,
 template <class ExecSpace, class Scalar, class Storage, class MemSpace>
 void load_tokens(const ExecSpace& exec, const View4<Storage, MemSpace>& kept,
                  const View4<Scalar, MemSpace>& x, int j0) {
-  const int n = static_cast<int>(x.extent(1)), L = static_cast<int>(x.extent(2));
-  for_each_row(
-      exec, "dchag::fused::load_tokens", std::int64_t(x.extent(0)) * n * L,
-      static_cast<int>(x.extent(3)), KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-        const int l = static_cast<int>(r % L), j = static_cast<int>((r / L) % n);
-        const int b = static_cast<int>(r / (std::int64_t(L) * n));
-        x(b, j, l, d) = convert<Scalar>(kept(b, j0 + j, l, d));
+  using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
+  const int n = static_cast<int>(x.extent(1));
+  const std::int64_t block = std::int64_t(x.extent(2)) * x.extent(3);
+  Kokkos::parallel_for(
+      "dchag::fused::load_tokens", row_teams(exec, std::int64_t(x.extent(0)) * n),
+      KOKKOS_LAMBDA(const Member& team) {
+        const int b = team.league_rank() / n, j = team.league_rank() % n;
+        Scalar* xs = &x(b, j, 0, 0);
+        const Storage* ks = &kept(b, j0 + j, 0, 0);
+        Kokkos::parallel_for(Kokkos::TeamVectorRange(team, block),
+                             [&](const std::int64_t i) { xs[i] = convert<Scalar>(ks[i]); });
       });
 }
 
