@@ -17,7 +17,9 @@ namespace dchag::detail {
 /// Channels per chunk of the fused front ends. Host spaces: about 512 KiB of tokens per thread (a
 /// chunk stays in the cores' L2 between being produced and consumed). Devices: every channel
 /// when the Scalar tokens are kept anyway (launches cost more than cache misses there), else
-/// about 256 MiB of tokens, so that memory stays flat in C.
+/// about 256 MiB of tokens, so that memory stays flat in C. A narrow Storage under keep holds
+/// the Scalar chunk and its gradient beside the kept tokens: at most a quarter of the channels
+/// per chunk, so that it never holds more than keeping the tokens in Scalar would.
 template <class ExecSpace, class Scalar, class Storage = Scalar>
 int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channels,
                          int requested = 0, MemoryPolicy memory = MemoryPolicy::keep) {
@@ -29,7 +31,10 @@ int fused_chunk_channels(std::size_t B, std::size_t L, std::size_t D, int channe
   } else {
     if (memory == MemoryPolicy::keep && std::is_same_v<Scalar, Storage>) return channels;
   }
-  return static_cast<int>(std::clamp<std::size_t>(budget / per_channel, 1, channels));
+  int chunk = static_cast<int>(std::clamp<std::size_t>(budget / per_channel, 1, channels));
+  if (!std::is_same_v<Scalar, Storage> && memory == MemoryPolicy::keep)
+    chunk = std::min(chunk, std::max(1, channels / 4));
+  return chunk;
 }
 
 /// The flat cross-attention as a fold of `inputs` channels: its Saved state and, for the exact
