@@ -189,8 +189,7 @@ class DistributedFrontEnd {
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     comm_.check_collectively(where, [&] {
       check_forward(images, out, input);
-      lead_->check(where, lead_times);
-      if (lead_times) detail::check_lead_times(where, *lead_times, images.extent(0));
+      lead_->check(where, lead_times, images.extent(0));
     });
     comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
                         {"image input", static_cast<std::int64_t>(input)},

@@ -86,8 +86,7 @@ class FlatFrontEnd {
     constexpr const char* where = "dchag::FlatFrontEnd::forward";
     detail::check_images(where, cfg_, images, sel);
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
-    lead_.check(where, lead_times);
-    if (lead_times) detail::check_lead_times(where, *lead_times, images.extent(0));
+    lead_.check(where, lead_times, images.extent(0));
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
     if (cfg_.strategy == Strategy::pooled) {
       detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, int(J)};
@@ -304,8 +303,7 @@ class DchagEmulation {
                    const View1<const Scalar, memory_space>* lead_times) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
-    lead_.check(where, lead_times);
-    if (lead_times) detail::check_lead_times(where, *lead_times, images.extent(0));
+    lead_.check(where, lead_times, images.extent(0));
     // Every channel is tokenized here; the largest module (a stage or the final fold) takes at
     // most C of them.
     detail::check_images(where, cfg_, images, cfg_.channels, "C = ", cfg_.channels);

@@ -105,13 +105,6 @@ namespace detail {
 /// What every front end's forward requires of images [B, Cimg, H, W]: B >= 1, Cimg = `channels`
 /// (`channels_are` says what that count is, e.g. "C = "; -1: any), the config's H and W, and
 /// sizes the kernels can index with `tokenized` channels folded by one module.
-/// lead_times [B] for B images.
-template <class V>
-void check_lead_times(const char* where, const V& lead_times, std::size_t B) {
-  DCHAG_EXPECT(lead_times.extent(0) == B, where, "lead_times.extent(0) is ", lead_times.extent(0),
-               ", expected B = ", B);
-}
-
 template <class V>
 void check_images(const char* where, const FrontEndConfig& cfg, const V& images,
                   std::int64_t channels, const char* channels_are, std::int64_t tokenized) {

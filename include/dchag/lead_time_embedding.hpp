@@ -129,12 +129,15 @@ class LeadTimeStage {
   }
   bool enabled() const { return module_.has_value(); }
 
-  /// Refuses lead times where the configuration has none, and none where it has them.
-  void check(const char* where, const Times* lead_times) const {
+  /// Refuses lead times where the configuration has none, none where it has them, and other
+  /// than one per sample of a batch of B.
+  void check(const char* where, const Times* lead_times, std::size_t B) const {
     DCHAG_EXPECT(enabled() || lead_times == nullptr, where,
                  "lead_times given, expected none: config.lead_time is false");
     DCHAG_EXPECT(!enabled() || lead_times != nullptr, where,
                  "no lead_times given, expected [B] values: config.lead_time is true");
+    DCHAG_EXPECT(!lead_times || lead_times->extent(0) == B, where, "lead_times.extent(0) is ",
+                 lead_times ? lead_times->extent(0) : 0, ", expected B = ", B);
   }
   void forward(const ExecSpace& exec, const Times* lead_times,
                const View3<Scalar, memory_space>& out) {
