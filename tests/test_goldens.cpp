@@ -103,6 +103,19 @@ V device_copy(const st::File& f, const std::string& name, V v) {
   return v;
 }
 
+/// The file's `mask` [B, C] (1.0 valid, 0.0 missing) as a device mask; empty without one.
+dchag::InputMask<Mem> file_mask(const st::File& f) {
+  if (!f.contains("mask")) return {};
+  const auto shape = f.info("mask").shape;
+  REQUIRE(shape.size() == 2);
+  dchag::View2<std::uint8_t, Mem> m("mask", shape[0], shape[1]);
+  auto h = Kokkos::create_mirror_view(m);
+  const auto values = f.values<double>("mask");
+  for (std::size_t i = 0; i < values.size(); ++i) h.data()[i] = values[i] > 0.5 ? 1 : 0;
+  Kokkos::deep_copy(m, h);
+  return m;
+}
+
 template <class V>
 std::vector<double> host_values(const V& v) {
   auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
@@ -187,7 +200,7 @@ double check_xattn(const st::File& f, dchag::Strategy strategy) {
                max_abs(f.values<double>("grad_out"))};
 
   dchag::View3<Scalar, Mem> out("out", B, L, D);
-  att.forward(exec, x, out);
+  att.forward(exec, x, out, file_mask(f));
   cmp(host_values(out), "out", 0.0);
 
   att.zero_gradients(exec);
@@ -239,12 +252,11 @@ double check_flat(const st::File& f, dchag::Strategy strategy, double rtol_stora
                max_abs(f.values<double>("grad_out"))};
 
   dchag::View3<Scalar, Mem> out("out", B, L, D);
-  if (cfg.lead_time) {
-    const auto lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
-    model.forward(exec, images, dchag::ChannelSelection::own(ids), out, lead_times);
-  } else {
-    model.forward(exec, images, dchag::ChannelSelection::own(ids), out);
-  }
+  typename decltype(model)::Inputs per_sample;
+  per_sample.mask = file_mask(f);
+  if (cfg.lead_time)
+    per_sample.lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
+  model.forward(exec, images, dchag::ChannelSelection::own(ids), out, per_sample);
   cmp(host_values(out), "out", 0.0);
 
   model.zero_gradients(exec);
@@ -284,12 +296,11 @@ double check_dchag(const st::File& f, dchag::Strategy strategy, double rtol_stor
                max_abs(f.values<double>("grad_out"))};
 
   dchag::View3<Scalar, Mem> out("out", B, L, D);
-  if (cfg.lead_time) {
-    const auto lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
-    model.forward(exec, images, out, lead_times);
-  } else {
-    model.forward(exec, images, out);
-  }
+  typename decltype(model)::Inputs per_sample;
+  per_sample.mask = file_mask(f);
+  if (cfg.lead_time)
+    per_sample.lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
+  model.forward(exec, images, out, per_sample);
   cmp(host_values(out), "out", 0.0);
 
   model.zero_gradients(exec);
@@ -327,7 +338,12 @@ const std::vector<std::string> golden_files = {"xattn_climax_basic",
                                                "dchag_xattn_uneven",
                                                "dchag_xattn_climax_partials",
                                                "flat_lead_time",
-                                               "dchag_linear_lead_time"};
+                                               "dchag_linear_lead_time",
+                                               "xattn_climax_mask",
+                                               "flat_mask",
+                                               "dchag_xattn_mask",
+                                               "dchag_xattn_climax_mask",
+                                               "dchag_linear_mask"};
 
 template <class Scalar>
 void check_all(const char* scalar_name) {

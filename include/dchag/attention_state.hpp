@@ -6,9 +6,15 @@
 #include <dchag/error.hpp>
 #include <dchag/tensor.hpp>
 
+#include <cstdint>
 #include <vector>
 
 namespace dchag {
+
+/// Which inputs are present (DESIGN 3.10): mask(b, n) is 1 where input n of sample b is valid
+/// and 0 where it is missing. An empty view: every input is valid.
+template <class MemSpace>
+using InputMask = View2<const std::uint8_t, MemSpace>;
 
 /// k contiguous groups of N inputs: group j is [offsets[j], offsets[j+1]).
 struct Segments {
@@ -57,6 +63,7 @@ struct AttentionSaved {
   MemoryPolicy memory = MemoryPolicy::keep;  // what the forward kept (keep: the weights a)
   View1<int, MemSpace> offsets;              // [k+1]
   View1<int, MemSpace> segment;              // [N]: segment of each input
+  InputMask<MemSpace> valid;                 // [B, N] the forward's mask; empty: all valid
   View2<Scalar, MemSpace> a;     // keep: [B*N*L, heads] softmax weights; else one chunk's scores
   View3<Scalar, MemSpace> z;     // pooled: [heads, P, D] pooled tokens (this rank's share)
   View2<Scalar, MemSpace> kmat;  // materialized: [B*N*L, D]

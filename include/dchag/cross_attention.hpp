@@ -39,6 +39,7 @@ class CrossAttention {
   using X4 = View4<const Scalar, memory_space>;
   using Saved = AttentionSaved<Scalar, memory_space>;
   using Group = GroupReduce<Scalar, memory_space>;
+  using Mask = InputMask<memory_space>;
 
   /// Allocates and initialises (ClimaX: zero query, xavier-uniform in_proj for the climax
   /// convention, trunc-normal 0.02 otherwise, zero biases) a module named `name` (the seed
@@ -138,18 +139,25 @@ class CrossAttention {
   /// out [B, k, L, D] = the k segments of x [B, N, L, D] folded; saves for backward into `saved`.
   /// With `group`, x holds this rank's share of the N inputs of one segment and the softmax and
   /// pooling run over the inputs of every rank (pooled strategy, exact; DESIGN 3.7).
+  /// `valid` [B, N] (empty: every input valid) removes inputs from their softmax (DESIGN 3.10);
+  /// it must stay unchanged until the backward. An output position whose segment holds no valid
+  /// input comes out as the output bias bo and passes no gradient back: mask it downstream.
+  /// Missing inputs must still hold finite values.
   void forward(const ExecSpace& exec, const X4& x, const Segments& seg,
-               const View4<Scalar, memory_space>& out, Saved& saved, const Group* group = nullptr) {
+               const View4<Scalar, memory_space>& out, Saved& saved, const Group* group = nullptr,
+               const Mask& valid = {}) {
     detail::ScopedRegion region("dchag::CrossAttention::forward");
     constexpr const char* where = "dchag::CrossAttention::forward";
     check_shapes(where, x, seg, out.extent(0), out.extent(1), out.extent(2), out.extent(3), "out");
     check_group(where, cfg_.strategy, seg, group);
+    check_mask(where, valid, x.extent(0), x.extent(1));
     prepare(x.extent(0), x.extent(1), x.extent(2), seg, group != nullptr, saved, MemoryPolicy::keep,
-            0);
+            0, valid);
     detail::compute_query(exec, cfg_, w_, work_);
     const auto x2 = rows_of(x);
     if (cfg_.strategy == Strategy::pooled) {
       detail::gemm(exec, "N", "T", Scalar(1), x2, work_.u, Scalar(0), saved.a);  // scores
+      detail::mask_scores(exec, saved);
       detail::segment_max(exec, saved, 0, cfg_.heads);
       if (group)
         group->max(Unmanaged1<Scalar, memory_space>(saved.run_max.data(), saved.run_max.span()));
@@ -198,8 +206,10 @@ class CrossAttention {
   }
 
   /// Convenience for one application over all N inputs: out [B, L, D].
-  void forward(const ExecSpace& exec, const X4& x, const View3<Scalar, memory_space>& out) {
-    forward(exec, x, Segments::whole(static_cast<int>(x.extent(1))), as4(out), own_saved_);
+  void forward(const ExecSpace& exec, const X4& x, const View3<Scalar, memory_space>& out,
+               const Mask& valid = {}) {
+    forward(exec, x, Segments::whole(static_cast<int>(x.extent(1))), as4(out), own_saved_, nullptr,
+            valid);
   }
   void backward(const ExecSpace& exec, const X4& x, const View3<const Scalar, memory_space>& d_out,
                 const View4<Scalar, memory_space>& dx) {
@@ -213,9 +223,11 @@ class CrossAttention {
   /// is read once, while it is in cache. The same result as forward. `memory`: what the Saved
   /// state keeps: keep (every input's weights, as forward), recompute (the softmax statistics
   /// and pooled tokens only; the backward is given the same inputs again, chunk by chunk) or
-  /// inference (no backward may follow). `grouped`: over a channel group (one segment).
+  /// inference (no backward may follow). `grouped`: over a channel group (one segment). `valid`:
+  /// the inputs present, as for forward.
   void stream_begin(const ExecSpace& exec, Saved& saved, int B, int N, int L, const Segments& seg,
-                    MemoryPolicy memory = MemoryPolicy::keep, bool grouped = false) {
+                    MemoryPolicy memory = MemoryPolicy::keep, bool grouped = false,
+                    const Mask& valid = {}) {
     detail::ScopedRegion region("dchag::CrossAttention::stream_begin");
     constexpr const char* where = "dchag::CrossAttention::stream_begin";
     DCHAG_EXPECT(cfg_.strategy == Strategy::pooled, where, "strategy is ", to_string(cfg_.strategy),
@@ -223,7 +235,8 @@ class CrossAttention {
     check_extents(where, B, N, L, seg);
     DCHAG_EXPECT(!grouped || seg.count() == 1, where, "a group stream needs one segment, got ",
                  seg.count());
-    prepare(B, N, L, seg, grouped, saved, memory, 0);
+    check_mask(where, valid, std::size_t(B), std::size_t(N));
+    prepare(B, N, L, seg, grouped, saved, memory, 0, valid);
     detail::compute_query(exec, cfg_, w_, work_);
     work_.streamed = 0;
   }
@@ -476,6 +489,12 @@ class CrossAttention {
     return all ? detail::InputRows::all(s.N, s.L) : detail::InputRows::chunk(n0, n1, s.L);
   }
 
+  static void check_mask(const char* where, const Mask& valid, std::size_t B, std::size_t N) {
+    DCHAG_EXPECT(valid.data() == nullptr || (valid.extent(0) == B && valid.extent(1) == N), where,
+                 "valid is [", valid.extent(0), ", ", valid.extent(1), "], expected [B, N] = [", B,
+                 ", ", N, "] or empty");
+  }
+
   static void check_group(const char* where, Strategy strategy, const Segments& seg,
                           const Group* group) {
     if (group == nullptr) return;
@@ -502,8 +521,9 @@ class CrossAttention {
   // the weights of every input (keep) or the scores of one chunk of `chunk` inputs (0: grown by
   // the first stream_chunk).
   void prepare(std::size_t B, std::size_t N, std::size_t L, const Segments& seg, bool grouped,
-               Saved& s, MemoryPolicy memory, int chunk) const {
-    detail::prepare_saved(cfg_, head_begin_, head_end_, B, N, L, seg, grouped, s, memory, chunk);
+               Saved& s, MemoryPolicy memory, int chunk, const Mask& valid = {}) const {
+    detail::prepare_saved(cfg_, head_begin_, head_end_, B, N, L, seg, grouped, s, memory, chunk,
+                          valid);
   }
 
   TensorList<Scalar, memory_space> named(const std::string& prefix, const V1& qv, const V3& w_in,

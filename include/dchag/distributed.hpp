@@ -100,6 +100,7 @@ class DistributedFrontEnd {
   using storage_type = Storage;
   using V3 = View3<Scalar, memory_space>;
   using V4 = View4<Scalar, memory_space>;
+  using Inputs = PerSample<Scalar, memory_space>;
 
   /// Collective over `comm`. `map` places the C channels on the comm.size() ranks. `tree` is the
   /// local tree of the D-CHAG modes (1: none). exact_flat needs the pooled strategy and tp_only
@@ -171,29 +172,47 @@ class DistributedFrontEnd {
   /// [B, C, H, W] (full image); tp_only needs the full image (every rank tokenizes all channels).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, ImageInput input = ImageInput::own_channels) {
-    run_forward(exec, images, out, input, nullptr);
+    run_forward(exec, images, out, input, Inputs());
+  }
+  /// The same with per-sample inputs, identical on every rank: lead times (cfg.lead_time) and
+  /// the channel mask [B, C] over all the model's channels (checked collectively). A rank with
+  /// no valid channel in a sample contributes no partial token to it (D-CHAG modes) or no
+  /// softmax mass (exact_flat).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const V3& out, const Inputs& per_sample,
+               ImageInput input = ImageInput::own_channels) {
+    run_forward(exec, images, out, input, per_sample);
   }
   /// The same with the lead time of every sample, lead_times [B], identical on every rank
   /// (cfg.lead_time).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, const View1<const Scalar, memory_space>& lead_times,
                ImageInput input = ImageInput::own_channels) {
-    run_forward(exec, images, out, input, &lead_times);
+    run_forward(exec, images, out, input, Inputs{lead_times, {}});
   }
 
  private:
   void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
-                   const V3& out, ImageInput input,
-                   const View1<const Scalar, memory_space>* lead_times) {
+                   const V3& out, ImageInput input, const Inputs& in) {
     detail::ScopedRegion region("dchag::DistributedFrontEnd::forward");
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
+    const auto* lead_times = in.lead_times.data() ? &in.lead_times : nullptr;
+    detail::HostMask host;
     comm_.check_collectively(where, [&] {
       check_forward(images, out, input);
       lead_->check(where, lead_times, images.extent(0));
+      host = detail::host_mask(where, in.mask, images.extent(0), std::size_t(cfg_.channels));
     });
     comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
                         {"image input", static_cast<std::int64_t>(input)},
-                        {"memory policy", static_cast<std::int64_t>(cfg_.memory)}});
+                        {"memory policy", static_cast<std::int64_t>(cfg_.memory)},
+                        {"mask given", host.data() ? 1 : 0}});
+    if (host.data()) {
+      // Replicated, as the output is: every rank derives its modules' masks from the same one.
+      comm_.agree(where,
+                  {{"checksum of mask", static_cast<std::int64_t>(detail::checksum_view(host))}});
+    }
+    comm_.check_collectively(where, [&] { set_masks(host); });
     const std::size_t B = images.extent(0), P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
     // Everything this forward and its backward allocate, before the first data collective: an
     // allocation that fails on one rank is then an exception on every rank, not a hang.
@@ -208,21 +227,24 @@ class DistributedFrontEnd {
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
-        stage_->forward(exec, images, sel, partial_, cfg_.memory);
+        stage_->forward(exec, images, sel, partial_, cfg_.memory, local_valid_);
         allgather(exec, comm_, partial_, received_);
         detail::rank_major_to_batch_major(exec, received_, gathered_);
-        attention_->forward(exec, gathered_, Segments::whole(int(P)), out4, saved_);
+        attention_->forward(exec, gathered_, Segments::whole(int(P)), out4, saved_, nullptr,
+                            final_valid_);
         break;
       }
       case Mode::exact_flat: {
         detail::AttentionFold<ExecSpace, Scalar> fold{*attention_, saved_, &reduce_, sel.size()};
-        detail::fused_forward(exec, *tokenizer_, fold, images, sel, fused_, out4, 0, cfg_.memory);
+        detail::fused_forward(exec, *tokenizer_, fold, images, sel, fused_, out4, 0, cfg_.memory,
+                              local_valid_);
         break;
       }
       case Mode::tp_only:
         tokenizer_->forward(exec, images, sel, tokens_);
         detail::round_all_tokens<Storage>(exec, tokens_);
-        attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_);
+        attention_->forward(exec, tokens_, Segments::whole(sel.size()), out4, saved_, nullptr,
+                            local_valid_);
         allreduce_sum(exec, comm_, Unmanaged1<Scalar, memory_space>(out.data(), out.span()));
         break;
     }
@@ -394,6 +416,18 @@ class DistributedFrontEnd {
     attention_->reserve(saved_, int(B), int(J), int(L), Segments::whole(int(J)));
   }
 
+  // The masks of this rank's modules from the group's mask [B, C] (host; empty: all valid): its
+  // own channels (every channel under tp_only) and, D-CHAG, one slot per rank for the final fold.
+  void set_masks(const detail::HostMask& host) {
+    constexpr const char* where = "dchag::DistributedFrontEnd::forward";
+    detail::select_mask(where, host, detail::iota_ids(cfg_.channels), true);  // per sample
+    const auto& local = mode_ == Mode::tp_only ? tokenizer_->owned_channels() : channels_;
+    local_valid_ = detail::to_device(detail::select_mask(where, host, local, false), local_mask_);
+    final_valid_ = is_dchag()
+                       ? detail::to_device(detail::group_mask(host, map_.groups()), final_mask_)
+                       : InputMask<memory_space>();
+  }
+
   void validate_local() const {
     constexpr const char* where = "dchag::DistributedFrontEnd";
     cfg_.validate(where);
@@ -458,6 +492,9 @@ class DistributedFrontEnd {
   V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;  // tokens_: tp_only's
   detail::FusedTokens<Scalar, Storage, memory_space> fused_;           // exact_flat's tokens
   View1<Scalar, memory_space> query_before_, d_chunk_;
+  // The last forward's masks (empty: all valid) and their storage.
+  InputMask<memory_space> local_valid_, final_valid_;
+  View2<std::uint8_t, memory_space> local_mask_, final_mask_;
 };
 
 }  // namespace dchag

@@ -10,11 +10,13 @@
 #include <dchag/cross_attention.hpp>
 #include <dchag/detail/channel_stage.hpp>
 #include <dchag/detail/fused.hpp>
+#include <dchag/detail/masks.hpp>
 #include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/front_end_config.hpp>
 #include <dchag/lead_time_embedding.hpp>
 #include <dchag/partial_aggregator.hpp>
+#include <dchag/per_sample.hpp>
 #include <dchag/positional_embedding.hpp>
 #include <dchag/precision.hpp>
 #include <dchag/tokenizer.hpp>
@@ -40,6 +42,7 @@ class FlatFrontEnd {
   using memory_space = typename ExecSpace::memory_space;
   using scalar_type = Scalar;
   using storage_type = Storage;
+  using Inputs = PerSample<Scalar, memory_space>;
 
   FlatFrontEnd(const ExecSpace& exec, const FrontEndConfig& cfg)
       : cfg_(validated(cfg)),
@@ -56,23 +59,34 @@ class FlatFrontEnd {
   /// than Scalar, the backward reads the images again: keep them unchanged until it has run.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
-    run_forward(exec, images, sel, out, nullptr);
+    run_forward(exec, images, sel, out, Inputs());
+  }
+  /// The same with per-sample inputs: lead times (cfg.lead_time) and the channel mask [B, C]
+  /// (indexed by model channel id, so only the selected channels' entries are read).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
+               const Inputs& per_sample) {
+    run_forward(exec, images, sel, out, per_sample);
   }
   /// The same with the lead time of every sample, lead_times [B] (cfg.lead_time).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
                const View1<const Scalar, memory_space>& lead_times) {
-    run_forward(exec, images, sel, out, &lead_times);
+    run_forward(exec, images, sel, out, Inputs{lead_times, {}});
   }
   /// All C channels, in model order: images [B, C, H, W].
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
-    run_forward(exec, images, all_channels(), out, nullptr);
+    run_forward(exec, images, all_channels(), out, Inputs());
+  }
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const View3<Scalar, memory_space>& out, const Inputs& per_sample) {
+    run_forward(exec, images, all_channels(), out, per_sample);
   }
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out,
                const View1<const Scalar, memory_space>& lead_times) {
-    run_forward(exec, images, all_channels(), out, &lead_times);
+    run_forward(exec, images, all_channels(), out, Inputs{lead_times, {}});
   }
 
  private:
@@ -81,24 +95,29 @@ class FlatFrontEnd {
   }
   void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                    const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
-                   const View1<const Scalar, memory_space>* lead_times) {
+                   const Inputs& in) {
     detail::ScopedRegion region("dchag::FlatFrontEnd::forward");
     constexpr const char* where = "dchag::FlatFrontEnd::forward";
     detail::check_images(where, cfg_, images, sel);
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
+    const auto* lead_times = in.lead_times.data() ? &in.lead_times : nullptr;
     lead_.check(where, lead_times, images.extent(0));
     const std::size_t B = images.extent(0), J = sel.size(), L = cfg_.patches(), D = cfg_.dim;
+    const auto valid = detail::to_device(
+        detail::select_mask(where, detail::host_mask(where, in.mask, B, cfg_.channels),
+                            sel.channel_id, true),
+        mask_);
     if (cfg_.strategy == Strategy::pooled) {
       detail::AttentionFold<ExecSpace, Scalar> fold{attention_, saved_, nullptr, int(J)};
       tokens_ = View4<Scalar, memory_space>();
       detail::fused_forward(exec, tokenizer_, fold, images, sel, fused_, as4(out), chunk_channels_,
-                            cfg_.memory);
+                            cfg_.memory, valid);
     } else {
       fused_ = Tokens();
       detail::ensure_view(tokens_, "dchag::flat::tokens", B, J, L, D);
       tokenizer_.forward(exec, images, sel, tokens_);
       detail::round_all_tokens<Storage>(exec, tokens_);
-      attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_);
+      attention_.forward(exec, tokens_, Segments::whole(J), as4(out), saved_, nullptr, valid);
     }
     channels_in_ = int(J);
     pos_.forward(exec, out);
@@ -237,9 +256,10 @@ class FlatFrontEnd {
   PositionalEmbedding<ExecSpace, Scalar> pos_;
   detail::LeadTimeStage<ExecSpace, Scalar> lead_;
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
-  Tokens fused_;                         // the pooled path's tokens
-  View4<Scalar, memory_space> tokens_;   // the materialized path's: every token
-  View1<Scalar, memory_space> d_chunk_;  // d_tokens, whole or one fused chunk
+  Tokens fused_;                            // the pooled path's tokens
+  View4<Scalar, memory_space> tokens_;      // the materialized path's: every token
+  View1<Scalar, memory_space> d_chunk_;     // d_tokens, whole or one fused chunk
+  View2<std::uint8_t, memory_space> mask_;  // the last forward's, of its selected channels
   int chunk_channels_ = 0;
   int channels_in_ = 0;  // channels of the last forward
 };
@@ -262,6 +282,7 @@ class DchagEmulation {
   using scalar_type = Scalar;
   using storage_type = Storage;
   using V4 = View4<Scalar, memory_space>;
+  using Inputs = PerSample<Scalar, memory_space>;
 
   /// The groups of `map`, as the ranks of a DistributedFrontEnd with that map would hold them
   /// (the map's channel count must be cfg.channels).
@@ -288,21 +309,27 @@ class DchagEmulation {
   /// out [B, L, D] from images [B, C, H, W] holding every model channel.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
-    run_forward(exec, images, out, nullptr);
+    run_forward(exec, images, out, Inputs());
+  }
+  /// The same with per-sample inputs: lead times (cfg.lead_time) and the channel mask [B, C]. A
+  /// group with no valid channel in a sample gets no slot in that sample's final fold.
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const View3<Scalar, memory_space>& out, const Inputs& per_sample) {
+    run_forward(exec, images, out, per_sample);
   }
   /// The same with the lead time of every sample, lead_times [B] (cfg.lead_time).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out,
                const View1<const Scalar, memory_space>& lead_times) {
-    run_forward(exec, images, out, &lead_times);
+    run_forward(exec, images, out, Inputs{lead_times, {}});
   }
 
  private:
   void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
-                   const View3<Scalar, memory_space>& out,
-                   const View1<const Scalar, memory_space>* lead_times) {
+                   const View3<Scalar, memory_space>& out, const Inputs& in) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
+    const auto* lead_times = in.lead_times.data() ? &in.lead_times : nullptr;
     lead_.check(where, lead_times, images.extent(0));
     // Every channel is tokenized here; the largest module (a stage or the final fold) takes at
     // most C of them.
@@ -310,6 +337,18 @@ class DchagEmulation {
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), P = stages_.size(), L = cfg_.patches(), D = cfg_.dim;
     const bool train = cfg_.memory != MemoryPolicy::inference;
+    const auto host = detail::host_mask(where, in.mask, B, cfg_.channels);
+    std::vector<std::vector<int>> groups;
+    for (const auto& st : stages_) groups.push_back(st->channels());
+    stage_masks_.resize(P);
+    std::vector<InputMask<memory_space>> stage_valid;
+    for (std::size_t r = 0; r < P; ++r) {
+      stage_valid.push_back(
+          detail::to_device(detail::select_mask(where, host, groups[r], false), stage_masks_[r]));
+    }
+    const auto final_host = detail::group_mask(host, groups);
+    detail::select_mask(where, final_host, detail::iota_ids(int(P)), true);  // a channel each
+    const auto final_valid = detail::to_device(final_host, final_mask_);
     detail::ensure_view(gathered_, "dchag::emulation::gathered", B, P, L, D);
     if (train) {
       detail::ensure_view(d_gathered_, "dchag::emulation::d_gathered", B, P, L, D);
@@ -319,10 +358,11 @@ class DchagEmulation {
     detail::ensure_view(partial_, "dchag::emulation::partial", B, 1, L, D);
     for (std::size_t r = 0; r < P; ++r) {
       stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()),
-                          partial_, cfg_.memory);
+                          partial_, cfg_.memory, stage_valid[r]);
       detail::copy_slot(exec, partial_, gathered_, static_cast<int>(r), true);
     }
-    final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_);
+    final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_, nullptr,
+                   final_valid);
     memory_ = cfg_.memory;
     pos_.forward(exec, out);
     lead_.forward(exec, lead_times, out);
@@ -445,6 +485,9 @@ class DchagEmulation {
   typename CrossAttention<ExecSpace, Scalar>::Saved saved_;
   MemoryPolicy memory_ = MemoryPolicy::keep;  // of the last forward
   V4 gathered_, d_gathered_, partial_;
+  // The last forward's masks: of every group's channels, and of the groups in the final fold.
+  std::vector<View2<std::uint8_t, memory_space>> stage_masks_;
+  View2<std::uint8_t, memory_space> final_mask_;
 };
 
 }  // namespace dchag

@@ -2,7 +2,9 @@
 /// Learned linear channel sum (D-CHAG-L, DESIGN 3.3): every segment of n inputs folds to
 ///   y[b, j, l, :] = sum_i w_i x[b, offset_j + i, l, :] + beta,
 /// with one weight per input position inside a segment (shared by all segments) and one scalar
-/// bias. Segments must all hold n inputs.
+/// bias. Segments must all hold n inputs. A mask `valid` [B, k*n] (DESIGN 3.10; empty: all
+/// valid) drops missing inputs from the sum (they get zero gradient); it must stay unchanged
+/// until the backward.
 #include <dchag/cross_attention.hpp>
 #include <dchag/detail/kokkos_compat.hpp>
 #include <dchag/detail/loops.hpp>
@@ -36,21 +38,23 @@ class LinearAggregation {
   }
 
   int inputs() const { return n_; }
+  using Mask = InputMask<memory_space>;
 
   /// y [B, k, L, D] from x [B, k*n, L, D] split into k segments of n inputs.
   void forward(const ExecSpace& exec, const View4<const Scalar, memory_space>& x,
-               const Segments& seg, const View4<Scalar, memory_space>& y) const {
+               const Segments& seg, const View4<Scalar, memory_space>& y,
+               const Mask& valid = {}) const {
     detail::ScopedRegion region("dchag::LinearAggregation::forward");
     check("dchag::LinearAggregation::forward", x, seg, y.extent(0), y.extent(1), y.extent(2),
           y.extent(3), "y");
     stream_begin(exec, y);
-    stream_chunk(exec, x, 0, static_cast<int>(x.extent(1)), y);
+    stream_chunk(exec, x, 0, static_cast<int>(x.extent(1)), y, valid);
   }
 
   /// Accumulates dw, dbeta and writes dx (overwritten) from the forward's x and dy.
   void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& x,
                 const Segments& seg, const View4<const Scalar, memory_space>& dy,
-                const View4<Scalar, memory_space>& dx) const {
+                const View4<Scalar, memory_space>& dx, const Mask& valid = {}) const {
     detail::ScopedRegion region("dchag::LinearAggregation::backward");
     constexpr const char* where = "dchag::LinearAggregation::backward";
     check(where, x, seg, dy.extent(0), dy.extent(1), dy.extent(2), dy.extent(3), "dy");
@@ -58,7 +62,7 @@ class LinearAggregation {
                      dx.extent(2) == x.extent(2) && dx.extent(3) == x.extent(3),
                  where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
                  dx.extent(3), "], expected the shape of x");
-    backward_chunk(exec, x, 0, static_cast<int>(x.extent(1)), dy, dx);
+    backward_chunk(exec, x, 0, static_cast<int>(x.extent(1)), dy, dx, valid);
     backward_bias(exec, dy);
   }
 
@@ -73,8 +77,10 @@ class LinearAggregation {
         KOKKOS_LAMBDA(const std::int64_t t) { y_flat(t) = beta(0); });
   }
   void stream_chunk(const ExecSpace& exec, const View4<const Scalar, memory_space>& x, int n0,
-                    int n1, const View4<Scalar, memory_space>& y) const {
-    const int x0 = first_input("dchag::LinearAggregation::stream_chunk", x, n0, n1, y);
+                    int n1, const View4<Scalar, memory_space>& y, const Mask& valid = {}) const {
+    constexpr const char* where = "dchag::LinearAggregation::stream_chunk";
+    const int x0 = first_input(where, x, n0, n1, y);
+    check_mask(where, valid, y);
     const int n = n_, k = y.extent(1), L = x.extent(2), D = x.extent(3);
     auto w = weight_;
     detail::for_each_row(
@@ -86,7 +92,8 @@ class LinearAggregation {
           const int lo = n0 > j * n ? n0 : j * n, hi = n1 < (j + 1) * n ? n1 : (j + 1) * n;
           if (lo >= hi) return;  // no input of this segment in the chunk
           Scalar acc = y(b, j, l, d);
-          for (int c = lo; c < hi; ++c) acc += w(c - j * n) * x(b, c - x0, l, d);
+          for (int c = lo; c < hi; ++c)
+            if (!detail::is_missing(valid, b, c)) acc += w(c - j * n) * x(b, c - x0, l, d);
           y(b, j, l, d) = acc;
         });
   }
@@ -95,9 +102,10 @@ class LinearAggregation {
   /// and adds their share of dw. backward_bias adds dbeta, once per dy.
   void backward_chunk(const ExecSpace& exec, const View4<const Scalar, memory_space>& x, int n0,
                       int n1, const View4<const Scalar, memory_space>& dy,
-                      const View4<Scalar, memory_space>& dx) const {
+                      const View4<Scalar, memory_space>& dx, const Mask& valid = {}) const {
     constexpr const char* where = "dchag::LinearAggregation::backward";
     const int x0 = first_input(where, x, n0, n1, dy);
+    check_mask(where, valid, dy);
     DCHAG_EXPECT(dx.extent(0) == x.extent(0) && dx.extent(1) == std::size_t(n1 - n0) &&
                      dx.extent(2) == x.extent(2) && dx.extent(3) == x.extent(3),
                  where, "dx is [", dx.extent(0), ", ", dx.extent(1), ", ", dx.extent(2), ", ",
@@ -112,7 +120,8 @@ class LinearAggregation {
           const int l = static_cast<int>(r % L);
           const int c = n0 + static_cast<int>((r / L) % nc);
           const int b = static_cast<int>(r / (std::int64_t(L) * nc));
-          dx(b, c - n0, l, d) = w(c % n) * dy(b, c / n, l, d);
+          dx(b, c - n0, l, d) =
+              detail::is_missing(valid, b, c) ? Scalar(0) : w(c % n) * dy(b, c / n, l, d);
         });
     // dw_i = sum over the chunk's inputs c = j*n + i and (b, l) of dy[b, j, l] . x[b, c, l]: one
     // team per weight, so the sum is deterministic.
@@ -132,6 +141,7 @@ class LinearAggregation {
               [&](const std::int64_t r, Scalar& acc) {
                 const int j = jlo + static_cast<int>(r / per_j);
                 const int b = static_cast<int>((r % per_j) / L), l = static_cast<int>(r % L);
+                if (detail::is_missing(valid, b, j * n + i)) return;
                 acc += detail::lane_dot(&dy(b, j, l, 0), &x(b, j * n + i - x0, l, 0), D);
               },
               sum);
@@ -194,6 +204,15 @@ class LinearAggregation {
                  where, out, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
                  "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ", x.extent(2),
                  ", ", x.extent(3), "]");
+  }
+
+  template <class Y>
+  void check_mask(const char* where, const Mask& valid, const Y& y) const {
+    const std::size_t N = y.extent(1) * std::size_t(n_);
+    DCHAG_EXPECT(
+        valid.data() == nullptr || (valid.extent(0) == y.extent(0) && valid.extent(1) == N), where,
+        "valid is [", valid.extent(0), ", ", valid.extent(1), "], expected [B, k * n] = [",
+        y.extent(0), ", ", N, "] or empty");
   }
 
   // The input index of x's first slot in a chunk call over [n0, n1) with outputs y [B, k, L, D]:

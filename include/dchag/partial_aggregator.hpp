@@ -4,8 +4,12 @@
 /// single-query cross-attention (D-CHAG-C), optionally as a local tree of k contiguous groups.
 /// The tree shares one cross-attention across groups and levels; the linear tree has one group
 /// weight vector shared by the groups plus a k-vector on top (names `top_weight`, `top_bias`).
+/// With a mask (DESIGN 3.10) a missing channel drops out of its group, and a group with no valid
+/// channel in a sample drops out of the second level; a rank with none gives a token that the
+/// final fold must mask.
 #include <dchag/config.hpp>
 #include <dchag/cross_attention.hpp>
+#include <dchag/detail/masks.hpp>
 #include <dchag/detail/sizes.hpp>
 #include <dchag/linear_aggregation.hpp>
 
@@ -21,6 +25,7 @@ class PartialAggregator {
   using memory_space = typename ExecSpace::memory_space;
   using V4 = View4<Scalar, memory_space>;
   using C4 = View4<const Scalar, memory_space>;
+  using Mask = InputMask<memory_space>;
 
   /// `inputs` channels folded by `kind` with a k = `tree` group local tree (1: no tree).
   /// `name` is the prefix of the parameter names and keys their seed streams.
@@ -53,12 +58,14 @@ class PartialAggregator {
                           memory == MemoryPolicy::inference ? memory : MemoryPolicy::keep);
   }
 
-  /// out [B, 1, L, D] from tokens [B, C_r, L, D]; keeps what backward needs.
-  void forward(const ExecSpace& exec, const C4& tokens, const V4& out) {
+  /// out [B, 1, L, D] from tokens [B, C_r, L, D]; keeps what backward needs. `valid` [B, C_r]
+  /// (empty: all valid) must stay unchanged until the backward.
+  void forward(const ExecSpace& exec, const C4& tokens, const V4& out, const Mask& valid = {}) {
     detail::ScopedRegion region("dchag::PartialAggregator::forward");
     DCHAG_EXPECT(tokens.extent(1) == std::size_t(inputs_), "dchag::PartialAggregator::forward",
                  "tokens.extent(1) is ", tokens.extent(1), ", expected C_r = ", inputs_);
     const Segments groups = group_segments();
+    set_masks(exec, valid);
     if (tree_ == 1) {
       apply_forward(exec, tokens, groups, out, saved_[0], true);
       forwarded_ = true;
@@ -91,15 +98,19 @@ class PartialAggregator {
   /// Streamed forward over consecutive chunks of the C_r inputs (the fused D-CHAG stage, DESIGN
   /// 3.8): stream_begin, then stream_chunk for [n0, n1) in order (x: all inputs [B, C_r, L, D]
   /// or the chunk's [B, n1 - n0, L, D]), then stream_end writes out [B, 1, L, D]. The same
-  /// result as forward; `memory` says what the cross-attention keeps (CrossAttention's stream).
-  void stream_begin(const ExecSpace& exec, const V4& out, MemoryPolicy memory) {
+  /// result as forward; `memory` says what the cross-attention keeps (CrossAttention's stream);
+  /// `valid` as for forward.
+  void stream_begin(const ExecSpace& exec, const V4& out, MemoryPolicy memory,
+                    const Mask& valid = {}) {
     constexpr const char* where = "dchag::PartialAggregator::stream_begin";
     DCHAG_EXPECT(out.extent(1) == 1, where, "out.extent(1) is ", out.extent(1), ", expected 1");
     const std::size_t B = out.extent(0), L = out.extent(2), D = out.extent(3);
     if (tree_ > 1) ensure_mid(B, L, D, memory != MemoryPolicy::inference);
     level0_ = tree_ > 1 ? mid_ : out;
+    set_masks(exec, valid);
     if (attention_) {
-      attention_->stream_begin(exec, saved_[0], int(B), inputs_, int(L), group_segments(), memory);
+      attention_->stream_begin(exec, saved_[0], int(B), inputs_, int(L), group_segments(), memory,
+                               false, valid_);
     } else {
       group_->stream_begin(exec, level0_);
     }
@@ -110,7 +121,7 @@ class PartialAggregator {
     if (attention_) {
       attention_->stream_chunk(exec, x, n0, n1, saved_[0]);
     } else {
-      group_->stream_chunk(exec, x, n0, n1, level0_);
+      group_->stream_chunk(exec, x, n0, n1, level0_, valid_);
     }
   }
   void stream_end(const ExecSpace& exec, const V4& out) {
@@ -143,7 +154,7 @@ class PartialAggregator {
     if (attention_) {
       attention_->backward_chunk(exec, x, saved_[0], n0, n1, dx);
     } else {
-      group_->backward_chunk(exec, x, n0, n1, level0_grad_, dx);
+      group_->backward_chunk(exec, x, n0, n1, level0_grad_, dx, valid_);
     }
   }
   void backward_end(const ExecSpace& exec) {
@@ -228,12 +239,22 @@ class PartialAggregator {
     }
   }
 
+  // The masks of both levels: the caller's, and one slot per group of the tree.
+  void set_masks(const ExecSpace& exec, const Mask& valid) {
+    DCHAG_EXPECT(valid.data() == nullptr || valid.extent(1) == std::size_t(inputs_),
+                 "dchag::PartialAggregator", "valid.extent(1) is ", valid.extent(1),
+                 ", expected C_r = ", inputs_);
+    valid_ = valid;
+    mid_valid_ = tree_ > 1 ? detail::split_any(exec, valid, tree_, mid_mask_) : Mask();
+  }
+
   void apply_forward(const ExecSpace& exec, const C4& x, const Segments& seg, const V4& out,
                      typename CrossAttention<ExecSpace, Scalar>::Saved& saved, bool level0) {
+    const Mask& valid = level0 ? valid_ : mid_valid_;
     if (attention_) {
-      attention_->forward(exec, x, seg, out, saved);
+      attention_->forward(exec, x, seg, out, saved, nullptr, valid);
     } else {
-      (level0 ? *group_ : *top_).forward(exec, x, seg, out);
+      (level0 ? *group_ : *top_).forward(exec, x, seg, out, valid);
     }
   }
   void apply_backward(const ExecSpace& exec, const C4& x, const Segments& seg, const C4& dy,
@@ -242,7 +263,7 @@ class PartialAggregator {
     if (attention_) {
       attention_->backward(exec, x, saved, dy, dx);
     } else {
-      (level0 ? *group_ : *top_).backward(exec, x, seg, dy, dx);
+      (level0 ? *group_ : *top_).backward(exec, x, seg, dy, dx, level0 ? valid_ : mid_valid_);
     }
   }
 
@@ -266,6 +287,8 @@ class PartialAggregator {
   V4 mid_, d_mid_;
   V4 level0_;       // streamed forward: the first level's output (mid_, or out without a tree)
   C4 level0_grad_;  // chunked backward: the gradient at level0_
+  Mask valid_, mid_valid_;                      // the last forward's masks of both levels
+  View2<std::uint8_t, memory_space> mid_mask_;  // mid_valid_'s values
   MemoryPolicy memory_ = MemoryPolicy::keep;
   bool forwarded_ = false;
 };

@@ -85,6 +85,7 @@ class Golden:
     def __init__(self, rng):
         self.rng = rng
         self.leaves = []  # (name, tensor that receives .grad)
+        self.extras = []  # (name, tensor): inputs without a gradient (masks)
 
     def leaf(self, name, shape, var):
         t = self.rng.normal(shape, var).requires_grad_(True)
@@ -104,7 +105,7 @@ class Golden:
             t.grad = None
         loss = (out * grad_out).sum()
         loss.backward()
-        tensors = [(n, t) for n, t in self.leaves]
+        tensors = [(n, t) for n, t in self.leaves] + self.extras
         tensors += [("out", out), ("grad_out", grad_out)]
         for n, t in self.leaves:
             g = t.grad if t.grad is not None else torch.zeros_like(t)
@@ -125,8 +126,9 @@ class Golden:
 # Reference computations
 # --------------------------------------------------------------------------------------------
 
-def xattn_explicit(xr, qv, Wq, bq, Wk, bk, Wv, bv, Wo, bo, heads):
-    """DESIGN 3.2 written out: xr [M, N, D] rows of N tokens, qv [D] -> [M, D]."""
+def xattn_explicit(xr, qv, Wq, bq, Wk, bk, Wv, bv, Wo, bo, heads, valid=None):
+    """DESIGN 3.2 written out: xr [M, N, D] rows of N tokens, qv [D] -> [M, D]; valid [M, N]
+    (bool): a missing token's score is -inf (DESIGN 3.10)."""
     M, N, D = xr.shape
     hd = D // heads
     q = Wq @ qv + (bq if bq is not None else 0)                      # [D]
@@ -136,6 +138,8 @@ def xattn_explicit(xr, qv, Wq, bq, Wk, bk, Wv, bv, Wo, bo, heads):
     for h in range(heads):
         sl = slice(h * hd, (h + 1) * hd)
         s = (k[:, :, sl] @ q[sl]) / math.sqrt(hd)                    # [M, N]
+        if valid is not None:
+            s = s.masked_fill(~valid, float("-inf"))
         a = torch.softmax(s, dim=1)
         outs.append(torch.einsum("mn,mne->me", a, v[:, :, sl]))      # [M, hd]
     return torch.cat(outs, dim=1) @ Wo.T + bo
@@ -147,28 +151,39 @@ def to_rows(x):
     return torch.einsum("bnld->blnd", x).flatten(0, 1)
 
 
-def climax_aggregate(x, var_query, mha):
-    """ClimaX aggregate_variables: x [B, N, L, D] -> [B, L, D] with nn.MultiheadAttention."""
+def padding_mask(valid, L):
+    """valid [B, N] (bool) -> nn.MultiheadAttention's key_padding_mask [B*L, N] (True: ignore),
+    row b*L + l as to_rows."""
+    B, N = valid.shape
+    return (~valid)[:, None, :].expand(B, L, N).reshape(B * L, N)
+
+
+def climax_aggregate(x, var_query, mha, valid=None):
+    """ClimaX aggregate_variables: x [B, N, L, D] -> [B, L, D] with nn.MultiheadAttention;
+    valid [B, N] (bool) masks tokens through key_padding_mask."""
     B, N, L, D = x.shape
     xr = to_rows(x)
     q = var_query.repeat_interleave(xr.shape[0], dim=0)              # [B*L, 1, D]
-    out, _ = mha(q, xr, xr, need_weights=False)                      # [B*L, 1, D]
+    kpm = None if valid is None else padding_mask(valid, L)
+    out, _ = mha(q, xr, xr, need_weights=False, key_padding_mask=kpm)  # [B*L, 1, D]
     return out.squeeze(1).unflatten(0, (B, L))                       # squeeze(1): safe for B*L == 1
 
 
-def check_climax_against_explicit(x, var_query, mha):
+def check_climax_against_explicit(x, var_query, mha, valid=None):
     """Independent check of the ClimaX convention: nn.MultiheadAttention (forward and all
-    gradients) equals the explicit math of DESIGN 3.2 with in_proj split as [Wq; Wk; Wv]."""
+    gradients, key_padding_mask for `valid`) equals the explicit math of DESIGN 3.2 with in_proj
+    split as [Wq; Wk; Wv]."""
     D = x.shape[-1]
     x = x.detach().clone().requires_grad_(True)  # keep the caller's graph untouched
     leaves = [x, var_query, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
               mha.out_proj.bias]
     c = [t.detach().clone().requires_grad_(True) for t in leaves]
     Win, bin_ = c[2], c[3]
+    rows_valid = None if valid is None else ~padding_mask(valid, x.shape[2])
     ref = xattn_explicit(to_rows(c[0]), c[1].reshape(D), Win[:D], bin_[:D], Win[D:2 * D],
                          bin_[D:2 * D], Win[2 * D:], bin_[2 * D:], c[4], c[5],
-                         mha.num_heads).unflatten(0, (x.shape[0], x.shape[2]))
-    got = climax_aggregate(x, var_query, mha)
+                         mha.num_heads, rows_valid).unflatten(0, (x.shape[0], x.shape[2]))
+    got = climax_aggregate(x, var_query, mha, valid)
     assert torch.allclose(got, ref, **TOL)
     go = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     g1 = torch.autograd.grad((got * go).sum(), leaves)
@@ -189,8 +204,8 @@ class Artifact:
         self.Wp = g.leaf(prefix + "proj.weight", [D, D], 1.0 / D)
         self.bp = g.leaf(prefix + "proj.bias", [D], 0.1)
 
-    def __call__(self, x):
-        """x [B, N, L, D] -> [B, L, D]."""
+    def __call__(self, x, valid=None):
+        """x [B, N, L, D] -> [B, L, D]; valid [B, N] (bool) masks tokens."""
         B, N, L, D = x.shape
         nh, hd = self.heads, D // self.heads
         q = (self.Wq @ self.query).reshape(nh, hd)
@@ -198,13 +213,16 @@ class Artifact:
         k = kv[..., :D].reshape(B, N, L, nh, hd)
         v = kv[..., D:].reshape(B, N, L, nh, hd)
         s = torch.einsum("bnlhe,he->bnlh", k, q) / math.sqrt(hd)
+        if valid is not None:
+            s = s.masked_fill(~valid[:, :, None, None], float("-inf"))
         a = torch.softmax(s, dim=1)
         o = torch.einsum("bnlh,bnlhe->blhe", a, v).reshape(B, L, D)
         return o @ self.Wp.T + self.bp
 
-    def check(self, x):
+    def check(self, x, valid=None):
         """Independent check: the same weights in nn.MultiheadAttention (in_proj = [Wq; Wkv],
-        zero in_proj bias, out_proj = proj) give the same output and input gradient."""
+        zero in_proj bias, out_proj = proj; key_padding_mask) give the same output and input
+        gradient."""
         D = self.D
         mha = torch.nn.MultiheadAttention(D, self.heads, batch_first=True).double()
         with torch.no_grad():
@@ -214,8 +232,8 @@ class Artifact:
             mha.out_proj.bias.copy_(self.bp)
         x1 = x.detach().clone().requires_grad_(True)
         x2 = x.detach().clone().requires_grad_(True)
-        ref = climax_aggregate(x1, self.query.detach().reshape(1, 1, D), mha)
-        got = self(x2)
+        ref = climax_aggregate(x1, self.query.detach().reshape(1, 1, D), mha, valid)
+        got = self(x2, valid)
         assert torch.allclose(got, ref, **TOL)
         go = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
         (ga,) = torch.autograd.grad((got * go).sum(), [x2])
@@ -235,11 +253,11 @@ class Climax:
         g.param(prefix + "var_agg.out_proj.weight", self.mha.out_proj.weight, 1.0 / D)
         g.param(prefix + "var_agg.out_proj.bias", self.mha.out_proj.bias, 0.1)
 
-    def __call__(self, x):
-        return climax_aggregate(x, self.var_query, self.mha)
+    def __call__(self, x, valid=None):
+        return climax_aggregate(x, self.var_query, self.mha, valid)
 
-    def check(self, x):
-        check_climax_against_explicit(x, self.var_query, self.mha)
+    def check(self, x, valid=None):
+        check_climax_against_explicit(x, self.var_query, self.mha, valid)
 
 
 class Tokenizer:
@@ -315,17 +333,39 @@ def ints(seq):
 # The golden files
 # --------------------------------------------------------------------------------------------
 
-def xattn_climax(path, seed, B, N, L, D, heads):
+def mask_extra(g, mask):
+    """The validity mask [B, C] (DESIGN 3.10) as a bool tensor, stored as `mask` (1.0 valid, 0.0
+    missing); None stays None."""
+    if mask is None:
+        return None
+    m = torch.tensor(mask, dtype=torch.float64)
+    g.extras.append(("mask", m))
+    return m > 0.5
+
+
+def masked_fold(fold, t, valid):
+    """fold(t, valid) for t [B, N, L, D] where a sample may hold no valid input: that sample
+    gets zeros (dchag gives a bias-only token there; either way its slot is masked one level up),
+    computed with every input unmasked so that no NaN enters the graph."""
+    if valid is None:
+        return fold(t, None)
+    empty = ~valid.any(dim=1)
+    y = fold(t, valid | empty[:, None])
+    return torch.where(empty[:, None, None], torch.zeros_like(y), y)
+
+
+def xattn_climax(path, seed, B, N, L, D, heads, mask=None):
     g = Golden(Rng(seed))
     x = g.leaf("x", [B, N, L, D], 1.0)
+    valid = mask_extra(g, mask)
     mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
     var_query = g.leaf("var_query", [1, 1, D], 1.0)
     g.param("var_agg.in_proj_weight", mha.in_proj_weight, 1.0 / D)
     g.param("var_agg.in_proj_bias", mha.in_proj_bias, 0.1)
     g.param("var_agg.out_proj.weight", mha.out_proj.weight, 1.0 / D)
     g.param("var_agg.out_proj.bias", mha.out_proj.bias, 0.1)
-    check_climax_against_explicit(x, var_query, mha)
-    out = climax_aggregate(x, var_query, mha)
+    check_climax_against_explicit(x, var_query, mha, valid)
+    out = climax_aggregate(x, var_query, mha, valid)
     g.finish(path, out, dict(kind="xattn", convention="climax", B=B, N=N, L=L, D=D, heads=heads,
                              seed=seed))
 
@@ -350,10 +390,12 @@ def lead_time_stage(g, B, D):
     return lambda x: x + lin(lead_times.unsqueeze(-1)).unsqueeze(1)
 
 
-def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False):
+def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False, mask=None):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     images = stored_leaf(g, "images", [B, len(ids), H, W], 1.0, storage)
+    valid = mask_extra(g, mask)
+    valid = None if valid is None else valid[:, ids]
     tok = Tokenizer(g, C, D, p)
     mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
     var_query = g.leaf("var_query", [1, 1, D], 1.0)
@@ -365,8 +407,8 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False
     tokens = tok(images, ids)
     tok.check(images, ids, tokens)
     tokens = stored(tokens, storage)
-    check_climax_against_explicit(tokens, var_query, mha)
-    out = climax_aggregate(tokens, var_query, mha) + pos_embed
+    check_climax_against_explicit(tokens, var_query, mha, valid)
+    out = climax_aggregate(tokens, var_query, mha, valid) + pos_embed
     if lead_time:
         out = lead_time_stage(g, B, D)(out)
     meta = dict(kind="flat", convention="climax", B=B, L=L, D=D, heads=heads, C=C, H=H, W=W, p=p,
@@ -384,12 +426,19 @@ def block_sizes(C, P):
 
 
 def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
-          partial_convention="artifact", lead_time=False):
+          partial_convention="artifact", lead_time=False, mask=None):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     sizes = block_sizes(C, P)
     starts = np.cumsum([0] + sizes)
     images = stored_leaf(g, "images", [B, C, H, W], 1.0, storage)
+    valid = mask_extra(g, mask)
+    if valid is None:
+        valid = torch.ones(B, C, dtype=torch.bool)
+        mask_given = False
+    else:
+        mask_given = True
+    weight = lambda v: v.to(torch.float64)  # a linear sum's mask: missing inputs add nothing
     tok = Tokenizer(g, C, D, p)
 
     partials = []
@@ -399,7 +448,8 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
             if tree == 1:
                 w = g.leaf(pre + "weight", [Cr], 1.0 / Cr)
                 b = g.leaf(pre + "bias", [1], 0.1)
-                partials.append(lambda t, w=w, b=b: torch.einsum("bcld,c->bld", t, w) + b)
+                partials.append(lambda t, v, w=w, b=b:
+                                torch.einsum("bcld,c,bc->bld", t, w, weight(v)) + b)
             else:
                 assert Cr % tree == 0, "the linear tree needs equal subgroups"
                 w = g.leaf(pre + "weight", [Cr // tree], tree / Cr)
@@ -407,21 +457,25 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
                 tw = g.leaf(pre + "top_weight", [tree], 1.0 / tree)
                 tb = g.leaf(pre + "top_bias", [1], 0.1)
 
-                def lin_tree(t, w=w, b=b, tw=tw, tb=tb, k=tree):
+                def lin_tree(t, v, w=w, b=b, tw=tw, tb=tb, k=tree):
                     m = t.shape[1] // k
-                    gs = [torch.einsum("bcld,c->bld", t[:, j * m:(j + 1) * m], w) + b
-                          for j in range(k)]
-                    return torch.einsum("bkld,k->bld", torch.stack(gs, dim=1), tw) + tb
+                    gs = [torch.einsum("bcld,c,bc->bld", t[:, j * m:(j + 1) * m], w,
+                                       weight(v[:, j * m:(j + 1) * m])) + b for j in range(k)]
+                    gv = torch.stack([v[:, j * m:(j + 1) * m].any(dim=1) for j in range(k)], 1)
+                    return torch.einsum("bkld,k,bk->bld", torch.stack(gs, dim=1), tw,
+                                        weight(gv)) + tb
                 partials.append(lin_tree)
         else:
             att = (Artifact if partial_convention == "artifact" else Climax)(g, pre, D, heads)
             if tree == 1:
-                partials.append(att)
+                partials.append(lambda t, v, att=att: masked_fold(att, t, v))
             else:
-                def att_tree(t, att=att, k=tree):
-                    groups = np.array_split(np.arange(t.shape[1]), k)
-                    gs = [att(t[:, int(ix[0]):int(ix[-1]) + 1]) for ix in groups]
-                    return att(torch.stack(gs, dim=1))
+                def att_tree(t, v, att=att, k=tree):
+                    groups = [slice(int(ix[0]), int(ix[-1]) + 1)
+                              for ix in np.array_split(np.arange(t.shape[1]), k)]
+                    gs = [masked_fold(att, t[:, sl], v[:, sl]) for sl in groups]
+                    gv = torch.stack([v[:, sl].any(dim=1) for sl in groups], dim=1)
+                    return masked_fold(att, torch.stack(gs, dim=1), gv)
                 partials.append(att_tree)
 
     final = Artifact(g, "final.", D, heads)
@@ -431,10 +485,14 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
     tokens = tok(images, ids)
     tok.check(images, ids, tokens)
     tokens = stored(tokens, storage)
-    ys = [partials[r](tokens[:, starts[r]:starts[r + 1]]) for r in range(P)]
+    ys = [partials[r](tokens[:, starts[r]:starts[r + 1]], valid[:, starts[r]:starts[r + 1]])
+          for r in range(P)]
     gathered = torch.stack(ys, dim=1)                                # [B, P, L, D], rank order
-    final.check(gathered)
-    out = final(gathered) + pos_embed
+    # A rank with no valid channel in a sample has no slot in its final fold.
+    slots = torch.stack([valid[:, starts[r]:starts[r + 1]].any(dim=1) for r in range(P)], dim=1)
+    slots = slots if mask_given else None
+    final.check(gathered, slots)
+    out = final(gathered, slots) + pos_embed
     if lead_time:
         out = lead_time_stage(g, B, D)(out)
     meta = dict(kind="dchag", convention="artifact", partial=partial, tree=tree, groups=P,
@@ -514,6 +572,21 @@ def main():
          lead_time=True)
     dchag(f("dchag_linear_lead_time"), 119, "linear", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16,
           heads=4, lead_time=True)
+    # Masks (DESIGN 3.10): 1 valid, 0 missing, over the model's channels [B, C].
+    xattn_climax(f("xattn_climax_mask"), 120, B=2, N=5, L=3, D=16, heads=4,
+                 mask=[[1, 0, 1, 1, 0], [0, 0, 0, 1, 0]])
+    flat(f("flat_mask"), 121, B=3, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[4, 0, 2, 3],
+         mask=[[1, 1, 0, 1, 0, 1], [0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    # Sample 0: rank 1 (channels 3, 4) has none; sample 1: rank 0's second group (channel 2)
+    # has none; sample 2: one channel missing per rank.
+    dchag(f("dchag_xattn_mask"), 122, "xattn", tree=2, P=3, C=7, B=3, H=8, W=8, p=4, D=16,
+          heads=4, mask=[[1, 0, 1, 0, 0, 1, 1], [0, 1, 0, 1, 1, 1, 0], [1, 1, 0, 1, 0, 0, 1]])
+    dchag(f("dchag_xattn_climax_mask"), 123, "xattn", tree=1, P=3, C=7, B=2, H=4, W=8, p=4,
+          D=12, heads=3, partial_convention="climax",
+          mask=[[0, 0, 0, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 0]])
+    # Sample 0: rank 1 (channels 4..7) has none; sample 1: rank 0's first group (0, 1) has none.
+    dchag(f("dchag_linear_mask"), 124, "linear", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
+          heads=4, mask=[[1, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1]])
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@
 #include <catch2/catch.hpp>
 #include <dchag/distributed.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
@@ -86,6 +87,7 @@ void require_matches(const List& got, const List& want, const std::string& what)
 struct Problem {
   dchag::FrontEndConfig cfg;
   int B;
+  std::vector<std::uint8_t> mask = {};  // [B, C] channel validity; empty: none given
 };
 
 Problem small_problem(int channels) {
@@ -144,15 +146,22 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
   fill(g, 2);
   const auto mine =
       input == dchag::ImageInput::full_image ? images : own_channels(images, dist.channels());
-  if (pb.cfg.lead_time) {  // ClimaX's lead-time stage: the same lead times on every rank
+  dchag::PerSample<Scalar, Mem> per_sample;  // the same on every rank
+  if (pb.cfg.lead_time) {                    // ClimaX's lead-time stage
     dchag::View1<Scalar, Mem> lead_times("lead_times", pb.B);
     fill(lead_times, 3);
-    dist.forward(exec, mine, out, lead_times, input);
-    ref.forward(exec, images, ref_out, lead_times);
-  } else {
-    dist.forward(exec, mine, out, input);
-    ref.forward(exec, images, ref_out);
+    per_sample.lead_times = lead_times;
   }
+  if (!pb.mask.empty()) {
+    REQUIRE(pb.mask.size() == std::size_t(pb.B) * C);
+    dchag::View2<std::uint8_t, Mem> mask("mask", pb.B, C);
+    auto h = Kokkos::create_mirror_view(mask);
+    std::copy(pb.mask.begin(), pb.mask.end(), h.data());
+    Kokkos::deep_copy(mask, h);
+    per_sample.mask = mask;
+  }
+  dist.forward(exec, mine, out, per_sample, input);
+  ref.forward(exec, images, ref_out, per_sample);
   const auto o = host(out), r = host(ref_out);
   double scale = 0;
   for (double x : r) scale = std::max(scale, std::abs(x));
@@ -290,6 +299,54 @@ TEST_CASE("the lead-time stage on P ranks equals the single-process front ends",
   dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
   compare(dchag::Mode::exact_flat, pb, map, flat, dchag::ImageInput::full_image);
   REQUIRE(dchag_test_has(flat.parameters(), "lead_time_embed.weight"));
+}
+
+TEST_CASE("masks on P ranks equal the single-process front ends", "[mpi][distributed][mask]") {
+  // Sample 0 holds channel 0 only, so every other rank has no valid channel in it; sample 1 misses
+  // every odd channel.
+  const int P = world_size();
+  Exec exec;
+  for (const int channels : {7, 2 * P + 2}) {
+    auto pb = small_problem(channels);
+    pb.mask.assign(std::size_t(pb.B) * channels, 1);
+    for (int c = 0; c < channels; ++c) {
+      pb.mask[c] = c == 0 ? 1 : 0;
+      pb.mask[channels + c] = c % 2 == 0 ? 1 : 0;
+    }
+    for (const auto& map : maps(channels, P)) {
+      std::vector<std::vector<int>> groups;
+      for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
+      for (const auto strategy : {dchag::Strategy::pooled, dchag::Strategy::materialized}) {
+        pb.cfg.strategy = strategy;
+        for (const auto memory : {dchag::MemoryPolicy::keep, dchag::MemoryPolicy::recompute}) {
+          if (memory != dchag::MemoryPolicy::keep && strategy != dchag::Strategy::pooled) continue;
+          pb.cfg.memory = memory;
+          INFO("C = " << channels << ", map " << map.kind() << ", " << dchag::to_string(strategy)
+                      << ", " << dchag::to_string(memory));
+          for (const auto kind :
+               {dchag::PartialKind::linear, dchag::PartialKind::cross_attention}) {
+            const int tree = kind == dchag::PartialKind::linear ? 1 : 2;
+            bool fits = true;
+            for (const auto& g : groups) fits = fits && int(g.size()) >= tree;
+            if (!fits) continue;
+            auto ref_cfg = pb.cfg;
+            ref_cfg.memory = dchag::MemoryPolicy::keep;
+            dchag::DchagEmulation<Exec, Scalar> emu(exec, ref_cfg, {kind, tree}, groups);
+            compare(kind == dchag::PartialKind::linear ? dchag::Mode::dchag_linear
+                                                       : dchag::Mode::dchag_xattn,
+                    pb, map, emu, dchag::ImageInput::own_channels, tree);
+          }
+          if (strategy == dchag::Strategy::pooled) {
+            dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+            compare(dchag::Mode::exact_flat, pb, map, flat, dchag::ImageInput::own_channels);
+          } else {
+            dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+            compare(dchag::Mode::tp_only, pb, map, flat, dchag::ImageInput::full_image);
+          }
+        }
+      }
+    }
+  }
 }
 
 TEST_CASE("16-bit storage on P ranks equals the single-process front ends",

@@ -53,6 +53,26 @@ struct InputRows {
   }
 };
 
+/// Whether input n of sample b is missing under `valid` (an empty mask: none is).
+template <class MemSpace>
+KOKKOS_INLINE_FUNCTION bool is_missing(const InputMask<MemSpace>& valid, int b, int n) {
+  return valid.data() != nullptr && valid(b, n) == 0;
+}
+
+/// The softmax numerator exp(s - m) of score s under the running max m. A missing input's score
+/// is -Inf and its numerator 0, also where every input of a segment is missing (m = -Inf too,
+/// where exp(s - m) would be NaN).
+template <class Scalar>
+KOKKOS_INLINE_FUNCTION Scalar softmax_numerator(Scalar s, Scalar m) {
+  return s == -infinity<Scalar>() ? Scalar(0) : detail::exp(s - m);
+}
+
+/// v / sum for a softmax denominator `sum`; 0 where the segment held no valid input (sum = 0).
+template <class Scalar>
+KOKKOS_INLINE_FUNCTION Scalar over_sum(Scalar v, Scalar sum) {
+  return sum > Scalar(0) ? v / sum : Scalar(0);
+}
+
 template <class T, class MemSpace>
 Unmanaged2<T, MemSpace> matrix(T* p, std::size_t rows, std::size_t cols) {
   return Unmanaged2<T, MemSpace>(p, rows, cols);
@@ -106,7 +126,8 @@ void segment_max(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& 
       });
 }
 
-// In place on a: e = exp(score - run_max); run_sum = sum of e over the segment; heads [h0, h1).
+// In place on a: e = exp(score - run_max) (0 for a missing input); run_sum = sum of e over the
+// segment; heads [h0, h1).
 template <class ExecSpace, class Scalar, class MemSpace>
 void exponentiate(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0,
                   int h1) {
@@ -124,7 +145,7 @@ void exponentiate(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>&
         Scalar sum = 0;
         for (int n = off(j); n < off(j + 1); ++n) {
           Scalar& v = a(row0 + std::int64_t(n) * L, h);
-          v = detail::exp(v - run_max(pos, h));
+          v = softmax_numerator(v, run_max(pos, h));
           sum += v;
         }
         run_sum(pos, h) = sum;
@@ -144,7 +165,22 @@ void normalize_weights(const ExecSpace& exec, const AttentionSaved<Scalar, MemSp
       KOKKOS_LAMBDA(const std::int64_t row, const int hh) {
         const std::int64_t bn = row / L;
         const std::int64_t pos = ((bn / N) * k + seg(bn % N)) * L + row % L;
-        a(row, h0 + hh) /= run_sum(pos, h0 + hh);
+        a(row, h0 + hh) = over_sum(a(row, h0 + hh), run_sum(pos, h0 + hh));
+      });
+}
+
+// The scores a [B*N*L, heads] of missing inputs (s.valid) become -Inf: no softmax weight.
+template <class ExecSpace, class Scalar, class MemSpace>
+void mask_scores(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s) {
+  if (s.valid.data() == nullptr) return;
+  const int N = s.N, L = s.L;
+  auto a = s.a;
+  auto valid = s.valid;
+  for_each_row(
+      exec, "dchag::attention::mask_scores", std::int64_t(s.B) * N * L,
+      static_cast<int>(a.extent(1)), KOKKOS_LAMBDA(const std::int64_t row, const int h) {
+        const std::int64_t bn = row / L;
+        if (valid(bn / N, bn % N) == 0) a(row, h) = -infinity<Scalar>();
       });
 }
 

@@ -39,6 +39,7 @@ void forward_materialized(const ExecSpace& exec, const AttentionConfig& cfg,
         for (int c = (h - h0) * hd; c < (h - h0 + 1) * hd; ++c) acc += q(r0 + c) * K(row, c);
         a(row, h) = acc * scale;
       });
+  mask_scores(exec, s);
   segment_max(exec, s, h0, h1);
   exponentiate(exec, s, h0, h1);
   normalize_weights(exec, s, h0, h1);

@@ -15,11 +15,13 @@ namespace dchag::detail {
 
 // The saved state of a forward over B x N x L inputs in `seg` with cfg.strategy (materialized:
 // heads [head_begin, head_end) only): the weights of every input (keep) or the scores of one
-// chunk of `chunk` inputs (0: grown by the first stream_chunk).
+// chunk of `chunk` inputs (0: grown by the first stream_chunk); `valid`: the inputs present (the
+// caller checked its extents).
 template <class Scalar, class MemSpace>
 void prepare_saved(const AttentionConfig& cfg, int head_begin, int head_end, std::size_t B,
                    std::size_t N, std::size_t L, const Segments& seg, bool grouped,
-                   AttentionSaved<Scalar, MemSpace>& s, MemoryPolicy memory, int chunk) {
+                   AttentionSaved<Scalar, MemSpace>& s, MemoryPolicy memory, int chunk,
+                   const InputMask<MemSpace>& valid = {}) {
   const std::size_t k = seg.count(), D = cfg.dim, nh = cfg.heads;
   const std::size_t M = B * N * L, P = B * k * L;
   if (s.host_offsets != seg.offsets || s.N != int(N)) {
@@ -54,6 +56,7 @@ void prepare_saved(const AttentionConfig& cfg, int head_begin, int head_end, std
     s.z = View3<Scalar, MemSpace>();
   }
   if (!grouped) s.inv_share = View2<Scalar, MemSpace>();
+  s.valid = valid;
   s.B = int(B);
   s.N = int(N);
   s.L = int(L);

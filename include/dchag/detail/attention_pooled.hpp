@@ -100,11 +100,14 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
       exec, "dchag::attention::normalize_pool", std::int64_t(nh) * P, D,
       KOKKOS_LAMBDA(const std::int64_t r, const int d) {
         const std::int64_t pos = r % std::int64_t(P);
-        z(r / std::int64_t(P), pos, d) /= run_sum(pos, r / std::int64_t(P));
+        const std::int64_t h = r / std::int64_t(P);
+        z(h, pos, d) = over_sum(z(h, pos, d), run_sum(pos, h));
       });
   for_each_row(
       exec, "dchag::attention::concat", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
-        ocat(pos, r) = oh(r / hd, pos, r % hd) / run_sum(pos, r / hd) + b_in(2, r);
+        // A segment with no valid input has no softmax: its heads give 0 (as materialized's).
+        const Scalar sum = run_sum(pos, r / hd);
+        ocat(pos, r) = sum > Scalar(0) ? oh(r / hd, pos, r % hd) / sum + b_in(2, r) : Scalar(0);
       });
 }
 
@@ -137,6 +140,15 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
   const std::size_t P = std::size_t(s.B) * s.k * s.L;
   auto go = work.go;
+  if (s.valid.data() != nullptr) {
+    // Heads of a segment with no valid input gave 0, whatever their weights: no gradient.
+    auto run_sum = s.run_sum;
+    for_each_row(
+        exec, "dchag::attention::empty_segment_grad", P, D,
+        KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+          if (!(run_sum(pos, r / hd) > Scalar(0))) go(pos, r) = 0;
+        });
+  }
   column_sums(exec, go, Kokkos::subview(grad.b_in, 2, Kokkos::ALL));
   // What a group sums at the end: du [heads, D] then this rank's dWv share [D, D], one message.
   ensure_view(work.shared, "dchag::attention::group_grads",
@@ -225,6 +237,7 @@ void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
   auto inv_share = s.inv_share;
   auto u = work.u;
   auto seg = s.segment;
+  auto valid = s.valid;
   Kokkos::parallel_for(
       "dchag::attention::pooled_token_grad", row_teams(exec, std::int64_t(rows)),
       KOKKOS_LAMBDA(const Member& team) {
@@ -235,15 +248,17 @@ void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
         const std::int64_t pos = (std::int64_t(b) * k + seg(n)) * L + l;
         const Scalar* xn = &x2(xr(b, n, l), 0);
         Scalar* dxr = &dx2(crow, 0);
+        const bool missing = is_missing(valid, b, n);
         for (int h = 0; h < nh; ++h) {
           const Scalar* gzh = &gz(h, pos, 0);
           const Scalar* uh = &u(h, 0);
           const Scalar share = grouped ? inv_share(pos, h) : Scalar(1);
           const Scalar t = team_dot_residual(team, gzh, xn, &z(h, pos, 0), share, D) +
                            (grouped ? c(pos, h) : Scalar(0));
-          const Scalar ah =
-              kept ? a((std::int64_t(b) * N + n) * L + l, h)
-                   : detail::exp(team_dot(team, xn, uh, D) - run_max(pos, h)) / run_sum(pos, h);
+          const Scalar ah = kept      ? a((std::int64_t(b) * N + n) * L + l, h)
+                            : missing ? Scalar(0)
+                                      : detail::exp(team_dot(team, xn, uh, D) - run_max(pos, h)) /
+                                            run_sum(pos, h);
           const Scalar dsh = ah * t;
           Kokkos::single(Kokkos::PerTeam(team), [&]() { ds(crow, h) = dsh; });
           // Each lane owns its d across heads, so the accumulation needs no barrier.
@@ -292,6 +307,7 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
   auto u = work.u;
   auto seg = s.segment;
   auto du_blocks = work.du_blocks;
+  auto valid = s.valid;
   const std::int64_t gz_stride = std::int64_t(gz.extent(1)) * D;  // between heads
   const int used = blocks < nc ? blocks : nc;
   Kokkos::parallel_for(
@@ -308,6 +324,7 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
             const Scalar* xn = &x2(xr(b, n, l), 0);
             Scalar* dxr = &dx2((std::int64_t(b) * nc + (n - n0)) * L + l, 0);
             const Scalar* ah = kept ? &a((std::int64_t(b) * N + n) * L + l, 0) : ar;
+            const bool missing = is_missing(valid, b, n);
             // ds_h = a_h (gz_h . (x - share_h z_h) + c_h); not kept, a_h is the forward's
             // expression of the recomputed token's score, formed in the same pass over x.
             for (int h = 0; h < nh; ++h) {
@@ -319,7 +336,8 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
                 Scalar score;
                 lane_dot_and_residual(xn, &u(h, 0), &gz(h, pos, 0), &z(h, pos, 0), share, D, score,
                                       t);
-                ar[h] = detail::exp(score - run_max(pos, h)) / run_sum(pos, h);
+                ar[h] =
+                    missing ? Scalar(0) : detail::exp(score - run_max(pos, h)) / run_sum(pos, h);
               }
               dsr[h] = ah[h] * (t + (grouped ? c(pos, h) : Scalar(0)));
             }

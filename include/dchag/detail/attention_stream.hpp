@@ -27,6 +27,7 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
   auto off = s.offsets;
   auto run_max = s.run_max;
   auto run_sum = s.run_sum;
+  auto valid = s.valid;
   auto e_chunk = work.e_chunk;
   Kokkos::parallel_for(
       "dchag::attention::stream_pool",
@@ -39,17 +40,19 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
         const bool first = lo == off(j);  // the segment starts in this chunk
         for (int n = lo; n < hi; ++n) {
           const Scalar* xn = &x2(xr(b, n, l), 0);
-          for (int h = 0; h < nh; ++h) a(ar(b, n, l), h) = lane_dot(xn, &u(h, 0), D);
+          const bool missing = is_missing(valid, b, n);
+          for (int h = 0; h < nh; ++h)
+            a(ar(b, n, l), h) = missing ? -infinity<Scalar>() : lane_dot(xn, &u(h, 0), D);
         }
         // The segments of one (b, l) take disjoint inputs of the chunk: one numerator row each.
         Scalar* e = &e_chunk(std::int64_t(b) * L + l, 0, 0);
         for (int h = 0; h < nh; ++h) {
           Scalar mx = first ? a(ar(b, lo, l), h) : run_max(pos, h);
           for (int n = lo; n < hi; ++n) mx = detail::max(mx, a(ar(b, n, l), h));
-          const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
+          const Scalar rescale = first ? Scalar(0) : softmax_numerator(run_max(pos, h), mx);
           Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
           for (int n = lo; n < hi; ++n) {
-            e[(n - n0) * nh + h] = detail::exp(a(ar(b, n, l), h) - mx);
+            e[(n - n0) * nh + h] = softmax_numerator(a(ar(b, n, l), h), mx);
             sum += e[(n - n0) * nh + h];
           }
           Scalar* zh = &z(h, pos, 0);
@@ -91,6 +94,7 @@ void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
   auto off = s.offsets;
   auto run_max = s.run_max;
   auto run_sum = s.run_sum;
+  auto valid = s.valid;
   Kokkos::parallel_for(
       "dchag::attention::stream_pool", row_teams(exec, std::int64_t(s.B) * k * L),
       KOKKOS_LAMBDA(const Member& team) {
@@ -101,8 +105,9 @@ void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
         const bool first = lo == off(j);
         for (int n = lo; n < hi; ++n) {
           const Scalar* xn = &x2(xr(b, n, l), 0);
+          const bool missing = is_missing(valid, b, n);
           for (int h = 0; h < nh; ++h) {
-            const Scalar sc = team_dot(team, xn, &u(h, 0), D);
+            const Scalar sc = missing ? -infinity<Scalar>() : team_dot(team, xn, &u(h, 0), D);
             Kokkos::single(Kokkos::PerTeam(team), [&]() { a(ar(b, n, l), h) = sc; });
           }
         }
@@ -110,13 +115,13 @@ void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
         for (int h = 0; h < nh; ++h) {
           Scalar mx = first ? a(ar(b, lo, l), h) : run_max(pos, h);
           for (int n = lo; n < hi; ++n) mx = detail::max(mx, a(ar(b, n, l), h));
-          const Scalar rescale = first ? Scalar(0) : detail::exp(run_max(pos, h) - mx);
+          const Scalar rescale = first ? Scalar(0) : softmax_numerator(run_max(pos, h), mx);
           Scalar sum = first ? Scalar(0) : run_sum(pos, h) * rescale;
           Scalar* zh = &z(h, pos, 0);
           Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
                                [&](const int d) { zh[d] = first ? Scalar(0) : zh[d] * rescale; });
           for (int n = lo; n < hi; ++n) {
-            const Scalar e = detail::exp(a(ar(b, n, l), h) - mx);
+            const Scalar e = softmax_numerator(a(ar(b, n, l), h), mx);
             sum += e;
             const Scalar* xn = &x2(xr(b, n, l), 0);
             Kokkos::parallel_for(Kokkos::TeamVectorRange(team, D),
@@ -146,7 +151,8 @@ void rescale_to_group_max(const ExecSpace& exec, const AttentionConfig& cfg,
       exec, "dchag::attention::stream_rescale", std::int64_t(cfg.heads) * P, D + 1,
       KOKKOS_LAMBDA(const std::int64_t r, const int d) {
         const std::int64_t pos = r % P, h = r / P;
-        const Scalar f = detail::exp(local(pos, h) - run_max(pos, h));
+        // A rank with no valid input here has local max -Inf and no share of the softmax.
+        const Scalar f = softmax_numerator(local(pos, h), run_max(pos, h));
         if (d < D) {
           z(h, pos, d) *= f;
         } else {
@@ -169,7 +175,7 @@ void stream_weights(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace
       static_cast<int>(s.run_max.extent(1)), KOKKOS_LAMBDA(const std::int64_t row, const int h) {
         const std::int64_t bn = row / L;
         const std::int64_t pos = ((bn / N) * k + seg(bn % N)) * L + row % L;
-        a(row, h) = detail::exp(a(row, h) - run_max(pos, h)) / run_sum(pos, h);
+        a(row, h) = over_sum(softmax_numerator(a(row, h), run_max(pos, h)), run_sum(pos, h));
       });
 }
 

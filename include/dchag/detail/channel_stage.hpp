@@ -45,13 +45,15 @@ class ChannelStage {
     partial_.reserve(int(B), int(L), int(D), chunk, memory);
   }
 
-  /// partial [B, 1, L, D] from images holding the channels `sel` names.
+  /// partial [B, 1, L, D] from images holding the channels `sel` names; `valid` [B, C_r]: which
+  /// of them each sample holds (empty: all), unchanged until the backward.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
-               const ChannelSelection& sel, const V4& partial, MemoryPolicy memory) {
+               const ChannelSelection& sel, const V4& partial, MemoryPolicy memory,
+               const InputMask<memory_space>& valid = {}) {
     memory_ = memory;
     streamed_ = partial_.streams();
     if (streamed_) {
-      fused_forward(exec, tokenizer_, partial_, images, sel, fused_, partial, 0, memory);
+      fused_forward(exec, tokenizer_, partial_, images, sel, fused_, partial, 0, memory, valid);
       return;
     }
     DCHAG_EXPECT(memory == MemoryPolicy::keep, "dchag::ChannelStage::forward", "memory is ",
@@ -60,7 +62,7 @@ class ChannelStage {
                 partial.extent(2), partial.extent(3));
     tokenizer_.forward(exec, images, sel, tokens_);
     round_all_tokens<Storage>(exec, tokens_);
-    partial_.forward(exec, tokens_, partial);
+    partial_.forward(exec, tokens_, partial, valid);
   }
 
   void backward(const ExecSpace& exec, const View4<const Scalar, memory_space>& d_partial) {

@@ -50,10 +50,11 @@ struct AttentionFold {
   const GroupReduce<Scalar, memory_space>* group;
   int inputs;
 
-  void stream_begin(const ExecSpace& exec, const V4& out, MemoryPolicy memory) {
+  void stream_begin(const ExecSpace& exec, const V4& out, MemoryPolicy memory,
+                    const InputMask<memory_space>& valid) {
     attention.stream_begin(exec, saved, static_cast<int>(out.extent(0)), inputs,
                            static_cast<int>(out.extent(2)), Segments::whole(inputs), memory,
-                           group != nullptr);
+                           group != nullptr, valid);
   }
   void stream_chunk(const ExecSpace& exec, const C4& x, int n0, int n1) {
     attention.stream_chunk(exec, x, n0, n1, saved);
@@ -181,14 +182,16 @@ int reserve_fused(Tokenizer<ExecSpace, Scalar, Storage>& tokenizer,
   return chunk;
 }
 
-/// out = fold(tokens of the channels `sel` names in images), chunk by chunk.
+/// out = fold(tokens of the channels `sel` names in images), chunk by chunk; `valid` [B, J]:
+/// the selected channels present in each sample (empty: all).
 template <class ExecSpace, class Scalar, class Storage, class Fold>
 void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar, Storage>& tokenizer,
                    Fold& fold, const View4<const Storage, typename ExecSpace::memory_space>& images,
                    const ChannelSelection& sel,
                    FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>& tokens,
                    const View4<Scalar, typename ExecSpace::memory_space>& out, int requested_chunk,
-                   MemoryPolicy memory) {
+                   MemoryPolicy memory,
+                   const InputMask<typename ExecSpace::memory_space>& valid = {}) {
   using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
   const std::size_t B = images.extent(0), L = out.extent(2), D = out.extent(3);
   const int J = sel.size();
@@ -196,7 +199,7 @@ void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar, Storage>&
       fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, requested_chunk, memory);
   tokens.ensure(B, std::size_t(J), L, D, chunk, memory);
   tokenizer.prepare(exec, images, sel, Tokens::all_patches(memory) ? 0 : chunk);
-  fold.stream_begin(exec, out, memory);
+  fold.stream_begin(exec, out, memory, valid);
   for (int j0 = 0; j0 < J; j0 += chunk) {
     const int j1 = std::min(J, j0 + chunk);
     const auto x = tokens.chunk(memory, j0, j1);

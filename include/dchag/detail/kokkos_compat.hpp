@@ -34,6 +34,11 @@ template <class T>
 KOKKOS_INLINE_FUNCTION T max(T a, T b) {
   return a < b ? b : a;
 }
+/// +Inf of a floating-point type, in host and device code.
+template <class T>
+KOKKOS_INLINE_FUNCTION constexpr T infinity() {
+  return ::Kokkos::Experimental::infinity<T>::value;
+}
 
 /// 16-bit storage types: Kokkos' own where it has a real 16-bit one (CUDA, HIP, SYCL), else
 /// dchag's (Kokkos 3.4 has no bhalf_t, and host-only builds alias both to float).
