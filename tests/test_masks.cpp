@@ -117,7 +117,7 @@ TEST_CASE("a missing channel is the same as a channel left out", "[masks]") {
         fill_normal(images, 3102);
         fill_normal(g, 3103);
         masked.zero_gradients(exec);
-        masked.forward(exec, images, out, with_mask(masked, kFlatMask));
+        masked.forward(exec, images, out, {.mask = device_mask(kFlatMask)});  // as README
         masked.backward(exec, g);
         const auto got = to_host(out);
 
@@ -370,4 +370,68 @@ TEST_CASE("bad masks are refused with a precise message", "[masks][errors]") {
         att.forward(exec, x, o, device_mask({{1, 1}, {1, 1}}));
       },
       {"dchag::CrossAttention::forward", "valid is [2, 2]", "expected [B, N] = [2, 3]"});
+}
+
+TEST_CASE("a D-CHAG selection is the mask of the channels the images lack", "[masks][selection]") {
+  // DchagEmulation on images of a subset (in another order) equals it on every channel with the
+  // lacking ones masked, bit for bit; a permutation of every channel equals no selection.
+  Exec exec;
+  const int B = 2;
+  for (const auto kind : {PartialKind::linear, PartialKind::cross_attention}) {
+    for (const auto memory : {MemoryPolicy::keep, MemoryPolicy::recompute}) {
+      INFO(dchag::to_string(kind) << ", " << dchag::to_string(memory));
+      FrontEndConfig cfg{6, 4, 6, 2, 8, 2, Strategy::pooled, Convention::climax, 3700};
+      cfg.memory = memory;
+      dchag::DchagEmulation<Exec, double> emu(exec, cfg, DchagOptions{kind, 1},
+                                              Groups{{0, 1, 2}, {3, 4, 5}});
+      fill_normal(emu.parameters(), 3701, param_sd(cfg.dim));
+      V4<double> images("images", B, 6, cfg.height, cfg.width);
+      V3<double> out("out", B, cfg.patches(), cfg.dim), g("g", B, cfg.patches(), cfg.dim);
+      fill_normal(images, 3702);
+      fill_normal(g, 3703);
+      const std::vector<int> ids = {5, 1, 4};  // group 0 keeps one channel
+      V4<double> subset("subset", B, ids.size(), cfg.height, cfg.width);
+      for (std::size_t j = 0; j < ids.size(); ++j)
+        Kokkos::deep_copy(Kokkos::subview(subset, Kokkos::ALL, j, Kokkos::ALL, Kokkos::ALL),
+                          Kokkos::subview(images, Kokkos::ALL, ids[j], Kokkos::ALL, Kokkos::ALL));
+      const Mask lacking = {{0, 1, 0, 0, 1, 1}, {0, 1, 0, 0, 1, 1}};
+      const auto in = with_mask(emu, lacking);
+      const Step masked =
+          run_step(emu, [&] { emu.forward(exec, images, out, in); }, out, g, true);
+      const Step selected = run_step(
+          emu, [&] { emu.forward(exec, subset, ChannelSelection::own(ids), out); }, out, g, true);
+      CHECK(selected.out == masked.out);
+      for (std::size_t t = 0; t < masked.grads.size(); ++t) {
+        INFO(emu.gradients()[t].name);
+        CHECK(selected.grads[t] == masked.grads[t]);
+      }
+      // With a mask as well: both apply.
+      const Mask sample1_lacks_5 = {{1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 1, 0}};
+      const Mask both = {{0, 1, 0, 0, 1, 1}, {0, 1, 0, 0, 1, 0}};
+      const Step masked2 =
+          run_step(emu, [&] { emu.forward(exec, images, out, with_mask(emu, both)); }, out, g,
+                   true);
+      const Step selected2 = run_step(
+          emu,
+          [&] {
+            emu.forward(exec, subset, ChannelSelection::own(ids), out,
+                        with_mask(emu, sample1_lacks_5));
+          },
+          out, g, true);
+      CHECK(selected2.out == masked2.out);
+      const Step plain = run_step(emu, [&] { emu.forward(exec, images, out); }, out, g, true);
+      const Step permuted = run_step(
+          emu,
+          [&] {
+            emu.forward(exec, images, ChannelSelection::from_full_image({5, 4, 3, 2, 1, 0}), out);
+          },
+          out, g, true);
+      CHECK(permuted.out == plain.out);
+      require_invalid(
+          [&] { emu.forward(exec, subset, ChannelSelection::own({5, 1, 5}), out); },
+          {"dchag::DchagEmulation::forward", "channel 5 is selected twice"});
+      require_invalid([&] { emu.forward(exec, subset, ChannelSelection::own({5, 1, 9}), out); },
+                      {"selection channel 2 is 9", "expected 0 <= channel < C = 6"});
+    }
+  }
 }

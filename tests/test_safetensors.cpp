@@ -743,14 +743,19 @@ std::int64_t meta_int(const st::File& f, const char* key) {
 
 TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]") {
   const std::filesystem::path dir = DCHAG_GOLDEN_DIR;
-  const std::vector<std::string> expected = {
-      "xattn_climax_basic", "xattn_climax_nh1",      "xattn_climax_d20",
-      "xattn_climax_c1",    "xattn_climax_bl1",      "xattn_artifact_basic",
-      "flat_all",           "flat_subset",           "dchag_linear",
-      "dchag_xattn_tree",   "dchag_linear_tree",     "dchag_xattn_uneven",
-      "flat_bf16",          "flat_fp16_subset",      "dchag_xattn_bf16",
-      "dchag_linear_fp16",  "init_climax",           "dchag_xattn_climax_partials",
-      "flat_lead_time",     "dchag_linear_lead_time"};
+  const std::vector<std::string> expected = {"xattn_climax_basic", "xattn_climax_nh1",
+                                             "xattn_climax_d20",   "xattn_climax_c1",
+                                             "xattn_climax_bl1",   "xattn_artifact_basic",
+                                             "flat_all",           "flat_subset",
+                                             "dchag_linear",       "dchag_xattn_tree",
+                                             "dchag_linear_tree",  "dchag_xattn_uneven",
+                                             "flat_bf16",          "flat_fp16_subset",
+                                             "dchag_xattn_bf16",   "dchag_linear_fp16",
+                                             "init_climax",        "dchag_xattn_climax_partials",
+                                             "flat_lead_time",     "dchag_linear_lead_time",
+                                             "xattn_climax_mask",  "flat_mask",
+                                             "dchag_xattn_mask",   "dchag_xattn_climax_mask",
+                                             "dchag_linear_mask"};
   for (const auto& name : expected) {
     INFO(name);
     CHECK(std::filesystem::exists(dir / (name + ".safetensors")));
@@ -800,7 +805,14 @@ TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]
       INFO(t.name);
       CHECK(t.dtype == st::DType::F32);
       for (double v : f.values<double>(t.name)) REQUIRE(std::isfinite(v));
-      // Every input and weight has its gradient, with the same shape.
+      // Every input and weight has its gradient, with the same shape; the mask [B, C] (1 valid,
+      // 0 missing) is not differentiable.
+      if (t.name == "mask") {
+        CHECK(t.shape.size() == 2);
+        CHECK(t.shape.front() == B);
+        for (double v : f.values<double>(t.name)) CHECK((v == 0.0 || v == 1.0));
+        continue;
+      }
       if (t.name.rfind("grad", 0) != 0 && t.name != "out") {
         REQUIRE(f.contains("grad." + t.name));
         CHECK(f.info("grad." + t.name).shape == t.shape);

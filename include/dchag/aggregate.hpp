@@ -8,6 +8,7 @@
 #include <dchag/lead_time_embedding.hpp>
 #include <dchag/linear_aggregation.hpp>
 #include <dchag/partial_aggregator.hpp>
+#include <dchag/per_sample.hpp>
 #include <dchag/positional_embedding.hpp>
 #include <dchag/precision.hpp>
 #include <dchag/tensor.hpp>

@@ -14,6 +14,7 @@
 #include <dchag/check.hpp>
 #include <dchag/communicator.hpp>
 #include <dchag/detail/distributed_support.hpp>
+#include <dchag/detail/selection.hpp>
 #include <dchag/front_end.hpp>
 
 #include <algorithm>
@@ -23,6 +24,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 namespace dchag {
@@ -172,7 +174,7 @@ class DistributedFrontEnd {
   /// [B, C, H, W] (full image); tp_only needs the full image (every rank tokenizes all channels).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, ImageInput input = ImageInput::own_channels) {
-    run_forward(exec, images, out, input, Inputs());
+    run_forward(exec, images, nullptr, out, input, Inputs());
   }
   /// The same with per-sample inputs, identical on every rank: lead times (cfg.lead_time) and
   /// the channel mask [B, C] over all the model's channels (checked collectively). A rank with
@@ -181,31 +183,51 @@ class DistributedFrontEnd {
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, const Inputs& per_sample,
                ImageInput input = ImageInput::own_channels) {
-    run_forward(exec, images, out, input, per_sample);
+    run_forward(exec, images, nullptr, out, input, per_sample);
+  }
+  /// From images holding only the channels `channel_ids` names (global ids, a subset or
+  /// permutation of the model's, the same on every rank): full_image images are [B, J, H, W] in
+  /// that order; own_channels ones [B, J_r, H, W], this rank's selected channels in the order
+  /// channels() lists them (J_r may be 0). The channels the images lack are missing in every
+  /// sample, as a mask would make them (a rank still tokenizes its lacking channels, then drops
+  /// them).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const std::vector<int>& channel_ids, const V3& out, const Inputs& per_sample = {},
+               ImageInput input = ImageInput::own_channels) {
+    run_forward(exec, images, &channel_ids, out, input, per_sample);
   }
   /// The same with the lead time of every sample, lead_times [B], identical on every rank
   /// (cfg.lead_time).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const V3& out, const View1<const Scalar, memory_space>& lead_times,
                ImageInput input = ImageInput::own_channels) {
-    run_forward(exec, images, out, input, Inputs{lead_times, {}});
+    run_forward(exec, images, nullptr, out, input, Inputs{lead_times, {}});
   }
 
  private:
-  void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
-                   const V3& out, ImageInput input, const Inputs& in) {
+  void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& given,
+                   const std::vector<int>* channel_ids, const V3& out, ImageInput input,
+                   const Inputs& in) {
     detail::ScopedRegion region("dchag::DistributedFrontEnd::forward");
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     const auto* lead_times = in.lead_times.data() ? &in.lead_times : nullptr;
+    const auto present =
+        ChannelSelection::own(channel_ids ? *channel_ids : detail::iota_ids(cfg_.channels));
     detail::HostMask host;
     comm_.check_collectively(where, [&] {
-      check_forward(images, out, input);
-      lead_->check(where, lead_times, images.extent(0));
-      host = detail::host_mask(where, in.mask, images.extent(0), std::size_t(cfg_.channels));
+      detail::check_selection(where, present, cfg_.channels, present.channel_id.size());
+      check_forward(given, present, out, input);
+      lead_->check(where, lead_times, given.extent(0));
+      host = detail::restrict_mask(
+          detail::host_mask(where, in.mask, given.extent(0), std::size_t(cfg_.channels)), present,
+          given.extent(0), cfg_.channels);
     });
-    comm_.agree(where, {{"B", static_cast<std::int64_t>(images.extent(0))},
+    comm_.agree(where, {{"B", static_cast<std::int64_t>(given.extent(0))},
                         {"image input", static_cast<std::int64_t>(input)},
                         {"memory policy", static_cast<std::int64_t>(cfg_.memory)},
+                        {"selected channels", present.size()},
+                        {"checksum of the selection",
+                         static_cast<std::int64_t>(detail::checksum_ids(present.channel_id))},
                         {"mask given", host.data() ? 1 : 0}});
     if (host.data()) {
       // Replicated, as the output is: every rank derives its modules' masks from the same one.
@@ -213,16 +235,20 @@ class DistributedFrontEnd {
                   {{"checksum of mask", static_cast<std::int64_t>(detail::checksum_view(host))}});
     }
     comm_.check_collectively(where, [&] { set_masks(host); });
-    const std::size_t B = images.extent(0), P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
+    const std::size_t B = given.extent(0), P = comm_.size(), L = cfg_.patches(), D = cfg_.dim;
     // Everything this forward and its backward allocate, before the first data collective: an
     // allocation that fails on one rank is then an exception on every rank, not a hang.
-    comm_.check_collectively(where, [&] { reserve(B); });
+    View4<const Storage, memory_space> images;
+    ChannelSelection sel;
+    comm_.check_collectively(where, [&] {
+      reserve(B);
+      std::tie(images, sel) = local_images(given, present, input);
+    });
     if (check_replicas_) verify_replicated(exec);
     if (check_replicas_ && lead_times) {
       comm_.agree(where, {{"checksum of lead_times",
                            static_cast<std::int64_t>(detail::checksum_view(*lead_times))}});
     }
-    const auto sel = selection(input);
     const V4 out4(out.data(), B, 1, L, D);
     switch (mode_) {
       case Mode::dchag_linear:
@@ -436,22 +462,50 @@ class DistributedFrontEnd {
     detail::validate_rank(where, cfg_, mode_, map_, comm_.rank(), tree_);
   }
 
-  void check_forward(const View4<const Storage, memory_space>& images, const V3& out,
-                     ImageInput input) const {
+  void check_forward(const View4<const Storage, memory_space>& images,
+                     const ChannelSelection& present, const V3& out, ImageInput input) const {
     constexpr const char* where = "dchag::DistributedFrontEnd::forward";
     const bool full = input == ImageInput::full_image;
     DCHAG_EXPECT(mode_ != Mode::tp_only || full || comm_.size() == 1, where,
                  "tp_only tokenizes every channel on every rank: pass ImageInput::full_image");
-    detail::check_images(where, cfg_, images, full ? cfg_.channels : std::int64_t(channels_.size()),
-                         full ? "C = " : "this rank's channel count ",
+    const bool all = present.size() == cfg_.channels;
+    detail::check_images(where, cfg_, images,
+                         full ? present.size() : std::int64_t(own_present(present).size()),
+                         full ? (all ? "C = " : "the selected channel count ")
+                              : (all ? "this rank's channel count "
+                                     : "this rank's selected channel count "),
                          detail::channels_folded(mode_, map_, comm_.rank()));
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
   }
 
-  ChannelSelection selection(ImageInput input) const {
-    const std::vector<int>& ids = mode_ == Mode::tp_only ? tokenizer_->owned_channels() : channels_;
-    return input == ImageInput::full_image ? ChannelSelection::from_full_image(ids)
-                                           : ChannelSelection::own(ids);
+  // This rank's channels among `present`, in the order channels() lists them.
+  std::vector<int> own_present(const ChannelSelection& present) const {
+    std::vector<char> in(std::size_t(cfg_.channels), 0);
+    for (int c : present.channel_id) in[std::size_t(c)] = 1;
+    std::vector<int> out;
+    for (int c : channels_)
+      if (in[std::size_t(c)]) out.push_back(c);
+    return out;
+  }
+
+  // The images this rank's modules read and how: its channels (all of them under tp_only), the
+  // ones `present` lacks read from any image channel and masked out (set_masks). A rank whose
+  // own-channel images hold none reads a zero image.
+  std::pair<View4<const Storage, memory_space>, ChannelSelection> local_images(
+      const View4<const Storage, memory_space>& given, const ChannelSelection& present,
+      ImageInput input) {
+    const std::vector<int>& local =
+        mode_ == Mode::tp_only ? tokenizer_->owned_channels() : channels_;
+    if (input == ImageInput::full_image)
+      return {given, detail::module_selection(present, local, cfg_.channels)};
+    const auto own = own_present(present);
+    if (!own.empty())
+      return {given, detail::module_selection(ChannelSelection::own(own), local, cfg_.channels)};
+    detail::ensure_view(blank_, "dchag::distributed::blank_image", given.extent(0), std::size_t(1),
+                        given.extent(2), given.extent(3));
+    // Allocated as zeros, and nothing writes to it.
+    return {blank_,
+            detail::module_selection(ChannelSelection::own({local.front()}), local, cfg_.channels)};
   }
 
   TensorList<Scalar, memory_space> attention_params(bool grads) const {
@@ -495,6 +549,7 @@ class DistributedFrontEnd {
   // The last forward's masks (empty: all valid) and their storage.
   InputMask<memory_space> local_valid_, final_valid_;
   View2<std::uint8_t, memory_space> local_mask_, final_mask_;
+  View4<Storage, memory_space> blank_;  // the images of a rank given none of its channels
 };
 
 }  // namespace dchag

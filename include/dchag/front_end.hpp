@@ -11,6 +11,7 @@
 #include <dchag/detail/channel_stage.hpp>
 #include <dchag/detail/fused.hpp>
 #include <dchag/detail/masks.hpp>
+#include <dchag/detail/selection.hpp>
 #include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/front_end_config.hpp>
@@ -309,35 +310,51 @@ class DchagEmulation {
   /// out [B, L, D] from images [B, C, H, W] holding every model channel.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out) {
-    run_forward(exec, images, out, Inputs());
+    run_forward(exec, images, all_channels(), out, Inputs());
   }
   /// The same with per-sample inputs: lead times (cfg.lead_time) and the channel mask [B, C]. A
   /// group with no valid channel in a sample gets no slot in that sample's final fold.
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out, const Inputs& per_sample) {
-    run_forward(exec, images, out, per_sample);
+    run_forward(exec, images, all_channels(), out, per_sample);
   }
   /// The same with the lead time of every sample, lead_times [B] (cfg.lead_time).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const View3<Scalar, memory_space>& out,
                const View1<const Scalar, memory_space>& lead_times) {
-    run_forward(exec, images, out, Inputs{lead_times, {}});
+    run_forward(exec, images, all_channels(), out, Inputs{lead_times, {}});
+  }
+  /// From images holding the channels `sel` names (a subset or permutation of the model's, by
+  /// global id, as for FlatFrontEnd): each group folds the selected channels it holds, and the
+  /// channels the images lack are missing in every sample, as a mask would make them (the group
+  /// still tokenizes them, then drops them).
+  void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
+               const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
+               const Inputs& per_sample = {}) {
+    run_forward(exec, images, sel, out, per_sample);
   }
 
  private:
+  ChannelSelection all_channels() const {
+    return ChannelSelection::from_full_image(detail::iota_ids(cfg_.channels));
+  }
   void run_forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
-                   const View3<Scalar, memory_space>& out, const Inputs& in) {
+                   const ChannelSelection& sel, const View3<Scalar, memory_space>& out,
+                   const Inputs& in) {
     detail::ScopedRegion region("dchag::DchagEmulation::forward");
     constexpr const char* where = "dchag::DchagEmulation::forward";
     const auto* lead_times = in.lead_times.data() ? &in.lead_times : nullptr;
     lead_.check(where, lead_times, images.extent(0));
     // Every channel is tokenized here; the largest module (a stage or the final fold) takes at
     // most C of them.
-    detail::check_images(where, cfg_, images, cfg_.channels, "C = ", cfg_.channels);
+    detail::check_images(where, cfg_, images, sel);
+    detail::check_selection(where, sel, cfg_.channels, images.extent(1));
+    cfg_.validate_batch(where, std::int64_t(images.extent(0)), cfg_.channels);
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
     const std::size_t B = images.extent(0), P = stages_.size(), L = cfg_.patches(), D = cfg_.dim;
     const bool train = cfg_.memory != MemoryPolicy::inference;
-    const auto host = detail::host_mask(where, in.mask, B, cfg_.channels);
+    const auto host = detail::restrict_mask(detail::host_mask(where, in.mask, B, cfg_.channels),
+                                            sel, B, cfg_.channels);
     std::vector<std::vector<int>> groups;
     for (const auto& st : stages_) groups.push_back(st->channels());
     stage_masks_.resize(P);
@@ -357,7 +374,8 @@ class DchagEmulation {
     }
     detail::ensure_view(partial_, "dchag::emulation::partial", B, 1, L, D);
     for (std::size_t r = 0; r < P; ++r) {
-      stages_[r]->forward(exec, images, ChannelSelection::from_full_image(stages_[r]->channels()),
+      stages_[r]->forward(exec, images,
+                          detail::module_selection(sel, stages_[r]->channels(), cfg_.channels),
                           partial_, cfg_.memory, stage_valid[r]);
       detail::copy_slot(exec, partial_, gathered_, static_cast<int>(r), true);
     }

@@ -88,6 +88,7 @@ struct Problem {
   dchag::FrontEndConfig cfg;
   int B;
   std::vector<std::uint8_t> mask = {};  // [B, C] channel validity; empty: none given
+  std::vector<int> ids = {};            // the channels the images hold; empty: all
 };
 
 Problem small_problem(int channels) {
@@ -144,8 +145,15 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
   dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D),
       g("g", pb.B, L, D);
   fill(g, 2);
+  // With a selection the images hold its channels only: all of them in selection order (full
+  // image, and the reference's), or this rank's in map order.
+  const auto given = pb.ids.empty() ? images : own_channels(images, pb.ids);
+  std::vector<int> own_ids;
+  for (int c : dist.channels())
+    if (pb.ids.empty() || std::find(pb.ids.begin(), pb.ids.end(), c) != pb.ids.end())
+      own_ids.push_back(c);
   const auto mine =
-      input == dchag::ImageInput::full_image ? images : own_channels(images, dist.channels());
+      input == dchag::ImageInput::full_image ? given : own_channels(images, own_ids);
   dchag::PerSample<Scalar, Mem> per_sample;  // the same on every rank
   if (pb.cfg.lead_time) {                    // ClimaX's lead-time stage
     dchag::View1<Scalar, Mem> lead_times("lead_times", pb.B);
@@ -160,8 +168,13 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
     Kokkos::deep_copy(mask, h);
     per_sample.mask = mask;
   }
-  dist.forward(exec, mine, out, per_sample, input);
-  ref.forward(exec, images, ref_out, per_sample);
+  if (pb.ids.empty()) {
+    dist.forward(exec, mine, out, per_sample, input);
+    ref.forward(exec, images, ref_out, per_sample);
+  } else {
+    dist.forward(exec, mine, pb.ids, out, per_sample, input);
+    ref.forward(exec, given, dchag::ChannelSelection::own(pb.ids), ref_out, per_sample);
+  }
   const auto o = host(out), r = host(ref_out);
   double scale = 0;
   for (double x : r) scale = std::max(scale, std::abs(x));
@@ -344,6 +357,47 @@ TEST_CASE("masks on P ranks equal the single-process front ends", "[mpi][distrib
             compare(dchag::Mode::tp_only, pb, map, flat, dchag::ImageInput::full_image);
           }
         }
+      }
+    }
+  }
+}
+
+TEST_CASE("channel selections on P ranks equal the single-process front ends",
+          "[mpi][distributed][selection]") {
+  // The last and the first channel only (with blocks, the middle ranks are given none), and a
+  // permutation of every channel; with and without a mask.
+  const int P = world_size();
+  Exec exec;
+  const int channels = 2 * P + 2;
+  auto pb = small_problem(channels);
+  std::vector<int> everything;  // every channel, in reverse
+  for (int c = channels - 1; c >= 0; --c) everything.push_back(c);
+  for (const auto& ids : {std::vector<int>{channels - 1, 0}, everything}) {
+    for (const bool masked : {false, true}) {
+      pb.ids = ids;
+      pb.mask.clear();
+      if (masked) {  // sample 1 misses channel 0
+        pb.mask.assign(std::size_t(pb.B) * channels, 1);
+        pb.mask[channels] = 0;
+      }
+      for (const auto& map : maps(channels, P)) {
+        INFO("selection of " << ids.size() << ", masked " << masked << ", map " << map.kind());
+        std::vector<std::vector<int>> groups;
+        for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
+        for (const auto input : {dchag::ImageInput::own_channels, dchag::ImageInput::full_image}) {
+          pb.cfg.strategy = dchag::Strategy::pooled;
+          dchag::DchagEmulation<Exec, Scalar> emu(exec, pb.cfg,
+                                                  {dchag::PartialKind::cross_attention, 1}, groups);
+          compare(dchag::Mode::dchag_xattn, pb, map, emu, input);
+          dchag::DchagEmulation<Exec, Scalar> lin(exec, pb.cfg, {dchag::PartialKind::linear, 1},
+                                                  groups);
+          compare(dchag::Mode::dchag_linear, pb, map, lin, input);
+          dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+          compare(dchag::Mode::exact_flat, pb, map, flat, input);
+        }
+        pb.cfg.strategy = dchag::Strategy::materialized;
+        dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+        compare(dchag::Mode::tp_only, pb, map, flat, dchag::ImageInput::full_image);
       }
     }
   }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <utility>
+#include <vector>
 
 namespace dchag {
 
@@ -50,6 +51,13 @@ std::uint64_t checksum_view(const V& v, std::uint64_t h = 0xcbf29ce484222325ull)
   auto host = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), flat);
   const auto* bytes = reinterpret_cast<const unsigned char*>(host.data());
   for (std::size_t i = 0; i < host.span() * sizeof(T); ++i) h = (h ^ bytes[i]) * 0x100000001b3ull;
+  return h;
+}
+
+/// The same over a list of ids (a channel selection).
+inline std::uint64_t checksum_ids(const std::vector<int>& ids) {
+  std::uint64_t h = 0xcbf29ce484222325ull;
+  for (int id : ids) h = (h ^ static_cast<std::uint64_t>(static_cast<std::uint32_t>(id))) * 0x100000001b3ull;
   return h;
 }
 
