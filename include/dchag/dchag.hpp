@@ -5,6 +5,7 @@
 #include <dchag/channel_map.hpp>
 #include <dchag/check.hpp>
 #include <dchag/memory.hpp>
+#include <dchag/optimizer.hpp>
 #include <dchag/safetensors.hpp>
 #include <dchag/weights.hpp>
 #ifdef DCHAG_ENABLE_MPI

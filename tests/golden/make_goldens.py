@@ -537,6 +537,54 @@ def init_climax(path, C, H, W, p, D):
     print(f"{os.path.basename(path)}: 2 tensors, {os.path.getsize(path)} bytes")
 
 
+def warmup_cosine(step, base_lr, warmup_steps, max_steps, warmup_start_lr, eta_min):
+    """The closed form of pl_bolts' LinearWarmupCosineAnnealingLR (ClimaX's schedule)."""
+    if step < warmup_steps:
+        return warmup_start_lr + step * (base_lr - warmup_start_lr) / max(1, warmup_steps - 1)
+    if step >= max_steps:
+        return eta_min
+    return eta_min + 0.5 * (base_lr - eta_min) * (
+        1 + math.cos(math.pi * (step - warmup_steps) / (max_steps - warmup_steps)))
+
+
+def adamw(path, seed, steps=5):
+    """torch.optim.AdamW in float32 over ClimaX-named tensors, ClimaX's decay groups (no decay
+    on embeddings and queries), for `steps` steps of a warmup-cosine schedule on given gradients.
+    The file holds the initial parameters `param.<n>`, the gradients `grad.<k>.<n>`, the learning
+    rates `lr` [steps] and, after the last step, `final.<n>`, `exp_avg.<n>`, `exp_avg_sq.<n>`."""
+    rng = Rng(seed)
+    shapes = {"var_embed": [1, 3, 4], "token_embeds.0.proj.weight": [4, 1, 2, 2],
+              "var_query": [1, 1, 4], "var_agg.out_proj.bias": [4], "final.query": [4]}
+    decays = {"var_embed": False, "token_embeds.0.proj.weight": True, "var_query": False,
+              "var_agg.out_proj.bias": True, "final.query": False}
+    cfg = dict(base_lr=1e-2, warmup_steps=2, max_steps=steps, warmup_start_lr=1e-3, eta_min=1e-4)
+    params = {n: torch.nn.Parameter(rng.normal(s, 1.0).to(torch.float32)) for n, s in shapes.items()}
+    tensors = [("param." + n, p.detach().clone()) for n, p in params.items()]
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in params.items() if decays[n]], "weight_decay": 0.05},
+         {"params": [p for n, p in params.items() if not decays[n]], "weight_decay": 0.0}],
+        lr=cfg["base_lr"], betas=(0.9, 0.95), eps=1e-8)
+    lrs = []
+    for k in range(steps):
+        lr = warmup_cosine(k, **cfg)
+        lrs.append(lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        for n, p in params.items():
+            p.grad = rng.normal(shapes[n], 1.0).to(torch.float32)
+            tensors.append((f"grad.{k}.{n}", p.grad.clone()))
+        opt.step()
+    tensors.append(("lr", torch.tensor(lrs, dtype=torch.float64)))
+    for n, p in params.items():
+        st = opt.state[p]
+        tensors += [("final." + n, p.detach()), ("exp_avg." + n, st["exp_avg"]),
+                    ("exp_avg_sq." + n, st["exp_avg_sq"])]
+    meta = dict(kind="adamw", steps=steps, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.05,
+                names=",".join(shapes), seed=seed, **cfg)
+    write_safetensors(path, tensors, meta)
+    print(f"{os.path.basename(path)}: {len(tensors)} tensors, {os.path.getsize(path)} bytes")
+
+
 def main():
     out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.dirname(os.path.abspath(__file__))
     os.makedirs(out_dir, exist_ok=True)
@@ -585,6 +633,7 @@ def main():
           D=12, heads=3, partial_convention="climax",
           mask=[[0, 0, 0, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 0]])
     # Sample 0: rank 1 (channels 4..7) has none; sample 1: rank 0's first group (0, 1) has none.
+    adamw(f("adamw"), 125)
     dchag(f("dchag_linear_mask"), 124, "linear", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
           heads=4, mask=[[1, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1]])
 

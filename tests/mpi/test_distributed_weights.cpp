@@ -6,6 +6,7 @@
 // ranks. The parameters are float, as the files are F32, so a round trip is exact.
 #include <catch2/catch.hpp>
 #include <dchag/distributed_weights.hpp>
+#include <dchag/optimizer.hpp>
 
 #include <cstdint>
 #include <cstring>
@@ -443,5 +444,77 @@ TEST_CASE("pieces of the ranks that do not fit together are refused on every ran
   // A replicated name that is not a tensor of the list.
   REQUIRE_THROWS_WITH(dchag::save_weights(comm, path, params, {"nothing"}),
                       Contains("'nothing'") && Contains("rank "));
+  files.finish();
+}
+
+TEST_CASE("AdamW state saves and resumes collectively, bit for bit", "[mpi][weights][optimizer]") {
+  // Train a distributed model two steps, save the model and the optimizer state (one file each
+  // for the group), train two more; a fresh model and optimizer loaded from the files and trained
+  // the same two steps end bit for bit where the first did, and the replicated parameters stay
+  // identical on every rank.
+  const int P = world_size();
+  Exec exec;
+  dchag::Communicator comm(MPI_COMM_WORLD);
+  SharedDir files;
+  const int C = 2 * P + 1;
+  const auto map = dchag::ChannelMap::round_robin(C, P);
+  for (const auto mode : {dchag::Mode::dchag_xattn, dchag::Mode::exact_flat}) {
+    INFO(dchag::to_string(mode));
+    auto cfg = config_for(mode, C);
+    const int B = 2;
+    dchag::View4<Scalar, Mem> images("images", B, C, cfg.height, cfg.width);
+    dchag::View3<Scalar, Mem> out("out", B, cfg.patches(), cfg.dim),
+        g("g", B, cfg.patches(), cfg.dim);
+    {
+      auto hi = Kokkos::create_mirror_view(images);
+      for (std::size_t i = 0; i < hi.span(); ++i) hi.data()[i] = Scalar(value_at("images", i));
+      Kokkos::deep_copy(images, hi);
+      auto hg = Kokkos::create_mirror_view(g);
+      for (std::size_t i = 0; i < hg.span(); ++i) hg.data()[i] = Scalar(value_at("g", i));
+      Kokkos::deep_copy(g, hg);
+    }
+    const dchag::WarmupCosine schedule{1e-2, 1, 4};
+    auto train = [&](Dist& model, dchag::AdamW<Exec, Scalar>& opt, int from, int to) {
+      for (int k = from; k < to; ++k) {
+        model.zero_gradients(exec);
+        model.forward(exec, images, out, dchag::ImageInput::full_image);
+        model.backward(exec, g);
+        opt.step(exec, schedule(k));
+      }
+      exec.fence();
+    };
+    const auto model_file = files(std::string(dchag::to_string(mode)) + "_model.safetensors");
+    const auto state_file = files(std::string(dchag::to_string(mode)) + "_adamw.safetensors");
+    Dist first(exec, comm, cfg, mode, map);
+    randomize(first.parameters());
+    dchag::AdamW<Exec, Scalar> opt(exec, first.parameters(), first.gradients());
+    train(first, opt, 0, 2);
+    dchag::save_weights(model_file, first);
+    opt.sync_step_to_state(exec);
+    dchag::save_weights(
+        comm, state_file, opt.state(),
+        dchag::AdamW<Exec, Scalar>::replicated_state_names(first.replicated_parameters()));
+    train(first, opt, 2, 4);
+    first.verify_replicated(exec);
+
+    cfg.seed = 1234;  // everything must come from the files
+    Dist second(exec, comm, cfg, mode, map);
+    dchag::AdamW<Exec, Scalar> resumed(exec, second.parameters(), second.gradients());
+    dchag::load_weights(model_file, second);
+    dchag::load_weights(comm, state_file, resumed.state());
+    resumed.sync_step_from_state();
+    CHECK(resumed.steps() == 2);
+    train(second, resumed, 2, 4);
+    // Piece by piece, in list order.
+    const auto a = snapshot(first.parameters()), b = snapshot(second.parameters());
+    REQUIRE(a.size() == b.size());
+    for (std::size_t t = 0; t < a.size(); ++t) {
+      INFO("piece " << t);
+      REQUIRE(a[t].size() == b[t].size());
+      std::size_t differ = 0;
+      for (std::size_t i = 0; i < a[t].size(); ++i) differ += a[t][i] != b[t][i];
+      CHECK(differ == 0);
+    }
+  }
   files.finish();
 }
