@@ -13,6 +13,7 @@
 #include <dchag/detail/loops.hpp>
 #include <dchag/detail/sizes.hpp>
 #include <dchag/detail/tokenizer_kernels.hpp>
+#include <dchag/detail/tokenizer_support.hpp>
 #include <dchag/detail/workspace.hpp>
 #include <dchag/error.hpp>
 #include <dchag/init.hpp>
@@ -419,57 +420,15 @@ class Tokenizer {
   }
 
   TensorList<Scalar, memory_space> replicated(bool grads) const {
-    TensorList<Scalar, memory_space> list;
-    const std::int64_t D = dim_, p = patch_;
-    const Scalar* block = (grads ? d_replicated_ : replicated_).data();
-    Scalar* at = const_cast<Scalar*>(block);  // the Views' data is not const
-    if (policy_.shared()) {
-      list.push_back(detail::whole<Scalar, memory_space>(
-          weight_name(-1), {D, 1, p, p}, Unmanaged1<Scalar, memory_space>(at, D * p * p)));
-      list.back().transposed_rows = D;
-      list.push_back(detail::whole<Scalar, memory_space>(
-          "token_embed.proj.bias", {D}, Unmanaged1<Scalar, memory_space>(at + D * p * p, D)));
-      at += D * p * p + D;
-    }
-    if (policy_.coordinate()) {
-      const std::int64_t F = policy_.fourier.count;
-      list.push_back(detail::whole<Scalar, memory_space>(
-          "channel_embed.proj.weight", {D, F}, Unmanaged1<Scalar, memory_space>(at, D * F)));
-      list.push_back(detail::whole<Scalar, memory_space>(
-          "channel_embed.proj.bias", {D}, Unmanaged1<Scalar, memory_space>(at + D * F, D)));
-    }
-    return list;
+    return detail::replicated_tensors<Scalar, memory_space>(
+        policy_, patch_, dim_, (grads ? d_replicated_ : replicated_).data());
   }
 
   void check_forward(const View4<const Storage, memory_space>& images,
                      const ChannelSelection& sel) const {
     constexpr const char* where = "dchag::Tokenizer::forward";
-    const std::size_t H = images.extent(2), W = images.extent(3), p = patch_;
-    DCHAG_EXPECT(images.extent(0) >= 1, where, "images.extent(0) is ", images.extent(0),
-                 ", expected B >= 1");
-    DCHAG_EXPECT(H % p == 0 && H > 0, where, "images.extent(2) is H = ", H,
-                 ", expected a positive multiple of patch = ", p);
-    DCHAG_EXPECT(W % p == 0 && W > 0, where, "images.extent(3) is W = ", W,
-                 ", expected a positive multiple of patch = ", p);
-    DCHAG_EXPECT(sel.image_index.size() == sel.channel_id.size(), where, "selection has ",
-                 sel.image_index.size(), " image indices and ", sel.channel_id.size(),
-                 " channel ids, expected the same count");
-    DCHAG_EXPECT(sel.size() >= 1, where, "selection is empty, expected at least one channel");
-    DCHAG_EXPECT(sel.holds != ChannelSelection::Holds::selected ||
-                     images.extent(1) == std::size_t(sel.size()),
-                 where, "images.extent(1) is ", images.extent(1), ", expected J = ", sel.size(),
-                 " (the images hold the selected channels)");
-    DCHAG_EXPECT(
-        sel.holds != ChannelSelection::Holds::all || images.extent(1) == std::size_t(channels_),
-        where, "images.extent(1) is ", images.extent(1), ", expected C = ", channels_,
-        " (the images hold every model channel)");
-    const std::int64_t B = images.extent(0), J = sel.size();
-    detail::expect_int_size(where, "image width W", {std::int64_t(W)});
-    detail::expect_int_size(where, "image rows B * J * H", {B, J, std::int64_t(H)});
-    detail::expect_int_size(where, "token rows B * J * L", {B, J, std::int64_t((H / p) * (W / p))});
-    detail::expect_elements(where, "pixels B * J * H * W",
-                            {B, J, std::int64_t(H), std::int64_t(W)});
-    detail::check_selection(where, sel, images.extent(1), slot_of_, owned_.size(), policy_);
+    detail::check_tokenizer_input(where, images.extent(0), images.extent(1), images.extent(2),
+                                  images.extent(3), patch_, sel, slot_of_, owned_.size(), policy_);
   }
 
   // prepare after validation: records the selection, sizes the workspace and extracts the
@@ -499,15 +458,8 @@ class Tokenizer {
     if (policy_.coordinate()) {
       // The Fourier features of the selection's coordinates, in double on the host, then its
       // embedding rows.
-      const int F = policy_.fourier.count;
       auto h_phi = Kokkos::create_mirror_view(phi_);
-      std::vector<double> phi(F);
-      for (int j = 0; j < J; ++j) {
-        const int c = sel.channel_id[j];
-        policy_.fourier.evaluate(
-            sel.coordinates.empty() ? policy_.coordinates[c] : sel.coordinates[j], phi.data());
-        for (int f = 0; f < F; ++f) h_phi(j, f) = static_cast<Scalar>(phi[f]);
-      }
+      detail::selection_features(policy_, sel, h_phi);
       Kokkos::deep_copy(exec, phi_, h_phi);
       detail::coordinate_embed(exec, phi_, proj_w_, proj_b_, sel_embed_);
     }
