@@ -74,6 +74,14 @@ std::string meta_string(const st::File& f, const char* key) {
   return *v;
 }
 
+std::vector<double> meta_doubles(const st::File& f, const char* key) {
+  std::vector<double> out;
+  std::stringstream ss(meta_string(f, key));
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(std::stod(item));  // Python repr: exact
+  return out;
+}
+
 std::vector<int> meta_ints(const st::File& f, const char* key) {
   std::vector<int> out;
   std::stringstream ss(meta_string(f, key));
@@ -231,6 +239,19 @@ dchag::FrontEndConfig front_end_config(const st::File& f, dchag::Strategy strate
         *pc == "climax" ? dchag::Convention::climax : dchag::Convention::artifact;
   }
   cfg.lead_time = f.metadata_value("lead_time").has_value();  // ClimaX's lead_time_embed stage
+  // The tokenizer policies (DESIGN 3.11); absent: ClimaX's per-channel weights and var_embed.
+  if (const auto w = f.metadata_value("tokenizer")) {
+    REQUIRE((*w == "shared" || *w == "per_channel"));
+    cfg.tokenizer.weights =
+        *w == "shared" ? dchag::TokenizerWeights::shared : dchag::TokenizerWeights::per_channel;
+    if (meta_string(f, "channel_embedding") == "coordinate") {
+      cfg.tokenizer.embedding = dchag::ChannelEmbedding::coordinate;
+      cfg.tokenizer.coordinates = meta_doubles(f, "coordinates");
+      const auto fourier = meta_doubles(f, "fourier");
+      REQUIRE(fourier.size() == 3);
+      cfg.tokenizer.fourier = {static_cast<int>(fourier[0]), fourier[1], fourier[2]};
+    }
+  }
   return cfg;
 }
 
@@ -252,11 +273,14 @@ double check_flat(const st::File& f, dchag::Strategy strategy, double rtol_stora
                max_abs(f.values<double>("grad_out"))};
 
   dchag::View3<Scalar, Mem> out("out", B, L, D);
+  auto sel = dchag::ChannelSelection::own(ids);  // ids -1: channels the model lacks
+  if (f.metadata_value("selection_coordinates"))
+    sel.coordinates = meta_doubles(f, "selection_coordinates");
   typename decltype(model)::Inputs per_sample;
   per_sample.mask = file_mask(f);
   if (cfg.lead_time)
     per_sample.lead_times = device_copy<Scalar>(f, "lead_times", dchag::View1<Scalar, Mem>("t", B));
-  model.forward(exec, images, dchag::ChannelSelection::own(ids), out, per_sample);
+  model.forward(exec, images, sel, out, per_sample);
   cmp(host_values(out), "out", 0.0);
 
   model.zero_gradients(exec);
@@ -343,7 +367,11 @@ const std::vector<std::string> golden_files = {"xattn_climax_basic",
                                                "flat_mask",
                                                "dchag_xattn_mask",
                                                "dchag_xattn_climax_mask",
-                                               "dchag_linear_mask"};
+                                               "dchag_linear_mask",
+                                               "flat_shared_tokenizer",
+                                               "flat_coordinate_new_channels",
+                                               "dchag_xattn_coordinate",
+                                               "dchag_linear_shared_coordinate"};
 
 template <class Scalar>
 void check_all(const char* scalar_name) {

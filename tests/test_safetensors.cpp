@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <optional>
 #include <random>
 #include <string>
 #include <vector>
@@ -743,19 +744,36 @@ std::int64_t meta_int(const st::File& f, const char* key) {
 
 TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]") {
   const std::filesystem::path dir = DCHAG_GOLDEN_DIR;
-  const std::vector<std::string> expected = {"xattn_climax_basic", "xattn_climax_nh1",
-                                             "xattn_climax_d20",   "xattn_climax_c1",
-                                             "xattn_climax_bl1",   "xattn_artifact_basic",
-                                             "flat_all",           "flat_subset",
-                                             "dchag_linear",       "dchag_xattn_tree",
-                                             "dchag_linear_tree",  "dchag_xattn_uneven",
-                                             "flat_bf16",          "flat_fp16_subset",
-                                             "dchag_xattn_bf16",   "dchag_linear_fp16",
-                                             "init_climax",        "dchag_xattn_climax_partials",
-                                             "flat_lead_time",     "dchag_linear_lead_time",
-                                             "xattn_climax_mask",  "flat_mask",
-                                             "dchag_xattn_mask",   "dchag_xattn_climax_mask",
-                                             "dchag_linear_mask",  "adamw"};
+  const std::vector<std::string> expected = {"xattn_climax_basic",
+                                             "xattn_climax_nh1",
+                                             "xattn_climax_d20",
+                                             "xattn_climax_c1",
+                                             "xattn_climax_bl1",
+                                             "xattn_artifact_basic",
+                                             "flat_all",
+                                             "flat_subset",
+                                             "dchag_linear",
+                                             "dchag_xattn_tree",
+                                             "dchag_linear_tree",
+                                             "dchag_xattn_uneven",
+                                             "flat_bf16",
+                                             "flat_fp16_subset",
+                                             "dchag_xattn_bf16",
+                                             "dchag_linear_fp16",
+                                             "init_climax",
+                                             "dchag_xattn_climax_partials",
+                                             "flat_lead_time",
+                                             "dchag_linear_lead_time",
+                                             "xattn_climax_mask",
+                                             "flat_mask",
+                                             "dchag_xattn_mask",
+                                             "dchag_xattn_climax_mask",
+                                             "dchag_linear_mask",
+                                             "adamw",
+                                             "flat_shared_tokenizer",
+                                             "flat_coordinate_new_channels",
+                                             "dchag_xattn_coordinate",
+                                             "dchag_linear_shared_coordinate"};
   for (const auto& name : expected) {
     INFO(name);
     CHECK(std::filesystem::exists(dir / (name + ".safetensors")));
@@ -799,7 +817,15 @@ TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]
       REQUIRE(ids.has_value());
       const auto cin = static_cast<std::int64_t>(std::count(ids->begin(), ids->end(), ',') + 1);
       CHECK(f.info("images").shape == std::vector<std::int64_t>{B, cin, H, W});
-      CHECK(f.info("var_embed").shape == std::vector<std::int64_t>{1, meta_int(f, "C"), D});
+      if (f.metadata_value("channel_embedding") == std::optional<std::string>("coordinate")) {
+        // The coordinate embedding (DESIGN 3.11): nn.Linear(F, D) instead of the table.
+        const auto fourier = f.metadata_value("fourier");
+        REQUIRE(fourier.has_value());
+        const std::int64_t F = std::stoll(*fourier);
+        CHECK(f.info("channel_embed.proj.weight").shape == std::vector<std::int64_t>{D, F});
+      } else {
+        CHECK(f.info("var_embed").shape == std::vector<std::int64_t>{1, meta_int(f, "C"), D});
+      }
       if (*kind == "dchag") {
         for (const char* key : {"groups", "map", "tree", "partial", "channels_per_rank"}) {
           CHECK(f.metadata_value(key).has_value());

@@ -63,6 +63,7 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
     e.activations += token * (P + 1);     // gathered, partial
     e.communication += token * P;         // received
     if (train) e.workspace += token * P;  // d_gathered
+    if (train) e.workspace += S * cfg.tokenizer.replicated_elements(cfg.patch, D);  // shared_before
     e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, Cr, B);
     return e;
   }
@@ -70,7 +71,8 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
   const int J = tp ? cfg.channels : Cr;
   const auto [h0, h1] = detail::head_share(cfg.heads, P, rank);
   if (tp) {
-    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(J, cfg.patch, D, B, J, L);
+    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.tokenizer, J, cfg.patch, D, B, J, L, 0,
+                                                         cfg.channels);
     e += Attention::estimate_application(cfg.attention(), b, J, L, 1, h1 - h0, false);
     e.activations += token * J;        // tokens
     e.workspace += token * J + S * D;  // d_tokens, the query gradient before this call
@@ -78,11 +80,13 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
     using Tokens = detail::FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
     const int width =
         detail::fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, 0, memory);
-    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(J, cfg.patch, D, B, J, L,
-                                                         Tokens::all_patches(memory) ? 0 : width);
+    e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.tokenizer, J, cfg.patch, D, B, J, L,
+                                                         Tokens::all_patches(memory) ? 0 : width,
+                                                         cfg.channels);
     e += Attention::estimate_application(cfg.attention(), b, J, L, 1, cfg.heads, true, width,
                                          memory);
     e += detail::fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, D, J, 0, memory);
+    if (train) e.workspace += S * cfg.tokenizer.replicated_elements(cfg.patch, D);  // shared_before
   }
   e.communication += detail::staging_bytes<ExecSpace, Scalar>(cfg, mode, P, J, B);
   return e;
@@ -127,6 +131,11 @@ class DistributedFrontEnd {
                  {"tree", tree},
                  {"seed", static_cast<std::int64_t>(cfg.seed)},
                  {"lead time", cfg.lead_time ? 1 : 0},
+                 {"tokenizer weights", static_cast<std::int64_t>(cfg.tokenizer.weights)},
+                 {"channel embedding", static_cast<std::int64_t>(cfg.tokenizer.embedding)},
+                 {"Fourier features", cfg.tokenizer.coordinate() ? cfg.tokenizer.fourier.count : 0},
+                 {"channel coordinates and wavelengths",
+                  static_cast<std::int64_t>(cfg.tokenizer.fingerprint())},
                  {"scalar type", StorageTraits<Scalar>::code},
                  {"storage type", StorageTraits<Storage>::code},
                  {"channel map", static_cast<std::int64_t>(map.fingerprint())}});
@@ -142,7 +151,7 @@ class DistributedFrontEnd {
     } else {
       const std::vector<int> held =
           mode == Mode::tp_only ? detail::iota_ids(cfg.channels) : channels_;
-      tokenizer_.emplace(exec, cfg.channels, cfg.patch, cfg.dim, held, cfg.seed);
+      tokenizer_.emplace(exec, cfg.channels, cfg.patch, cfg.dim, held, cfg.seed, cfg.tokenizer);
       attention_.emplace(exec, cfg.attention(), cfg.seed, "var_agg");
       if (mode == Mode::tp_only) {
         const auto [h0, h1] = detail::head_share(cfg.heads, comm_.size(), rank);
@@ -311,15 +320,21 @@ class DistributedFrontEnd {
         attention_->backward(exec, gathered_, saved_, d_out4, d_gathered_);
         // The gathered gradient is the same on every rank: keep this rank's slice, no collective.
         detail::copy_slot(exec, partial_, d_gathered_, comm_.rank(), false);
+        const auto& shared = stage_->replicated_gradient_block();
+        if (shared.span() > 0) detail::begin_group_gradient(exec, shared, shared_before_);
         stage_->backward(exec, partial_);
+        if (shared.span() > 0) detail::end_group_gradient(exec, comm_, shared, shared_before_);
         break;
       }
       case Mode::exact_flat: {
         // Token gradients are local: one chunk at a time, straight into the tokenizer.
         const int J = static_cast<int>(channels_.size());
         detail::AttentionFold<ExecSpace, Scalar> fold{*attention_, saved_, &reduce_, J};
+        const auto& shared = tokenizer_->replicated_gradient_block();
+        if (shared.span() > 0) detail::begin_group_gradient(exec, shared, shared_before_);
         detail::fused_backward(exec, *tokenizer_, fold, fused_, J, d_out4, d_chunk_, 0,
                                saved_.memory);
+        if (shared.span() > 0) detail::end_group_gradient(exec, comm_, shared, shared_before_);
         break;
       }
       case Mode::tp_only: {
@@ -358,10 +373,14 @@ class DistributedFrontEnd {
   /// partial.{rank}.* (D-CHAG modes), final.* or var_agg.* / var_query, pos_embed.
   TensorList<Scalar, memory_space> parameters() const { return named(false); }
   TensorList<Scalar, memory_space> gradients() const { return named(true); }
-  /// The parameters every rank holds the same copy of.
+  /// The parameters every rank holds the same copy of (with the tokenizer policies, the shared
+  /// tokenizer weight and the coordinate map too: their gradients are summed over the group in
+  /// backward, so every rank holds the whole gradient).
   TensorList<Scalar, memory_space> replicated_parameters() const {
     TensorList<Scalar, memory_space> list;
     if (mode_ == Mode::tp_only) list = tokenizer_->parameters();
+    if (stage_) list = stage_->replicated_parameters();
+    if (mode_ == Mode::exact_flat) list = tokenizer_->replicated_parameters();
     detail::append(list, attention_params(false));
     detail::append(list, pos_->parameters());
     lead_->append_to(list, false);
@@ -415,6 +434,10 @@ class DistributedFrontEnd {
         cfg_, mode_, int(P), std::int64_t(J), std::int64_t(B))));
     const MemoryPolicy memory = cfg_.memory;
     const bool train = memory != MemoryPolicy::inference;
+    const std::int64_t shared = cfg_.tokenizer.replicated_elements(cfg_.patch, cfg_.dim);
+    if (train && mode_ != Mode::tp_only && shared > 0)
+      ensure_view(shared_before_, "dchag::distributed::shared_gradient_before",
+                  std::size_t(shared));
     if (is_dchag()) {
       ensure_view(partial_, "dchag::distributed::partial", B, std::size_t(1), L, D);
       ensure_view(received_, "dchag::distributed::received", P, B, L, D);
@@ -469,12 +492,11 @@ class DistributedFrontEnd {
     DCHAG_EXPECT(mode_ != Mode::tp_only || full || comm_.size() == 1, where,
                  "tp_only tokenizes every channel on every rank: pass ImageInput::full_image");
     const bool all = present.size() == cfg_.channels;
-    detail::check_images(where, cfg_, images,
-                         full ? present.size() : std::int64_t(own_present(present).size()),
-                         full ? (all ? "C = " : "the selected channel count ")
-                              : (all ? "this rank's channel count "
-                                     : "this rank's selected channel count "),
-                         detail::channels_folded(mode_, map_, comm_.rank()));
+    detail::check_images(
+        where, cfg_, images, full ? present.size() : std::int64_t(own_present(present).size()),
+        full ? (all ? "C = " : "the selected channel count ")
+             : (all ? "this rank's channel count " : "this rank's selected channel count "),
+        detail::channels_folded(mode_, map_, comm_.rank()));
     detail::check_tokens(where, cfg_, "out", out, images.extent(0));
   }
 
@@ -546,6 +568,7 @@ class DistributedFrontEnd {
   V4 partial_, received_, gathered_, d_gathered_, tokens_, d_tokens_;  // tokens_: tp_only's
   detail::FusedTokens<Scalar, Storage, memory_space> fused_;           // exact_flat's tokens
   View1<Scalar, memory_space> query_before_, d_chunk_;
+  View1<Scalar, memory_space> shared_before_;  // the tokenizer's shared gradients before backward
   // The last forward's masks (empty: all valid) and their storage.
   InputMask<memory_space> local_valid_, final_valid_;
   View2<std::uint8_t, memory_space> local_mask_, final_mask_;

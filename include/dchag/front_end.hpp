@@ -47,8 +47,8 @@ class FlatFrontEnd {
 
   FlatFrontEnd(const ExecSpace& exec, const FrontEndConfig& cfg)
       : cfg_(validated(cfg)),
-        tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, detail::iota_ids(cfg.channels),
-                   cfg.seed),
+        tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, detail::iota_ids(cfg.channels), cfg.seed,
+                   cfg.tokenizer),
         attention_(exec, cfg.attention(), cfg.seed, "var_agg"),
         pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim),
         lead_(exec, cfg.lead_time, cfg.dim, cfg.seed) {}
@@ -58,6 +58,8 @@ class FlatFrontEnd {
   /// out [B, L, D] from images [B, J, H, W] whose channels are those `sel` names (any subset or
   /// permutation of the model's channels). With MemoryPolicy::recompute, or a Storage other
   /// than Scalar, the backward reads the images again: keep them unchanged until it has run.
+  /// With shared tokenizer weights and the coordinate embedding, `sel` may also hold channels
+  /// the model was not built with, by coordinate (ChannelSelection::at_coordinates).
   void forward(const ExecSpace& exec, const View4<const Storage, memory_space>& images,
                const ChannelSelection& sel, const View3<Scalar, memory_space>& out) {
     run_forward(exec, images, sel, out, Inputs());
@@ -194,8 +196,8 @@ class FlatFrontEnd {
     e += PositionalEmbedding<ExecSpace, Scalar>::estimate(L, cfg.dim);
     e += detail::LeadTimeStage<ExecSpace, Scalar>::estimate(cfg.lead_time, cfg.dim, B);
     if (cfg.strategy == Strategy::materialized) {
-      e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.channels, cfg.patch, cfg.dim, B, J,
-                                                           L);
+      e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.tokenizer, cfg.channels, cfg.patch,
+                                                           cfg.dim, B, J, L, 0, cfg.channels);
       e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false);
       const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * J * L * cfg.dim;
       e.activations += tokens;  // tokens
@@ -205,7 +207,8 @@ class FlatFrontEnd {
     const int width = detail::fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, cfg.dim, J,
                                                                                chunk, cfg.memory);
     e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(
-        cfg.channels, cfg.patch, cfg.dim, B, J, L, Tokens::all_patches(cfg.memory) ? 0 : width);
+        cfg.tokenizer, cfg.channels, cfg.patch, cfg.dim, B, J, L,
+        Tokens::all_patches(cfg.memory) ? 0 : width, cfg.channels);
     e += Attention::estimate_application(cfg.attention(), B, J, L, 1, cfg.heads, false, width,
                                          cfg.memory);
     e += detail::fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, cfg.dim, J, chunk,
@@ -222,7 +225,8 @@ class FlatFrontEnd {
     lead_.zero_gradients(exec);
   }
   /// ClimaX state-dict names: token_embeds.{c}.proj.*, var_embed, var_query, var_agg.*, pos_embed
-  /// (and lead_time_embed.* with cfg.lead_time).
+  /// (and lead_time_embed.* with cfg.lead_time). Under the tokenizer policies token_embed.proj.*
+  /// (shared) replaces token_embeds.{c}.proj.*, channel_embed.proj.* (coordinate) var_embed.
   TensorList<Scalar, memory_space> parameters() const {
     auto list = tokenizer_.parameters();
     detail::append(list, attention_.parameters());
@@ -298,10 +302,12 @@ class DchagEmulation {
         final_(exec, cfg.attention(), cfg.seed, "final."),
         pos_(exec, cfg.grid_h(), cfg.grid_w(), cfg.dim),
         lead_(exec, cfg.lead_time, cfg.dim, cfg.seed) {
+    // The groups share one copy of the parameters every channel shares (a shared tokenizer
+    // weight, the coordinate map): one process, one model.
     for (std::size_t r = 0; r < groups.size(); ++r) {
       stages_.push_back(std::make_unique<detail::ChannelStage<ExecSpace, Scalar, Storage>>(
-          exec, cfg, groups[r], options.partial, options.tree,
-          "partial." + std::to_string(r) + "."));
+          exec, cfg, groups[r], options.partial, options.tree, "partial." + std::to_string(r) + ".",
+          r == 0 ? nullptr : stages_.front().get()));
     }
   }
 
@@ -435,6 +441,11 @@ class DchagEmulation {
       e += detail::ChannelStage<ExecSpace, Scalar, Storage>::estimate(
           cfg_, int(st->channels().size()), options_.partial, options_.tree, B);
     }
+    // Each stage's estimate counts the parameters the groups share; they are held once.
+    const std::int64_t shared = std::int64_t(sizeof(Scalar)) * (P - 1) *
+                                cfg_.tokenizer.replicated_elements(cfg_.patch, cfg_.dim);
+    e.parameters -= shared;
+    e.gradients -= shared;
     e += Attention::estimate_module(cfg_.attention());
     // validate_batch bounds B * C * L, so B and L fit the attention estimate's ints.
     const bool train = cfg_.memory != MemoryPolicy::inference;

@@ -6,6 +6,7 @@
 #include <dchag/detail/sizes.hpp>
 #include <dchag/error.hpp>
 #include <dchag/tokenizer.hpp>
+#include <dchag/tokenizer_policy.hpp>
 
 #include <algorithm>
 #include <cstdint>
@@ -35,6 +36,10 @@ struct FrontEndConfig {
   /// ClimaX's lead-time embedding after the positional one (lead_time_embedding.hpp): forward
   /// then takes the lead times of the samples.
   bool lead_time = false;
+  /// The tokenizer's weight and channel-embedding policies (tokenizer_policy.hpp): per-channel
+  /// weights and the var_embed table by default; shared weights (ChannelViT) and/or an embedding
+  /// computed from each channel's coordinate (`tokenizer.coordinates`, one per channel).
+  TokenizerPolicy tokenizer = {};
 
   int grid_h() const { return height / patch; }
   int grid_w() const { return width / patch; }
@@ -62,6 +67,10 @@ struct FrontEndConfig {
                  "config.memory is ", to_string(memory),
                  ", which needs the pooled strategy; config.strategy is ", to_string(strategy));
     check_sizes(where, 0, channels);
+    tokenizer.validate(where, channels);
+    if (tokenizer.coordinate())
+      detail::expect_elements(where, "coordinate map D * F",
+                              {std::int64_t(dim), std::int64_t(tokenizer.fourier.count)});
   }
 
   /// Refuses a call on `batch` images with `channels` channels tokenized by one module (after

@@ -222,14 +222,22 @@ NamedTensor<Scalar, MemSpace> whole(std::string name, std::vector<std::int64_t> 
       std::move(name), std::move(shape), {{0, Unmanaged1<Scalar, MemSpace>(v.data(), v.span())}}};
 }
 
-/// Appends `more` to `list`, merging the pieces of tensors that share a name.
+/// Appends `more` to `list`, merging the pieces of tensors that share a name. A piece that is
+/// already there (the same memory at the same offset: a tensor modules share) is listed once.
 template <class Scalar, class MemSpace>
 void merge_into(TensorList<Scalar, MemSpace>& list, TensorList<Scalar, MemSpace> more) {
   for (auto& t : more) {
     bool merged = false;
     for (auto& u : list) {
       if (u.name == t.name) {
-        u.pieces.insert(u.pieces.end(), t.pieces.begin(), t.pieces.end());
+        for (const auto& p : t.pieces) {
+          bool listed = false;
+          for (const auto& q : u.pieces) {
+            listed = listed || (q.offset == p.offset && q.values.data() == p.values.data() &&
+                                q.values.extent(0) == p.values.extent(0));
+          }
+          if (!listed) u.pieces.push_back(p);
+        }
         merged = true;
         break;
       }

@@ -295,6 +295,103 @@ class Tokenizer:
                         assert torch.allclose(tokens[b, j, l], ref, **TOL)
 
 
+def fourier_features(x, F, lo, hi):
+    """Aurora's FourierExpansion (levels_expansion): x [N] -> [N, F], F // 2 wavelengths from lo
+    to hi on a geometric ladder (torch.logspace), sines then cosines of x * 2 pi / wavelength."""
+    wavelengths = torch.logspace(math.log10(lo), math.log10(hi), F // 2, base=10,
+                                 dtype=torch.float64)
+    prod = torch.einsum("i,j->ij", x, 2 * np.pi / wavelengths)
+    return torch.cat((torch.sin(prod), torch.cos(prod)), dim=-1)
+
+
+class PolicyTokenizer:
+    """The tokenizer policies of DESIGN 3.11. Weights: one Conv2d per channel (ClimaX
+    token_embeds) or one shared by all (ChannelViT: token_embed.proj). Channel embedding: the
+    var_embed table or channel_embed.proj (nn.Linear(F, D)) of the Fourier features of the
+    channel's coordinate (fourier = (F, lo, hi)). Channels are given by model id, or by
+    coordinate alone (id -1: a channel the model was not built with)."""
+
+    def __init__(self, g, C, D, p, shared, coords=None, fourier=None):
+        self.D, self.p, self.shared, self.coords, self.fourier = D, p, shared, coords, fourier
+        if shared:
+            self.conv = torch.nn.Conv2d(1, D, kernel_size=p, stride=p).double()
+            g.param("token_embed.proj.weight", self.conv.weight, 1.0 / (p * p))
+            g.param("token_embed.proj.bias", self.conv.bias, 0.1)
+        else:
+            self.convs = []
+            for c in range(C):
+                conv = torch.nn.Conv2d(1, D, kernel_size=p, stride=p).double()
+                g.param(f"token_embeds.{c}.proj.weight", conv.weight, 1.0 / (p * p))
+                g.param(f"token_embeds.{c}.proj.bias", conv.bias, 0.1)
+                self.convs.append(conv)
+        if coords is None:
+            self.var_embed = g.leaf("var_embed", [1, C, D], 1.0)
+        else:
+            F = fourier[0]
+            self.proj = torch.nn.Linear(F, D).double()
+            g.param("channel_embed.proj.weight", self.proj.weight, 1.0 / F)
+            g.param("channel_embed.proj.bias", self.proj.bias, 0.1)
+
+    def conv_of(self, c):
+        assert self.shared or c >= 0
+        return self.conv if self.shared else self.convs[c]
+
+    def embeds(self, ids, sel_coords):
+        """[J, D]: the embedding of every input channel."""
+        if self.coords is None:
+            return torch.stack([self.var_embed[0, c] for c in ids])
+        x = torch.tensor([self.coords[c] if c >= 0 else sel_coords[j] for j, c in enumerate(ids)],
+                         dtype=torch.float64)
+        return self.proj(fourier_features(x, *self.fourier))
+
+    def __call__(self, images, ids, sel_coords=None):
+        e = self.embeds(ids, sel_coords)
+        toks = [self.conv_of(c)(images[:, j:j + 1]).flatten(2).transpose(1, 2) + e[j]
+                for j, c in enumerate(ids)]
+        return torch.stack(toks, dim=1)
+
+    def check(self, images, ids, sel_coords, tokens):
+        """Independent check: token = W [D, p*p] . patch + b + e, with e from the formula of
+        dchag/tokenizer_policy.hpp written out element by element."""
+        B, Cin, H, W = images.shape
+        p, hp, wp = self.p, H // self.p, W // self.p
+        with torch.no_grad():
+            for j, c in enumerate(ids):
+                if self.coords is None:
+                    e = self.var_embed[0, c]
+                else:
+                    F, lo, hi = self.fourier
+                    n = F // 2
+                    x = self.coords[c] if c >= 0 else sel_coords[j]
+                    lam = [10 ** (math.log10(lo) + k * (math.log10(hi) - math.log10(lo)) /
+                                  max(n - 1, 1)) for k in range(n)]
+                    phi = torch.tensor([math.sin(x * 2 * math.pi / v) for v in lam] +
+                                       [math.cos(x * 2 * math.pi / v) for v in lam],
+                                       dtype=torch.float64)
+                    e = self.proj.weight @ phi + self.proj.bias
+                conv = self.conv_of(c)
+                Wt = conv.weight.reshape(self.D, p * p)
+                for b in range(B):
+                    for l in range(hp * wp):
+                        i0, j0 = (l // wp) * p, (l % wp) * p
+                        patch = images[b, j, i0:i0 + p, j0:j0 + p].reshape(p * p)
+                        ref = Wt @ patch + conv.bias + e
+                        assert torch.allclose(tokens[b, j, l], ref, **TOL)
+
+
+def floats(seq):
+    return ",".join(repr(float(x)) for x in seq)
+
+
+def policy_meta(shared, coords, fourier):
+    meta = dict(tokenizer="shared" if shared else "per_channel",
+                channel_embedding="table" if coords is None else "coordinate")
+    if coords is not None:
+        meta["coordinates"] = floats(coords)
+        meta["fourier"] = floats(fourier)
+    return meta
+
+
 # Storage types (DESIGN 3.12): images and tokens held in bf16 or fp16, arithmetic in float64 here.
 STORAGE = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -390,13 +487,17 @@ def lead_time_stage(g, B, D):
     return lambda x: x + lin(lead_times.unsqueeze(-1)).unsqueeze(1)
 
 
-def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False, mask=None):
+def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False, policy=None,
+         sel_coords=None, mask=None):
+    """policy: None (ClimaX's tokenizer) or (shared, coords, fourier) of PolicyTokenizer;
+    sel_coords: the coordinate of every input channel (ids -1 are channels the model lacks);
+    mask: [B, C] channel validity (DESIGN 3.10)."""
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     images = stored_leaf(g, "images", [B, len(ids), H, W], 1.0, storage)
     valid = mask_extra(g, mask)
     valid = None if valid is None else valid[:, ids]
-    tok = Tokenizer(g, C, D, p)
+    tok = Tokenizer(g, C, D, p) if policy is None else PolicyTokenizer(g, C, D, p, *policy)
     mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
     var_query = g.leaf("var_query", [1, 1, D], 1.0)
     g.param("var_agg.in_proj_weight", mha.in_proj_weight, 1.0 / D)
@@ -404,8 +505,12 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False
     g.param("var_agg.out_proj.weight", mha.out_proj.weight, 1.0 / D)
     g.param("var_agg.out_proj.bias", mha.out_proj.bias, 0.1)
     pos_embed = g.leaf("pos_embed", [1, L, D], 1.0)
-    tokens = tok(images, ids)
-    tok.check(images, ids, tokens)
+    if policy is None:
+        tokens = tok(images, ids)
+        tok.check(images, ids, tokens)
+    else:
+        tokens = tok(images, ids, sel_coords)
+        tok.check(images, ids, sel_coords, tokens)
     tokens = stored(tokens, storage)
     check_climax_against_explicit(tokens, var_query, mha, valid)
     out = climax_aggregate(tokens, var_query, mha, valid) + pos_embed
@@ -417,6 +522,10 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False
         meta["lead_time"] = 1
     if storage is not None:
         meta["storage"] = storage
+    if policy is not None:
+        meta.update(policy_meta(*policy))
+    if sel_coords is not None:
+        meta["selection_coordinates"] = floats(sel_coords)
     g.finish(path, out, meta)
 
 
@@ -426,7 +535,7 @@ def block_sizes(C, P):
 
 
 def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
-          partial_convention="artifact", lead_time=False, mask=None):
+          partial_convention="artifact", lead_time=False, policy=None, mask=None):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     sizes = block_sizes(C, P)
@@ -439,7 +548,7 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
     else:
         mask_given = True
     weight = lambda v: v.to(torch.float64)  # a linear sum's mask: missing inputs add nothing
-    tok = Tokenizer(g, C, D, p)
+    tok = Tokenizer(g, C, D, p) if policy is None else PolicyTokenizer(g, C, D, p, *policy)
 
     partials = []
     for r in range(P):
@@ -483,7 +592,10 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
 
     ids = list(range(C))
     tokens = tok(images, ids)
-    tok.check(images, ids, tokens)
+    if policy is None:
+        tok.check(images, ids, tokens)
+    else:
+        tok.check(images, ids, None, tokens)
     tokens = stored(tokens, storage)
     ys = [partials[r](tokens[:, starts[r]:starts[r + 1]], valid[:, starts[r]:starts[r + 1]])
           for r in range(P)]
@@ -504,6 +616,8 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
         meta["partial_convention"] = partial_convention
     if lead_time:
         meta["lead_time"] = 1
+    if policy is not None:
+        meta.update(policy_meta(*policy))
     g.finish(path, out, meta)
 
 
@@ -636,6 +750,20 @@ def main():
     adamw(f("adamw"), 125)
     dchag(f("dchag_linear_mask"), 124, "linear", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
           heads=4, mask=[[1, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1]])
+    # Tokenizer policies (DESIGN 3.11): ChannelViT's shared tokenizer with the table; a shared
+    # tokenizer with coordinate embeddings (pressure levels in hPa) taking two channels the model
+    # was not built with (ids -1); D-CHAG with coordinate embeddings, per-channel and shared.
+    levels = [50.0, 150.0, 250.0, 500.0, 700.0, 850.0, 1000.0]
+    fourier = (8, 10.0, 10000.0)
+    flat(f("flat_shared_tokenizer"), 120, B=2, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[4, 1, 3],
+         policy=(True, None, None))
+    flat(f("flat_coordinate_new_channels"), 121, B=2, C=5, H=8, W=12, p=4, D=16, heads=4,
+         ids=[3, -1, 0, -1], policy=(True, levels[:5], fourier),
+         sel_coords=[500.0, 333.0, 50.0, 925.0])
+    dchag(f("dchag_xattn_coordinate"), 122, "xattn", tree=1, P=3, C=7, B=2, H=8, W=8, p=4, D=16,
+          heads=4, policy=(False, levels, fourier))
+    dchag(f("dchag_linear_shared_coordinate"), 123, "linear", tree=1, P=3, C=7, B=2, H=8, W=8,
+          p=4, D=16, heads=4, policy=(True, levels, fourier))
 
 
 if __name__ == "__main__":

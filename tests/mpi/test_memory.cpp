@@ -95,6 +95,13 @@ TEST_CASE("distributed estimates match the measured peak", "[mpi][memory]") {
   check_modes<float>(config(6 * P, 32, 8), 1, dchag::ChannelMap::blocks(6 * P, P), 2);
   check_modes<float, dchag::bf16>(config(8 * P, 32, 4), 2, dchag::ChannelMap::blocks(8 * P, P), 1);
   check_modes<float, dchag::fp16>(config(6 * P, 32, 8), 1, dchag::ChannelMap::blocks(6 * P, P), 2);
+  // The tokenizer policies: a shared weight and the coordinate map, replicated (DESIGN 3.11).
+  auto shared = config(8 * P, 32, 4);
+  shared.tokenizer.weights = dchag::TokenizerWeights::shared;
+  shared.tokenizer.embedding = dchag::ChannelEmbedding::coordinate;
+  for (int c = 0; c < shared.channels; ++c) shared.tokenizer.coordinates.push_back(400.0 + 10 * c);
+  shared.tokenizer.fourier = {16, 1.0, 1.0e3};
+  check_modes<float>(shared, 2, dchag::ChannelMap::blocks(8 * P, P), 1);
 }
 
 namespace {

@@ -20,9 +20,12 @@ class ChannelStage {
   using V4 = View4<Scalar, memory_space>;
   using Tokens = FusedTokens<Scalar, Storage, memory_space>;
 
+  /// With `share`, the tokenizer parameters every channel shares are those of `share`'s.
   ChannelStage(const ExecSpace& exec, const FrontEndConfig& cfg, std::vector<int> channels,
-               PartialKind kind, int tree, const std::string& name)
-      : tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, channels, cfg.seed),
+               PartialKind kind, int tree, const std::string& name,
+               const ChannelStage* share = nullptr)
+      : tokenizer_(exec, cfg.channels, cfg.patch, cfg.dim, channels, cfg.seed, cfg.tokenizer,
+                   share ? &share->tokenizer_ : nullptr),
         partial_(exec, kind, static_cast<int>(channels.size()), tree, cfg.partial_attention(),
                  cfg.seed, name),
         channels_(std::move(channels)) {}
@@ -93,6 +96,14 @@ class ChannelStage {
     append(list, partial_.gradients());
     return list;
   }
+  /// The tokenizer's parameters shared over channels (replicated under D-CHAG), and their
+  /// gradients as one block.
+  TensorList<Scalar, memory_space> replicated_parameters() const {
+    return tokenizer_.replicated_parameters();
+  }
+  const View1<Scalar, memory_space>& replicated_gradient_block() const {
+    return tokenizer_.replicated_gradient_block();
+  }
   /// Tokenizer, partial aggregator and the fused buffers for `channels` channels. The callers
   /// validate `cfg` and the batch; the modules validate the rest.
   static MemoryEstimate estimate(const FrontEndConfig& cfg, int channels, PartialKind kind,
@@ -100,8 +111,8 @@ class ChannelStage {
     const std::int64_t L = cfg.patches(), D = cfg.dim;
     const MemoryPolicy memory = cfg.memory;
     if (kind == PartialKind::cross_attention && cfg.strategy == Strategy::materialized) {
-      MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(channels, cfg.patch,
-                                                                         cfg.dim, B, channels, L);
+      MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(
+          cfg.tokenizer, channels, cfg.patch, cfg.dim, B, channels, L, 0, cfg.channels);
       e += PartialAggregator<ExecSpace, Scalar>::estimate(kind, channels, tree,
                                                           cfg.partial_attention(), B, L);
       const std::int64_t tokens = std::int64_t(sizeof(Scalar)) * B * channels * L * D;
@@ -112,7 +123,8 @@ class ChannelStage {
     const int chunk =
         fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, channels, 0, memory);
     MemoryEstimate e = Tokenizer<ExecSpace, Scalar, Storage>::estimate(
-        channels, cfg.patch, cfg.dim, B, channels, L, Tokens::all_patches(memory) ? 0 : chunk);
+        cfg.tokenizer, channels, cfg.patch, cfg.dim, B, channels, L,
+        Tokens::all_patches(memory) ? 0 : chunk, cfg.channels);
     e += PartialAggregator<ExecSpace, Scalar>::estimate(
         kind, channels, tree, cfg.partial_attention(), B, L, chunk, memory);
     e += fused_buffers_estimate<ExecSpace, Scalar, Storage>(B, L, D, channels, 0, memory);

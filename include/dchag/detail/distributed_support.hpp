@@ -115,16 +115,41 @@ std::int64_t staging_bytes(const FrontEndConfig& cfg, Mode mode, int P, std::int
                            std::int64_t B) {
   if (!mpi_needs_host_staging<typename ExecSpace::memory_space>) return 0;
   const std::int64_t L = cfg.patches(), D = cfg.dim, nh = cfg.heads;
+  // The group sum of the tokenizer's shared parameters' gradients (tokenizer_policy.hpp).
+  const std::int64_t shared = cfg.tokenizer.replicated_elements(cfg.patch, cfg.dim);
   switch (mode) {
     case Mode::dchag_linear:
     case Mode::dchag_xattn:
-      return std::int64_t(staged_bytes<Scalar>(B * L * D) + staged_bytes<Scalar>(P * B * L * D));
+      return std::int64_t(staged_bytes<Scalar>(B * L * D) +
+                          staged_bytes<Scalar>(std::max(P * B * L * D, shared)));
     case Mode::exact_flat:
-      return std::int64_t(staged_bytes<Scalar>(std::max(B * L * (D + nh), nh * D + D * D)));
+      return std::int64_t(
+          staged_bytes<Scalar>(std::max({B * L * (D + nh), nh * D + D * D, shared})));
     case Mode::tp_only:
       return std::int64_t(staged_bytes<Scalar>(B * J * L * D));
   }
   return 0;
+}
+
+/// The start of a group sum of what one backward adds to `grads` (a rank's tokenizer sees only
+/// its channels' share of a shared parameter's gradient): before = grads, grads = 0.
+template <class ExecSpace, class V>
+void begin_group_gradient(const ExecSpace& exec, const V& grads, const V& before) {
+  Kokkos::deep_copy(exec, before, grads);
+  Kokkos::deep_copy(exec, grads, typename V::value_type(0));
+}
+
+/// Its end, collective: grads = before + the sum over the group of grads, the same on every
+/// rank. (Summing only this backward's share, not the gradients accumulated before it.)
+template <class ExecSpace, class V>
+void end_group_gradient(const ExecSpace& exec, const Communicator& comm, const V& grads,
+                        const V& before) {
+  using T = typename V::value_type;
+  allreduce_sum(exec, comm, Unmanaged1<T, typename V::memory_space>(grads.data(), grads.span()));
+  Kokkos::parallel_for(
+      "dchag::distributed::group_gradient",
+      Kokkos::RangePolicy<ExecSpace>(exec, 0, std::int64_t(grads.span())),
+      KOKKOS_LAMBDA(const std::int64_t i) { grads(i) += before(i); });
 }
 
 /// gathered [B, P, L, D] = received [P, B, L, D] (the all-gather's rank-major order). A free
