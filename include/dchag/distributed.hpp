@@ -525,7 +525,8 @@ class DistributedFrontEnd {
       return {given, detail::module_selection(ChannelSelection::own(own), local, cfg_.channels)};
     detail::ensure_view(blank_, "dchag::distributed::blank_image", given.extent(0), std::size_t(1),
                         given.extent(2), given.extent(3));
-    // Allocated as zeros, and nothing writes to it.
+    // Zeros (workspace is allocated uninitialised): the lacking channels' pixels must be finite.
+    Kokkos::deep_copy(blank_, detail::convert<Storage>(0.0f));
     return {blank_,
             detail::module_selection(ChannelSelection::own({local.front()}), local, cfg_.channels)};
   }
