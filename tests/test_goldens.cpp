@@ -124,6 +124,12 @@ dchag::InputMask<Mem> file_mask(const st::File& f) {
   return m;
 }
 
+/// N_q of the file (metadata `queries`; absent: 1).
+int queries_of(const st::File& f) {
+  const auto v = f.metadata_value("queries");
+  return v ? std::stoi(*v) : 1;
+}
+
 template <class V>
 std::vector<double> host_values(const V& v) {
   auto h = Kokkos::create_mirror_view_and_copy(Kokkos::HostSpace(), v);
@@ -197,17 +203,20 @@ double check_xattn(const st::File& f, dchag::Strategy strategy) {
   const bool climax = meta_string(f, "convention") == "climax";
   const std::string prefix = climax ? "" : meta_string(f, "prefix");
   const auto conv = climax ? dchag::Convention::climax : dchag::Convention::artifact;
+  const int Q = queries_of(f);
   // Another seed than the file's: every value must come from load_weights.
-  dchag::CrossAttention<Exec, Scalar> att(exec, {D, heads, conv, strategy}, 12345);
+  dchag::CrossAttention<Exec, Scalar> att(exec, {D, heads, conv, strategy, Q}, 12345);
   dchag::load_weights(f, att.parameters(prefix));
 
   const auto x = device_copy<Scalar>(f, "x", dchag::View4<Scalar, Mem>("x", B, N, L, D));
-  const auto grad_out =
-      device_copy<Scalar>(f, "grad_out", dchag::View3<Scalar, Mem>("grad_out", B, L, D));
+  // The file's [B, L, Q * D] are the attention's [B, L * Q, D].
+  const auto grad_file =
+      device_copy<Scalar>(f, "grad_out", dchag::View3<Scalar, Mem>("grad_out", B, L, Q * D));
+  const dchag::View3<Scalar, Mem> grad_out(grad_file.data(), B, L * Q, D);
   Comparer cmp{f, rtol_for<Scalar>(std::int64_t(B) * N * L * D),
                max_abs(f.values<double>("grad_out"))};
 
-  dchag::View3<Scalar, Mem> out("out", B, L, D);
+  dchag::View3<Scalar, Mem> out("out", B, L * Q, D);
   att.forward(exec, x, out, file_mask(f));
   cmp(host_values(out), "out", 0.0);
 
@@ -239,6 +248,7 @@ dchag::FrontEndConfig front_end_config(const st::File& f, dchag::Strategy strate
         *pc == "climax" ? dchag::Convention::climax : dchag::Convention::artifact;
   }
   cfg.lead_time = f.metadata_value("lead_time").has_value();  // ClimaX's lead_time_embed stage
+  cfg.queries = queries_of(f);
   // The tokenizer policies (DESIGN 3.11); absent: ClimaX's per-channel weights and var_embed.
   if (const auto w = f.metadata_value("tokenizer")) {
     REQUIRE((*w == "shared" || *w == "per_channel"));
@@ -267,12 +277,12 @@ double check_flat(const st::File& f, dchag::Strategy strategy, double rtol_stora
 
   const auto images = device_copy<double>(
       f, "images", dchag::View4<Storage, Mem>("images", B, J, cfg.height, cfg.width));
-  const auto grad_out =
-      device_copy<Scalar>(f, "grad_out", dchag::View3<Scalar, Mem>("grad_out", B, L, D));
+  const auto grad_out = device_copy<Scalar>(
+      f, "grad_out", dchag::View3<Scalar, Mem>("grad_out", B, L, cfg.queries * D));
   Comparer cmp{f, rtol_for<Scalar>(std::int64_t(B) * J * L * D) + rtol_storage,
                max_abs(f.values<double>("grad_out"))};
 
-  dchag::View3<Scalar, Mem> out("out", B, L, D);
+  dchag::View3<Scalar, Mem> out("out", B, L, cfg.queries * D);
   auto sel = dchag::ChannelSelection::own(ids);  // ids -1: channels the model lacks
   if (f.metadata_value("selection_coordinates"))
     sel.coordinates = meta_doubles(f, "selection_coordinates");
@@ -314,12 +324,12 @@ double check_dchag(const st::File& f, dchag::Strategy strategy, double rtol_stor
 
   const auto images = device_copy<double>(
       f, "images", dchag::View4<Storage, Mem>("images", B, C, cfg.height, cfg.width));
-  const auto grad_out =
-      device_copy<Scalar>(f, "grad_out", dchag::View3<Scalar, Mem>("grad_out", B, L, D));
+  const auto grad_out = device_copy<Scalar>(
+      f, "grad_out", dchag::View3<Scalar, Mem>("grad_out", B, L, cfg.queries * D));
   Comparer cmp{f, rtol_for<Scalar>(std::int64_t(B) * C * L * D) + rtol_storage,
                max_abs(f.values<double>("grad_out"))};
 
-  dchag::View3<Scalar, Mem> out("out", B, L, D);
+  dchag::View3<Scalar, Mem> out("out", B, L, cfg.queries * D);
   typename decltype(model)::Inputs per_sample;
   per_sample.mask = file_mask(f);
   if (cfg.lead_time)
@@ -371,7 +381,11 @@ const std::vector<std::string> golden_files = {"xattn_climax_basic",
                                                "flat_shared_tokenizer",
                                                "flat_coordinate_new_channels",
                                                "dchag_xattn_coordinate",
-                                               "dchag_linear_shared_coordinate"};
+                                               "dchag_linear_shared_coordinate",
+                                               "xattn_climax_queries",
+                                               "xattn_artifact_queries",
+                                               "flat_queries",
+                                               "dchag_xattn_queries"};
 
 template <class Scalar>
 void check_all(const char* scalar_name) {

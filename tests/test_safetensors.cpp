@@ -773,7 +773,11 @@ TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]
                                              "flat_shared_tokenizer",
                                              "flat_coordinate_new_channels",
                                              "dchag_xattn_coordinate",
-                                             "dchag_linear_shared_coordinate"};
+                                             "dchag_linear_shared_coordinate",
+                                             "xattn_climax_queries",
+                                             "xattn_artifact_queries",
+                                             "flat_queries",
+                                             "dchag_xattn_queries"};
   for (const auto& name : expected) {
     INFO(name);
     CHECK(std::filesystem::exists(dir / (name + ".safetensors")));
@@ -805,8 +809,10 @@ TEST_CASE("safetensors: every golden file reads and is complete", "[safetensors]
     CHECK((conv == "climax" || conv == "artifact"));
     const std::int64_t B = meta_int(f, "B"), L = meta_int(f, "L"), D = meta_int(f, "D");
     CHECK(D % meta_int(f, "heads") == 0);
-    CHECK(f.info("out").shape == std::vector<std::int64_t>{B, L, D});
-    CHECK(f.info("grad_out").shape == std::vector<std::int64_t>{B, L, D});
+    const auto queries = f.metadata_value("queries");  // several queries: [B, L, N_q * D]
+    const std::int64_t width = D * (queries ? std::stoll(*queries) : 1);
+    CHECK(f.info("out").shape == std::vector<std::int64_t>{B, L, width});
+    CHECK(f.info("grad_out").shape == std::vector<std::int64_t>{B, L, width});
     if (*kind == "xattn") {
       CHECK(f.info("x").shape == std::vector<std::int64_t>{B, meta_int(f, "N"), L, D});
     } else {

@@ -49,11 +49,18 @@ struct AttentionConfig {
   int heads = 1;
   Convention convention = Convention::climax;
   Strategy strategy = Strategy::pooled;
+  /// N_q learned queries (DESIGN 3.9): each output position gives N_q tokens, [.., L, N_q, D].
+  int queries = 1;
 };
+
+namespace detail {
+/// The score columns of a cross-attention: one softmax per (query j, head h), column j * heads + h.
+inline int score_columns(const AttentionConfig& cfg) { return cfg.heads * cfg.queries; }
+}  // namespace detail
 
 /// What one forward keeps for its backward. The backward runs with the strategy, head share and
 /// group of the forward that filled it, whatever the module is set to in between. P below is
-/// B·k·L, the number of output positions.
+/// B·k·L, the number of output positions, S the score columns (queries x heads).
 template <class Scalar, class MemSpace>
 struct AttentionSaved {
   int B = 0, N = 0, L = 0, k = 0;
@@ -64,13 +71,13 @@ struct AttentionSaved {
   View1<int, MemSpace> offsets;              // [k+1]
   View1<int, MemSpace> segment;              // [N]: segment of each input
   InputMask<MemSpace> valid;                 // [B, N] the forward's mask; empty: all valid
-  View2<Scalar, MemSpace> a;     // keep: [B*N*L, heads] softmax weights; else one chunk's scores
-  View3<Scalar, MemSpace> z;     // pooled: [heads, P, D] pooled tokens (this rank's share)
+  View2<Scalar, MemSpace> a;     // keep: [B*N*L, S] softmax weights; else one chunk's scores
+  View3<Scalar, MemSpace> z;     // pooled: [S, P, D] pooled tokens (this rank's share)
   View2<Scalar, MemSpace> kmat;  // materialized: [B*N*L, D]
   View2<Scalar, MemSpace> vmat;  // materialized: [B*N*L, D]
-  View2<Scalar, MemSpace> ocat;  // [P, D] heads' outputs before out-projection
-  View2<Scalar, MemSpace> run_max, run_sum;  // [P, heads] softmax max and denominator
-  View2<Scalar, MemSpace> inv_share;         // grouped: [P, heads] group denominator / this rank's
+  View2<Scalar, MemSpace> ocat;  // [P * queries, D] heads' outputs before out-projection
+  View2<Scalar, MemSpace> run_max, run_sum;  // [P, S] softmax max and denominator
+  View2<Scalar, MemSpace> inv_share;         // grouped: [P, S] group denominator / this rank's
   std::vector<int> host_offsets;
 
   bool empty() const { return k == 0; }

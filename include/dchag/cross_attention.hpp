@@ -5,7 +5,11 @@
 /// u_h = Wk_h^T q_h / sqrt(hd), pools them per head and projects once.
 ///
 /// Tokens x are [B, N, L, D] (LayoutRight). The N inputs may be split into k contiguous
-/// `Segments`, each folded on its own: the output is then [B, k, L, D] (k = 1: [B, L, D]).
+/// `Segments`, each folded on its own: the output is then [B, k, L, D] (k = 1: [B, L, D]). With
+/// N_q = config.queries learned queries (DESIGN 3.9) every position gives N_q tokens, query j
+/// its own softmax per head, and the output is [B, k, L * N_q, D] (the bytes of [B, k, L, N_q, D]);
+/// the query parameter is [N_q, D] (climax `var_query` [1, N_q, D]). Internally each (query j,
+/// head h) pair is one score column j * heads + h of the softmax kernels.
 /// Forward saves what backward needs in a `Saved` object owned by the caller, so one module can be
 /// applied several times (the local tree of DESIGN 3.3 shares one module across levels). Backward
 /// runs with the strategy its forward ran with, whatever set_strategy said in between.
@@ -48,13 +52,13 @@ class CrossAttention {
                  std::string name = "var_agg")
       : cfg_(cfg), name_(std::move(name)) {
     check_config("dchag::CrossAttention", cfg);
-    const int D = cfg.dim, nh = cfg.heads;
-    w_ = allocate_params("dchag::attention::", D);
-    grad_ = allocate_params("dchag::attention::d_", D);
+    const int D = cfg.dim, nh = cfg.heads, Q = cfg.queries;
+    w_ = allocate_params("dchag::attention::", D, Q);
+    grad_ = allocate_params("dchag::attention::d_", D, Q);
     head_end_ = nh;
-    work_.q = V1("dchag::attention::q", D);
-    work_.u = V2("dchag::attention::u", nh, D);
-    work_.dq = V1("dchag::attention::dq", D);
+    work_.q = V1("dchag::attention::q", std::size_t(Q) * D);
+    work_.u = V2("dchag::attention::u", detail::score_columns(cfg), D);
+    work_.dq = V1("dchag::attention::dq", std::size_t(Q) * D);
     if (cfg.convention == Convention::climax) {
       init_uniform(w_.w_in, std::sqrt(6.0 / (4.0 * D)), seed, name_ + ".in_proj_weight");
     } else {
@@ -67,6 +71,7 @@ class CrossAttention {
   const AttentionConfig& config() const { return cfg_; }
   int dim() const { return cfg_.dim; }
   int heads() const { return cfg_.heads; }
+  int queries() const { return cfg_.queries; }
   /// Strategy of the next forward; a backward follows its own forward's.
   void set_strategy(Strategy s) {
     DCHAG_EXPECT(s == Strategy::materialized || (head_begin_ == 0 && head_end_ == cfg_.heads),
@@ -103,17 +108,19 @@ class CrossAttention {
     const int chunk = stream_chunk > 0 ? stream_chunk : N;
     prepare(B, N, L, seg, grouped, saved, memory, chunk);
     const std::size_t P = std::size_t(B) * seg.count() * L, M = std::size_t(B) * N * L;
-    const std::size_t D = cfg_.dim, nh = cfg_.heads, hd = D / nh;
+    // nh: the score columns (queries x heads); Q output rows per position.
+    const std::size_t D = cfg_.dim, nh = detail::score_columns(cfg_), hd = D / cfg_.heads;
+    const std::size_t Q = cfg_.queries;
     using detail::ensure_view;
     if (cfg_.strategy == Strategy::pooled) {
       ensure_view(work_.oh, "dchag::attention::oh", nh, P, hd);
       if (grouped) {
-        ensure_view(work_.merge, "dchag::attention::merge", P * (D + nh));
+        ensure_view(work_.merge, "dchag::attention::merge", P * (Q * D + nh));
         ensure_view(work_.c_group, "dchag::attention::c_group", P, nh);
       }
       if (stream_chunk > 0) ensure_chunk_weights(std::size_t(B) * L, stream_chunk);
       if (memory == MemoryPolicy::inference) return;  // no backward: none of its scratch
-      ensure_view(work_.go, "dchag::attention::go", P, D);
+      ensure_view(work_.go, "dchag::attention::go", P * Q, D);
       ensure_view(work_.c, "dchag::attention::c", P, nh);
       ensure_view(work_.gz, "dchag::attention::gz", nh, P, D);
       ensure_view(work_.shared, "dchag::attention::group_grads", nh * D + (grouped ? D * D : 0));
@@ -127,7 +134,7 @@ class CrossAttention {
         ensure_view(work_.ds, "dchag::attention::ds", std::size_t(B) * chunk * L, nh);
       }
     } else {
-      ensure_view(work_.go, "dchag::attention::go", P, D);
+      ensure_view(work_.go, "dchag::attention::go", P * Q, D);
       ensure_view(work_.c, "dchag::attention::c", P, nh);
       ensure_view(work_.ds, "dchag::attention::ds", M, nh);
       const std::size_t Dr = std::size_t(head_end_ - head_begin_) * hd;
@@ -136,7 +143,8 @@ class CrossAttention {
     }
   }
 
-  /// out [B, k, L, D] = the k segments of x [B, N, L, D] folded; saves for backward into `saved`.
+  /// out [B, k, L * N_q, D] = the k segments of x [B, N, L, D] folded; saves for backward into
+  /// `saved`.
   /// With `group`, x holds this rank's share of the N inputs of one segment and the softmax and
   /// pooling run over the inputs of every rank (pooled strategy, exact; DESIGN 3.7).
   /// `valid` [B, N] (empty: every input valid) removes inputs from their softmax (DESIGN 3.10);
@@ -158,10 +166,10 @@ class CrossAttention {
     if (cfg_.strategy == Strategy::pooled) {
       detail::gemm(exec, "N", "T", Scalar(1), x2, work_.u, Scalar(0), saved.a);  // scores
       detail::mask_scores(exec, saved);
-      detail::segment_max(exec, saved, 0, cfg_.heads);
+      detail::segment_max(exec, saved, 0, detail::score_columns(cfg_));
       if (group)
         group->max(Unmanaged1<Scalar, memory_space>(saved.run_max.data(), saved.run_max.span()));
-      detail::exponentiate(exec, saved, 0, cfg_.heads);
+      detail::exponentiate(exec, saved, 0, detail::score_columns(cfg_));
       detail::pool_tokens(exec, cfg_, x2, saved);
       detail::finish_pooled(exec, cfg_, w_, saved, work_, group, true);
     } else {
@@ -205,7 +213,7 @@ class CrossAttention {
     detail::back_query(exec, w_, grad_, work_);
   }
 
-  /// Convenience for one application over all N inputs: out [B, L, D].
+  /// Convenience for one application over all N inputs: out [B, L * N_q, D].
   void forward(const ExecSpace& exec, const X4& x, const View3<Scalar, memory_space>& out,
                const Mask& valid = {}) {
     forward(exec, x, Segments::whole(static_cast<int>(x.extent(1))), as4(out), own_saved_, nullptr,
@@ -264,7 +272,7 @@ class CrossAttention {
     if (s.memory != MemoryPolicy::keep &&
         (n0 == 0 ? s.a.extent(0) != chunk_rows : s.a.extent(0) < chunk_rows))
       detail::ensure_view(s.a, "dchag::attention::chunk_scores", chunk_rows,
-                          std::size_t(cfg_.heads));
+                          std::size_t(detail::score_columns(cfg_)));
     const auto ar = s.memory == MemoryPolicy::keep ? detail::InputRows::all(s.N, s.L)
                                                    : detail::InputRows::chunk(n0, n1, s.L);
     ensure_chunk_weights(std::size_t(s.B) * s.L, n1 - n0);
@@ -287,10 +295,11 @@ class CrossAttention {
                  s.grouped ? "stream_begin was told grouped, but no group is given"
                            : "a group is given, but stream_begin was not told grouped");
     DCHAG_EXPECT(out.extent(0) == std::size_t(s.B) && out.extent(1) == std::size_t(s.k) &&
-                     out.extent(2) == std::size_t(s.L) && out.extent(3) == std::size_t(cfg_.dim),
+                     out.extent(2) == std::size_t(s.L) * cfg_.queries &&
+                     out.extent(3) == std::size_t(cfg_.dim),
                  where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ", ",
-                 out.extent(3), "], expected [B, k, L, D] = [", s.B, ", ", s.k, ", ", s.L, ", ",
-                 cfg_.dim, "]");
+                 out.extent(3), "], expected [B, k, L * queries, D] = [", s.B, ", ", s.k, ", ",
+                 std::int64_t(s.L) * cfg_.queries, ", ", cfg_.dim, "]");
     if (group) {
       // The local maxima wait in c_group (free until backward) while run_max takes the group's.
       detail::ensure_view(work_.c_group, "dchag::attention::c_group", s.run_max.extent(0),
@@ -317,12 +326,13 @@ class CrossAttention {
     check_saved(where, saved, group);
     DCHAG_EXPECT(saved.strategy == Strategy::pooled, where,
                  "the saved state is of a materialized forward, expected a pooled one");
-    DCHAG_EXPECT(
-        d_out.extent(0) == std::size_t(saved.B) && d_out.extent(1) == std::size_t(saved.k) &&
-            d_out.extent(2) == std::size_t(saved.L) && d_out.extent(3) == std::size_t(cfg_.dim),
-        where, "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2), ", ",
-        d_out.extent(3), "], expected [B, k, L, D] = [", saved.B, ", ", saved.k, ", ", saved.L,
-        ", ", cfg_.dim, "]");
+    DCHAG_EXPECT(d_out.extent(0) == std::size_t(saved.B) &&
+                     d_out.extent(1) == std::size_t(saved.k) &&
+                     d_out.extent(2) == std::size_t(saved.L) * cfg_.queries &&
+                     d_out.extent(3) == std::size_t(cfg_.dim),
+                 where, "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
+                 ", ", d_out.extent(3), "], expected [B, k, L * queries, D] = [", saved.B, ", ",
+                 saved.k, ", ", std::int64_t(saved.L) * cfg_.queries, ", ", cfg_.dim, "]");
     detail::back_project_out(exec, saved, w_, grad_, out_bias_, d_out, work_);
     detail::pooled_backward_begin(exec, cfg_, w_, grad_, saved, work_, group);
     work_.back_streamed = 0;
@@ -399,11 +409,12 @@ class CrossAttention {
   /// Memory of the module itself: parameters, gradients and the per-call query vectors.
   static MemoryEstimate estimate_module(const AttentionConfig& cfg) {
     check_config("dchag::CrossAttention::estimate_module", cfg);
-    const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
+    const std::int64_t S = sizeof(Scalar), D = cfg.dim, Q = cfg.queries;
+    const std::int64_t nh = detail::score_columns(cfg);
     MemoryEstimate e;
-    e.parameters = S * (4 * D * D + 5 * D);
+    e.parameters = S * (4 * D * D + 4 * D + Q * D);
     e.gradients = e.parameters;
-    e.workspace = S * (2 * D + 2 * nh * D);  // q, dq, u, du
+    e.workspace = S * (2 * Q * D + 2 * nh * D);  // q, dq, u, du
     return e;
   }
 
@@ -415,14 +426,15 @@ class CrossAttention {
 
   static void check_config(const char* where, const AttentionConfig& cfg) {
     DCHAG_EXPECT(cfg.dim >= 1, where, "dim is ", cfg.dim, ", expected >= 1");
+    DCHAG_EXPECT(cfg.queries >= 1, where, "queries is ", cfg.queries, ", expected >= 1");
     DCHAG_EXPECT(cfg.heads >= 1 && cfg.dim % cfg.heads == 0, where, "heads is ", cfg.heads,
                  ", expected a divisor of dim = ", cfg.dim);
     detail::expect_elements(where, "in_proj weights 3 * D * D", {3, cfg.dim, cfg.dim});
   }
 
-  static Params allocate_params(const std::string& prefix, int D) {
-    return {V1(prefix + "query", D), V3(prefix + "w_in", 3, D, D), V2(prefix + "b_in", 3, D),
-            V2(prefix + "w_out", D, D), V1(prefix + "b_out", D)};
+  static Params allocate_params(const std::string& prefix, int D, int Q) {
+    return {V1(prefix + "query", std::size_t(Q) * D), V3(prefix + "w_in", 3, D, D),
+            V2(prefix + "b_in", 3, D), V2(prefix + "w_out", D, D), V1(prefix + "b_out", D)};
   }
 
   template <class V>
@@ -439,9 +451,9 @@ class CrossAttention {
   void ensure_chunk_weights(std::size_t positions, int width) {
     auto& e = work_.e_chunk;
     if (e.extent(0) != positions || e.extent(1) < std::size_t(width) ||
-        e.extent(2) != std::size_t(cfg_.heads)) {
+        e.extent(2) != std::size_t(detail::score_columns(cfg_))) {
       detail::ensure_view(e, "dchag::attention::chunk_weights", positions, std::size_t(width),
-                          std::size_t(cfg_.heads));
+                          std::size_t(detail::score_columns(cfg_)));
     }
   }
 
@@ -454,7 +466,7 @@ class CrossAttention {
     // Rows and positions are kernel league sizes and int indices.
     detail::expect_int_size(where, "token rows B * N * L", {B, N, L});
     detail::expect_elements(where, "pooled state heads * B * k * L * D",
-                            {cfg_.heads, B, seg.count(), L, cfg_.dim});
+                            {detail::score_columns(cfg_), B, seg.count(), L, cfg_.dim});
     DCHAG_EXPECT(seg.count() >= 1 && seg.offsets.front() == 0 && seg.total() == N, where,
                  "segments cover ", seg.total(), " inputs, expected x.extent(1) = ", N);
     for (int j = 0; j < seg.count(); ++j) {
@@ -468,11 +480,11 @@ class CrossAttention {
                  ", expected D = ", cfg_.dim);
     check_extents(where, std::int64_t(x.extent(0)), std::int64_t(x.extent(1)),
                   std::int64_t(x.extent(2)), seg);
-    DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) && o2 == x.extent(2) &&
-                     o3 == x.extent(3),
+    DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) &&
+                     o2 == x.extent(2) * cfg_.queries && o3 == x.extent(3),
                  where, out_name, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
-                 "], expected [B, k, L, D] = [", x.extent(0), ", ", seg.count(), ", ", x.extent(2),
-                 ", ", x.extent(3), "]");
+                 "], expected [B, k, L * queries, D] = [", x.extent(0), ", ", seg.count(), ", ",
+                 x.extent(2) * cfg_.queries, ", ", x.extent(3), "]");
   }
 
   // The rows of x in a chunk call of the state `s` over inputs [n0, n1): x holds all N inputs or

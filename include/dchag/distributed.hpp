@@ -74,8 +74,8 @@ MemoryEstimate estimate_memory(const FrontEndConfig& cfg, Mode mode, const Chann
     e += Tokenizer<ExecSpace, Scalar, Storage>::estimate(cfg.tokenizer, J, cfg.patch, D, B, J, L, 0,
                                                          cfg.channels);
     e += Attention::estimate_application(cfg.attention(), b, J, L, 1, h1 - h0, false);
-    e.activations += token * J;        // tokens
-    e.workspace += token * J + S * D;  // d_tokens, the query gradient before this call
+    e.activations += token * J;                      // tokens
+    e.workspace += token * J + S * D * cfg.queries;  // d_tokens, the query gradient before
   } else {
     using Tokens = detail::FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
     const int width =
@@ -131,6 +131,7 @@ class DistributedFrontEnd {
                  {"tree", tree},
                  {"seed", static_cast<std::int64_t>(cfg.seed)},
                  {"lead time", cfg.lead_time ? 1 : 0},
+                 {"queries", cfg.queries},
                  {"tokenizer weights", static_cast<std::int64_t>(cfg.tokenizer.weights)},
                  {"channel embedding", static_cast<std::int64_t>(cfg.tokenizer.embedding)},
                  {"Fourier features", cfg.tokenizer.coordinate() ? cfg.tokenizer.fourier.count : 0},
@@ -258,7 +259,7 @@ class DistributedFrontEnd {
       comm_.agree(where, {{"checksum of lead_times",
                            static_cast<std::int64_t>(detail::checksum_view(*lead_times))}});
     }
-    const V4 out4(out.data(), B, 1, L, D);
+    const V4 out4(out.data(), B, 1, L * cfg_.queries, D);  // [B, L, N_q * D] as the fold's
     switch (mode_) {
       case Mode::dchag_linear:
       case Mode::dchag_xattn: {
@@ -311,7 +312,7 @@ class DistributedFrontEnd {
       comm_.agree(where,
                   {{"checksum of d_out", static_cast<std::int64_t>(detail::checksum_view(d_out))}});
     }
-    const View4<const Scalar, memory_space> d_out4(d_out.data(), B, 1, L, D);
+    const View4<const Scalar, memory_space> d_out4(d_out.data(), B, 1, L * cfg_.queries, D);
     pos_->backward(exec, d_out);
     lead_->backward(exec, d_out);
     switch (mode_) {
@@ -460,7 +461,7 @@ class DistributedFrontEnd {
     }
     ensure_view(tokens_, "dchag::distributed::tokens", B, J, L, D);
     ensure_view(d_tokens_, "dchag::distributed::d_tokens", B, J, L, D);
-    ensure_view(query_before_, "dchag::distributed::query_before", D);
+    ensure_view(query_before_, "dchag::distributed::query_before", D * cfg_.queries);
     tokenizer_->reserve(int(B), int(J), int(L));
     attention_->reserve(saved_, int(B), int(J), int(L), Segments::whole(int(J)));
   }

@@ -247,10 +247,12 @@ class FlatFrontEnd {
     cfg.validate("dchag::FlatFrontEnd");
     return cfg;
   }
+  // Tokens [B, L, N_q * D] as the fold's [B, 1, L * N_q, D].
   template <class V>
-  static auto as4(const V& v) {
+  auto as4(const V& v) const {
     using T = typename V::value_type;
-    return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1), v.extent(2));
+    return View4<T, memory_space>(v.data(), v.extent(0), 1, v.extent(1) * cfg_.queries,
+                                  std::size_t(cfg_.dim));
   }
 
   using Tokens = detail::FusedTokens<Scalar, Storage, memory_space>;
@@ -385,8 +387,8 @@ class DchagEmulation {
                           partial_, cfg_.memory, stage_valid[r]);
       detail::copy_slot(exec, partial_, gathered_, static_cast<int>(r), true);
     }
-    final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L, D), saved_, nullptr,
-                   final_valid);
+    final_.forward(exec, gathered_, Segments::whole(P), V4(out.data(), B, 1, L * cfg_.queries, D),
+                   saved_, nullptr, final_valid);
     memory_ = cfg_.memory;
     pos_.forward(exec, out);
     lead_.forward(exec, lead_times, out);
@@ -405,7 +407,8 @@ class DchagEmulation {
     pos_.backward(exec, d_out);
     lead_.backward(exec, d_out);
     final_.backward(exec, gathered_, saved_,
-                    View4<const Scalar, memory_space>(d_out.data(), B, 1, L, D), d_gathered_);
+                    View4<const Scalar, memory_space>(d_out.data(), B, 1, L * cfg_.queries, D),
+                    d_gathered_);
     for (std::size_t r = 0; r < stages_.size(); ++r) {
       // partial_ is free again after forward: reuse it for this group's gradient slice.
       detail::copy_slot(exec, partial_, d_gathered_, static_cast<int>(r), false);

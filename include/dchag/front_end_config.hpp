@@ -40,15 +40,20 @@ struct FrontEndConfig {
   /// weights and the var_embed table by default; shared weights (ChannelViT) and/or an embedding
   /// computed from each channel's coordinate (`tokenizer.coordinates`, one per channel).
   TokenizerPolicy tokenizer = {};
+  /// N_q learned queries of the flat or final cross-attention (DESIGN 3.9; ClimaX's
+  /// `aggregated_variables`): the output is [B, L, N_q * D], N_q tokens per patch (the bytes of
+  /// [B, L, N_q, D]), each with its patch's positional embedding. D-CHAG's partial
+  /// cross-attentions keep one query.
+  int queries = 1;
 
   int grid_h() const { return height / patch; }
   int grid_w() const { return width / patch; }
   /// L = (H / p) * (W / p), in 64 bits: it can exceed INT_MAX, which validate() refuses.
   std::int64_t patches() const { return std::int64_t(grid_h()) * grid_w(); }
-  AttentionConfig attention() const { return {dim, heads, convention, strategy}; }
+  AttentionConfig attention() const { return {dim, heads, convention, strategy, queries}; }
   /// The partial cross-attentions' configuration: attention() in partial_convention.
   AttentionConfig partial_attention() const {
-    return {dim, heads, partial_convention.value_or(convention), strategy};
+    return {dim, heads, partial_convention.value_or(convention), strategy, 1};
   }
 
   /// Refuses a configuration that is inconsistent or whose sizes for one image of every channel
@@ -61,6 +66,7 @@ struct FrontEndConfig {
     DCHAG_EXPECT(width >= patch && width % patch == 0, where, "config.width is ", width,
                  ", expected a positive multiple of patch = ", patch);
     DCHAG_EXPECT(dim >= 1, where, "config.dim is ", dim, ", expected >= 1");
+    DCHAG_EXPECT(queries >= 1, where, "config.queries is ", queries, ", expected >= 1");
     DCHAG_EXPECT(heads >= 1 && dim % heads == 0, where, "config.heads is ", heads,
                  ", expected a divisor of dim = ", dim);
     DCHAG_EXPECT(memory == MemoryPolicy::keep || strategy == Strategy::pooled, where,
@@ -86,7 +92,8 @@ struct FrontEndConfig {
   void check_sizes(const char* where, std::int64_t B, std::int64_t J) const {
     using detail::expect_elements;
     using detail::expect_int_size;
-    const std::int64_t p = patch, D = dim, H = height, W = width, nh = heads;
+    const std::int64_t p = patch, D = dim, H = height, W = width,
+                       nh = std::int64_t(heads) * queries;  // score columns
     const std::int64_t L =
         expect_int_size(where, "patches L = (H / p) * (W / p)", {grid_h(), grid_w()});
     expect_int_size(where, "patch pixels p * p", {p, p});
@@ -98,13 +105,13 @@ struct FrontEndConfig {
       expect_int_size(where, "image rows C * H (B = 1)", {J, H});
       expect_elements(where, "tokens C * L * D (B = 1)", {J, L, D});
       expect_elements(where, "pixels C * H * W (B = 1)", {J, H, W});
-      expect_elements(where, "pooled attention state heads * L * D (B = 1)", {nh, L, D});
+      expect_elements(where, "pooled attention state queries * heads * L * D (B = 1)", {nh, L, D});
     } else {
       expect_int_size(where, "token rows B * J * L", {B, J, L});
       expect_int_size(where, "image rows B * J * H", {B, J, H});
       expect_elements(where, "tokens B * J * L * D", {B, J, L, D});
       expect_elements(where, "pixels B * J * H * W", {B, J, H, W});
-      expect_elements(where, "pooled attention state heads * B * L * D", {nh, B, L, D});
+      expect_elements(where, "pooled attention state queries * heads * B * L * D", {nh, B, L, D});
     }
   }
 };
@@ -147,10 +154,11 @@ void check_images(const char* where, const FrontEndConfig& cfg, const V& images,
 template <class V>
 void check_tokens(const char* where, const FrontEndConfig& cfg, const char* name, const V& out,
                   std::size_t B) {
+  const std::int64_t width = std::int64_t(cfg.queries) * cfg.dim;
   DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg.patches()) &&
-                   out.extent(2) == std::size_t(cfg.dim),
+                   out.extent(2) == std::size_t(width),
                where, name, " is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-               "], expected [B, L, D] = [", B, ", ", cfg.patches(), ", ", cfg.dim, "]");
+               "], expected [B, L, queries * D] = [", B, ", ", cfg.patches(), ", ", width, "]");
 }
 
 template <class T>

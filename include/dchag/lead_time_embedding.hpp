@@ -139,15 +139,16 @@ class LeadTimeStage {
     DCHAG_EXPECT(!lead_times || lead_times->extent(0) == B, where, "lead_times.extent(0) is ",
                  lead_times ? lead_times->extent(0) : 0, ", expected B = ", B);
   }
+  /// out [B, L, N_q * D]: every one of the N_q tokens of a patch gets the sample's embedding.
   void forward(const ExecSpace& exec, const Times* lead_times,
                const View3<Scalar, memory_space>& out) {
     if (!module_) return;
     ensure_view(saved_, "dchag::lead_time::saved", lead_times->extent(0));
     Kokkos::deep_copy(exec, saved_, *lead_times);
-    module_->forward(exec, saved_, out);
+    module_->forward(exec, saved_, tokens(out));
   }
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
-    if (module_) module_->backward(exec, saved_, d_out);
+    if (module_) module_->backward(exec, saved_, tokens(d_out));
   }
   void zero_gradients(const ExecSpace& exec) {
     if (module_) module_->zero_gradients(exec);
@@ -162,6 +163,13 @@ class LeadTimeStage {
   }
 
  private:
+  // [B, L, N_q * D] as the [B, L * N_q, D] tokens it holds.
+  template <class V>
+  V tokens(const V& v) const {
+    const std::size_t D = std::size_t(module_->dim());
+    return V(v.data(), v.extent(0), v.extent(1) * (v.extent(2) / D), D);
+  }
+
   std::optional<LeadTimeEmbedding<ExecSpace, Scalar>> module_;
   View1<Scalar, memory_space> saved_;
 };

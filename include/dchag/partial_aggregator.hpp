@@ -43,6 +43,8 @@ class PartialAggregator {
   }
 
   PartialKind kind() const { return kind_; }
+  /// One partial token per patch position (the fused loop's fold protocol).
+  int queries() const { return 1; }
   int inputs() const { return inputs_; }
   int tree() const { return tree_; }
 

@@ -26,31 +26,35 @@ class PositionalEmbedding {
     exec.fence();
   }
 
-  /// out [B, L, D] += pos.
+  /// out [B, L, D] += pos. With several queries (DESIGN 3.9) out is [B, L, N_q * D], N_q tokens
+  /// per patch, and each gets its patch's pos.
   void forward(const ExecSpace& exec, const View3<Scalar, memory_space>& out) const {
     detail::ScopedRegion region("dchag::PositionalEmbedding::forward");
     check("dchag::PositionalEmbedding::forward", out.extent(1), out.extent(2));
     const int L = pos_.extent(0), D = pos_.extent(1);  // L <= INT_MAX: checked at construction
+    const int W = static_cast<int>(out.extent(2));     // N_q * D
     auto pos = pos_;
     detail::for_each_row(
-        exec, "dchag::pos_embed::forward", std::int64_t(out.extent(0)) * L, D,
-        KOKKOS_LAMBDA(const std::int64_t r, const int d) {
-          out(r / L, r % L, d) += pos(r % L, d);
+        exec, "dchag::pos_embed::forward", std::int64_t(out.extent(0)) * L, W,
+        KOKKOS_LAMBDA(const std::int64_t r, const int c) {
+          out(r / L, r % L, c) += pos(r % L, c % D);
         });
   }
 
-  /// d_pos += sum over the batch of d_out [B, L, D] (the gradient passes through unchanged).
+  /// d_pos += sum over the batch (and the queries) of d_out [B, L, N_q * D] (the gradient passes
+  /// through unchanged).
   void backward(const ExecSpace& exec, const View3<const Scalar, memory_space>& d_out) {
     detail::ScopedRegion region("dchag::PositionalEmbedding::backward");
     check("dchag::PositionalEmbedding::backward", d_out.extent(1), d_out.extent(2));
     const std::int64_t B = d_out.extent(0);
-    const int D = pos_.extent(1);
+    const int D = pos_.extent(1), queries = static_cast<int>(d_out.extent(2)) / D;
     auto d_pos = d_pos_;
     detail::for_each_row(
         exec, "dchag::pos_embed::backward", d_pos.extent(0), D,
         KOKKOS_LAMBDA(const std::int64_t l, const int d) {
           Scalar acc = 0;
-          for (std::int64_t b = 0; b < B; ++b) acc += d_out(b, l, d);
+          for (std::int64_t b = 0; b < B; ++b)
+            for (int j = 0; j < queries; ++j) acc += d_out(b, l, j * D + d);
           d_pos(l, d) += acc;
         });
   }
@@ -84,8 +88,9 @@ class PositionalEmbedding {
   }
 
   void check(const char* where, std::size_t l, std::size_t d) const {
-    DCHAG_EXPECT(l == pos_.extent(0) && d == pos_.extent(1), where, "tensor is [B, ", l, ", ", d,
-                 "], expected [B, L, D] = [B, ", pos_.extent(0), ", ", pos_.extent(1), "]");
+    DCHAG_EXPECT(l == pos_.extent(0) && d >= pos_.extent(1) && d % pos_.extent(1) == 0, where,
+                 "tensor is [B, ", l, ", ", d, "], expected [B, L, N_q * D] = [B, ", pos_.extent(0),
+                 ", N_q * ", pos_.extent(1), "]");
   }
   TensorList<Scalar, memory_space> named(const View2<Scalar, memory_space>& v) const {
     return {detail::whole<Scalar, memory_space>(

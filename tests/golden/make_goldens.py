@@ -180,9 +180,13 @@ def check_climax_against_explicit(x, var_query, mha, valid=None):
     c = [t.detach().clone().requires_grad_(True) for t in leaves]
     Win, bin_ = c[2], c[3]
     rows_valid = None if valid is None else ~padding_mask(valid, x.shape[2])
-    ref = xattn_explicit(to_rows(c[0]), c[1].reshape(D), Win[:D], bin_[:D], Win[D:2 * D],
-                         bin_[D:2 * D], Win[2 * D:], bin_[2 * D:], c[4], c[5],
-                         mha.num_heads, rows_valid).unflatten(0, (x.shape[0], x.shape[2]))
+    queries = c[1].reshape(-1, D)  # several queries (DESIGN 3.9): one explicit fold each
+    ref = torch.stack([xattn_explicit(to_rows(c[0]), qv, Win[:D], bin_[:D], Win[D:2 * D],
+                                      bin_[D:2 * D], Win[2 * D:], bin_[2 * D:], c[4], c[5],
+                                      mha.num_heads, rows_valid) for qv in queries], dim=1)
+    ref = ref.unflatten(0, (x.shape[0], x.shape[2]))
+    if queries.shape[0] == 1:
+        ref = ref.squeeze(2)
     got = climax_aggregate(x, var_query, mha, valid)
     assert torch.allclose(got, ref, **TOL)
     go = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -193,12 +197,12 @@ def check_climax_against_explicit(x, var_query, mha, valid=None):
 
 
 class Artifact:
-    """D-CHAG artifact cross-attention: query [D], q (no bias), kv (no bias; rows [K; V]),
-    proj (with bias)."""
+    """D-CHAG artifact cross-attention: query [D] ([Nq, D] with several queries, as UCF-VIT's
+    VariableMapping_Attention), q (no bias), kv (no bias; rows [K; V]), proj (with bias)."""
 
-    def __init__(self, g, prefix, D, heads):
-        self.D, self.heads, self.prefix = D, heads, prefix
-        self.query = g.leaf(prefix + "query", [D], 1.0)
+    def __init__(self, g, prefix, D, heads, queries=1):
+        self.D, self.heads, self.prefix, self.queries = D, heads, prefix, queries
+        self.query = g.leaf(prefix + "query", [D] if queries == 1 else [queries, D], 1.0)
         self.Wq = g.leaf(prefix + "q.weight", [D, D], 1.0 / D)
         self.Wkv = g.leaf(prefix + "kv.weight", [2 * D, D], 1.0 / D)
         self.Wp = g.leaf(prefix + "proj.weight", [D, D], 1.0 / D)
@@ -208,6 +212,17 @@ class Artifact:
         """x [B, N, L, D] -> [B, L, D]; valid [B, N] (bool) masks tokens."""
         B, N, L, D = x.shape
         nh, hd = self.heads, D // self.heads
+        if self.queries > 1:  # [B, L, Nq, D]
+            q = (self.query @ self.Wq.T).reshape(self.queries, nh, hd)
+            kv = x @ self.Wkv.T
+            k = kv[..., :D].reshape(B, N, L, nh, hd)
+            v = kv[..., D:].reshape(B, N, L, nh, hd)
+            s = torch.einsum("bnlhe,qhe->bnlqh", k, q) / math.sqrt(hd)
+            if valid is not None:
+                s = s.masked_fill(~valid[:, :, None, None, None], float("-inf"))
+            a = torch.softmax(s, dim=1)
+            o = torch.einsum("bnlqh,bnlhe->blqhe", a, v).reshape(B, L, self.queries, D)
+            return o @ self.Wp.T + self.bp
         q = (self.Wq @ self.query).reshape(nh, hd)
         kv = x @ self.Wkv.T                                          # [B, N, L, 2D]
         k = kv[..., :D].reshape(B, N, L, nh, hd)
@@ -232,7 +247,7 @@ class Artifact:
             mha.out_proj.bias.copy_(self.bp)
         x1 = x.detach().clone().requires_grad_(True)
         x2 = x.detach().clone().requires_grad_(True)
-        ref = climax_aggregate(x1, self.query.detach().reshape(1, 1, D), mha, valid)
+        ref = climax_aggregate(x1, self.query.detach().reshape(1, self.queries, D), mha, valid)
         got = self(x2, valid)
         assert torch.allclose(got, ref, **TOL)
         go = torch.randn(got.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -451,30 +466,40 @@ def masked_fold(fold, t, valid):
     return torch.where(empty[:, None, None], torch.zeros_like(y), y)
 
 
-def xattn_climax(path, seed, B, N, L, D, heads, mask=None):
+def with_queries(out, meta, queries):
+    """Several queries (DESIGN 3.9): out [B, L, Nq, D] stored as [B, L, Nq * D], the bytes dchag
+    writes, and metadata `queries`."""
+    if queries == 1:
+        return out
+    meta["queries"] = queries
+    return out.flatten(-2)
+
+
+def xattn_climax(path, seed, B, N, L, D, heads, mask=None, queries=1):
     g = Golden(Rng(seed))
     x = g.leaf("x", [B, N, L, D], 1.0)
     valid = mask_extra(g, mask)
     mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
-    var_query = g.leaf("var_query", [1, 1, D], 1.0)
+    var_query = g.leaf("var_query", [1, queries, D], 1.0)
     g.param("var_agg.in_proj_weight", mha.in_proj_weight, 1.0 / D)
     g.param("var_agg.in_proj_bias", mha.in_proj_bias, 0.1)
     g.param("var_agg.out_proj.weight", mha.out_proj.weight, 1.0 / D)
     g.param("var_agg.out_proj.bias", mha.out_proj.bias, 0.1)
     check_climax_against_explicit(x, var_query, mha, valid)
     out = climax_aggregate(x, var_query, mha, valid)
-    g.finish(path, out, dict(kind="xattn", convention="climax", B=B, N=N, L=L, D=D, heads=heads,
-                             seed=seed))
+    meta = dict(kind="xattn", convention="climax", B=B, N=N, L=L, D=D, heads=heads, seed=seed)
+    g.finish(path, with_queries(out, meta, queries), meta)
 
 
-def xattn_artifact(path, seed, B, N, L, D, heads, prefix):
+def xattn_artifact(path, seed, B, N, L, D, heads, prefix, queries=1):
     g = Golden(Rng(seed))
     x = g.leaf("x", [B, N, L, D], 1.0)
-    att = Artifact(g, prefix, D, heads)
+    att = Artifact(g, prefix, D, heads, queries)
     att.check(x)
     out = att(x)
-    g.finish(path, out, dict(kind="xattn", convention="artifact", prefix=prefix, B=B, N=N, L=L,
-                             D=D, heads=heads, seed=seed))
+    meta = dict(kind="xattn", convention="artifact", prefix=prefix, B=B, N=N, L=L, D=D,
+                heads=heads, seed=seed)
+    g.finish(path, with_queries(out, meta, queries), meta)
 
 
 def lead_time_stage(g, B, D):
@@ -488,7 +513,7 @@ def lead_time_stage(g, B, D):
 
 
 def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False, policy=None,
-         sel_coords=None, mask=None):
+         sel_coords=None, mask=None, queries=1):
     """policy: None (ClimaX's tokenizer) or (shared, coords, fourier) of PolicyTokenizer;
     sel_coords: the coordinate of every input channel (ids -1 are channels the model lacks);
     mask: [B, C] channel validity (DESIGN 3.10)."""
@@ -499,7 +524,7 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False
     valid = None if valid is None else valid[:, ids]
     tok = Tokenizer(g, C, D, p) if policy is None else PolicyTokenizer(g, C, D, p, *policy)
     mha = torch.nn.MultiheadAttention(D, heads, batch_first=True).double()
-    var_query = g.leaf("var_query", [1, 1, D], 1.0)
+    var_query = g.leaf("var_query", [1, queries, D], 1.0)
     g.param("var_agg.in_proj_weight", mha.in_proj_weight, 1.0 / D)
     g.param("var_agg.in_proj_bias", mha.in_proj_bias, 0.1)
     g.param("var_agg.out_proj.weight", mha.out_proj.weight, 1.0 / D)
@@ -513,11 +538,13 @@ def flat(path, seed, B, C, H, W, p, D, heads, ids, storage=None, lead_time=False
         tok.check(images, ids, sel_coords, tokens)
     tokens = stored(tokens, storage)
     check_climax_against_explicit(tokens, var_query, mha, valid)
-    out = climax_aggregate(tokens, var_query, mha, valid) + pos_embed
+    out = climax_aggregate(tokens, var_query, mha, valid)
+    out = out + (pos_embed if queries == 1 else pos_embed.unsqueeze(2))  # every query's token
     if lead_time:
         out = lead_time_stage(g, B, D)(out)
     meta = dict(kind="flat", convention="climax", B=B, L=L, D=D, heads=heads, C=C, H=H, W=W, p=p,
                 channel_ids=ints(ids), seed=seed)
+    out = with_queries(out, meta, queries)
     if lead_time:
         meta["lead_time"] = 1
     if storage is not None:
@@ -535,7 +562,7 @@ def block_sizes(C, P):
 
 
 def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
-          partial_convention="artifact", lead_time=False, policy=None, mask=None):
+          partial_convention="artifact", lead_time=False, policy=None, mask=None, queries=1):
     g = Golden(Rng(seed))
     L = (H // p) * (W // p)
     sizes = block_sizes(C, P)
@@ -587,7 +614,7 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
                     return masked_fold(att, torch.stack(gs, dim=1), gv)
                 partials.append(att_tree)
 
-    final = Artifact(g, "final.", D, heads)
+    final = Artifact(g, "final.", D, heads, queries)
     pos_embed = g.leaf("pos_embed", [1, L, D], 1.0)
 
     ids = list(range(C))
@@ -604,12 +631,13 @@ def dchag(path, seed, partial, tree, P, C, B, H, W, p, D, heads, storage=None,
     slots = torch.stack([valid[:, starts[r]:starts[r + 1]].any(dim=1) for r in range(P)], dim=1)
     slots = slots if mask_given else None
     final.check(gathered, slots)
-    out = final(gathered, slots) + pos_embed
+    out = final(gathered, slots) + (pos_embed if queries == 1 else pos_embed.unsqueeze(2))
     if lead_time:
         out = lead_time_stage(g, B, D)(out)
     meta = dict(kind="dchag", convention="artifact", partial=partial, tree=tree, groups=P,
                 map="blocks", channels_per_rank=ints(sizes), B=B, L=L, D=D, heads=heads, C=C, H=H,
                 W=W, p=p, channel_ids=ints(ids), seed=seed)
+    out = with_queries(out, meta, queries)
     if storage is not None:
         meta["storage"] = storage
     if partial_convention != "artifact":
@@ -748,6 +776,15 @@ def main():
           mask=[[0, 0, 0, 1, 0, 1, 1], [1, 0, 1, 0, 1, 0, 0]])
     # Sample 0: rank 1 (channels 4..7) has none; sample 1: rank 0's first group (0, 1) has none.
     adamw(f("adamw"), 125)
+    # Several learned queries (DESIGN 3.9; ClimaX's aggregated_variables, UCF-VIT's shape).
+    xattn_climax(f("xattn_climax_queries"), 126, B=2, N=5, L=3, D=16, heads=4, queries=3,
+                 mask=[[1, 0, 1, 1, 0], [1, 1, 1, 1, 1]])
+    xattn_artifact(f("xattn_artifact_queries"), 127, B=2, N=4, L=2, D=12, heads=3, prefix="agg.",
+                   queries=2)
+    flat(f("flat_queries"), 128, B=2, C=6, H=8, W=12, p=4, D=16, heads=4, ids=[4, 1, 3, 0],
+         queries=3)
+    dchag(f("dchag_xattn_queries"), 129, "xattn", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
+          heads=4, queries=2, mask=[[1, 1, 0, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 1, 1]])
     dchag(f("dchag_linear_mask"), 124, "linear", tree=2, P=2, C=8, B=2, H=8, W=8, p=4, D=16,
           heads=4, mask=[[1, 0, 1, 1, 0, 0, 0, 0], [0, 0, 1, 1, 1, 0, 1, 1]])
     # Tokenizer policies (DESIGN 3.11): ChannelViT's shared tokenizer with the table; a shared

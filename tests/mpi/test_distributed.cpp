@@ -142,8 +142,9 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
   dchag::View4<Scalar, Mem> filled("images", pb.B, C, pb.cfg.height, pb.cfg.width);
   fill(filled, 1);
   const auto images = stored<Storage>(filled);
-  dchag::View3<Scalar, Mem> out("out", pb.B, L, D), ref_out("ref_out", pb.B, L, D),
-      g("g", pb.B, L, D);
+  const int W = pb.cfg.queries * D;  // N_q tokens per patch
+  dchag::View3<Scalar, Mem> out("out", pb.B, L, W), ref_out("ref_out", pb.B, L, W),
+      g("g", pb.B, L, W);
   fill(g, 2);
   // With a selection the images hold its channels only: all of them in selection order (full
   // image, and the reference's), or this rank's in map order.
@@ -152,8 +153,7 @@ void compare(dchag::Mode mode, const Problem& pb, const dchag::ChannelMap& map, 
   for (int c : dist.channels())
     if (pb.ids.empty() || std::find(pb.ids.begin(), pb.ids.end(), c) != pb.ids.end())
       own_ids.push_back(c);
-  const auto mine =
-      input == dchag::ImageInput::full_image ? given : own_channels(images, own_ids);
+  const auto mine = input == dchag::ImageInput::full_image ? given : own_channels(images, own_ids);
   dchag::PerSample<Scalar, Mem> per_sample;  // the same on every rank
   if (pb.cfg.lead_time) {                    // ClimaX's lead-time stage
     dchag::View1<Scalar, Mem> lead_times("lead_times", pb.B);
@@ -400,6 +400,40 @@ TEST_CASE("channel selections on P ranks equal the single-process front ends",
         compare(dchag::Mode::tp_only, pb, map, flat, dchag::ImageInput::full_image);
       }
     }
+  }
+}
+
+TEST_CASE("several queries on P ranks equal the single-process front ends",
+          "[mpi][distributed][queries]") {
+  // N_q = 3 in the flat (exact_flat, tp_only) and final (D-CHAG) cross-attentions, with a mask
+  // that leaves a rank without a valid channel in sample 0.
+  const int P = world_size();
+  Exec exec;
+  auto pb = small_problem(2 * P + 1);
+  pb.cfg.queries = 3;
+  const int C = pb.cfg.channels;
+  pb.mask.assign(std::size_t(pb.B) * C, 1);
+  for (int c = 1; c < C; ++c) pb.mask[c] = 0;
+  for (const auto& map : maps(C, P)) {
+    INFO("map " << map.kind());
+    std::vector<std::vector<int>> groups;
+    for (int r = 0; r < P; ++r) groups.push_back(map.channels_of(r));
+    pb.cfg.strategy = dchag::Strategy::pooled;
+    for (const auto kind : {dchag::PartialKind::linear, dchag::PartialKind::cross_attention}) {
+      dchag::DchagEmulation<Exec, Scalar> emu(exec, pb.cfg, {kind, 1}, groups);
+      compare(
+          kind == dchag::PartialKind::linear ? dchag::Mode::dchag_linear : dchag::Mode::dchag_xattn,
+          pb, map, emu, dchag::ImageInput::own_channels);
+    }
+    for (const auto memory : {dchag::MemoryPolicy::keep, dchag::MemoryPolicy::recompute}) {
+      pb.cfg.memory = memory;
+      dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+      compare(dchag::Mode::exact_flat, pb, map, flat, dchag::ImageInput::own_channels);
+    }
+    pb.cfg.memory = dchag::MemoryPolicy::keep;
+    pb.cfg.strategy = dchag::Strategy::materialized;
+    dchag::FlatFrontEnd<Exec, Scalar> flat(exec, pb.cfg);
+    compare(dchag::Mode::tp_only, pb, map, flat, dchag::ImageInput::full_image);
   }
 }
 

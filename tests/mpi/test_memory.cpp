@@ -50,7 +50,7 @@ void check_modes(const dchag::FrontEndConfig& base, int B, const dchag::ChannelM
     if (c.mode == dchag::Mode::dchag_linear && int(map.channels_of(comm.rank()).size()) % k != 0)
       continue;
     dchag::View4<Storage, Mem> images("images", B, cfg.channels, cfg.height, cfg.width);
-    dchag::View3<Scalar, Mem> out("out", B, cfg.patches(), cfg.dim);
+    dchag::View3<Scalar, Mem> out("out", B, cfg.patches(), cfg.queries * cfg.dim);
     std::int64_t peak = 0;
     dchag::MemoryEstimate estimate;
     {
@@ -102,6 +102,10 @@ TEST_CASE("distributed estimates match the measured peak", "[mpi][memory]") {
   for (int c = 0; c < shared.channels; ++c) shared.tokenizer.coordinates.push_back(400.0 + 10 * c);
   shared.tokenizer.fourier = {16, 1.0, 1.0e3};
   check_modes<float>(shared, 2, dchag::ChannelMap::blocks(8 * P, P), 1);
+  // Several queries in the flat and final cross-attentions (DESIGN 3.9).
+  auto many = config(8 * P, 32, 4);
+  many.queries = 3;
+  check_modes<float>(many, 2, dchag::ChannelMap::blocks(8 * P, P), 1);
 }
 
 namespace {

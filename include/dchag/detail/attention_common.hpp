@@ -15,7 +15,7 @@ namespace dchag::detail {
 /// The weights of one cross-attention, or their gradients (the same shapes).
 template <class Scalar, class MemSpace>
 struct AttentionParams {
-  View1<Scalar, MemSpace> query;  // qv [D]
+  View1<Scalar, MemSpace> query;  // qv [queries * D]: query j at [j * D, (j + 1) * D)
   View3<Scalar, MemSpace> w_in;   // [3, D, D]: Wq, Wk, Wv (ClimaX in_proj_weight layout)
   View2<Scalar, MemSpace> b_in;   // [3, D]: bq, bk, bv (zero and not a parameter: artifact)
   View2<Scalar, MemSpace> w_out;  // [D, D]
@@ -23,20 +23,22 @@ struct AttentionParams {
 };
 
 /// Per-call vectors and workspace of one module, reused across calls of the same shape.
+/// S = queries * heads score columns, column s = j * heads + h (query j, head h); P output
+/// positions, each with `queries` output rows (row pos * queries + j).
 template <class Scalar, class MemSpace>
 struct AttentionWork {
-  View1<Scalar, MemSpace> q, dq;       // [D]
-  View2<Scalar, MemSpace> u;           // [heads, D]: Wk_h^T q_h / sqrt(hd)
-  View1<Scalar, MemSpace> merge;       // grouped forward: [P * (D + heads)]
-  View1<Scalar, MemSpace> shared;      // [heads * D] du, then (grouped) this rank's dWv [D * D]
-  View2<Scalar, MemSpace> go;          // [P, D] gradient at the heads' outputs
-  View2<Scalar, MemSpace> c, c_group;  // [P, heads] gz_h . z_h here and over the group
-  View2<Scalar, MemSpace> ds;          // device pooled backward: [B*chunk*L, heads] score gradients
+  View1<Scalar, MemSpace> q, dq;       // [queries * D]
+  View2<Scalar, MemSpace> u;           // [S, D]: u_s = Wk_h^T q_jh / sqrt(hd)
+  View1<Scalar, MemSpace> merge;       // grouped forward: [P * (queries * D + S)]
+  View1<Scalar, MemSpace> shared;      // [S * D] du, then (grouped) this rank's dWv [D * D]
+  View2<Scalar, MemSpace> go;          // [P * queries, D] gradient at the heads' outputs
+  View2<Scalar, MemSpace> c, c_group;  // [P, S] gz_s . z_s here and over the group
+  View2<Scalar, MemSpace> ds;          // device pooled backward: [B*chunk*L, S] score gradients
   View2<Scalar, MemSpace> dk, dv;      // materialized: [B*N*L, D of the head share]
-  View3<Scalar, MemSpace> oh;          // [heads, P, hd] projected pooled tokens / their gradients
-  View3<Scalar, MemSpace> gz;          // [heads, P, D] gradient at the pooled tokens
-  View3<Scalar, MemSpace> e_chunk;     // streaming: [B*L, chunk, heads] softmax numerators
-  View2<Scalar, MemSpace> du_blocks;   // host pooled backward: [blocks, heads * (D + 2)]
+  View3<Scalar, MemSpace> oh;          // [S, P, hd] projected pooled tokens / their gradients
+  View3<Scalar, MemSpace> gz;          // [S, P, D] gradient at the pooled tokens
+  View3<Scalar, MemSpace> e_chunk;     // streaming: [B*L, chunk, S] softmax numerators
+  View2<Scalar, MemSpace> du_blocks;   // host pooled backward: [blocks, S * (D + 2)]
   int streamed = 0, back_streamed = 0;
   bool group_backward = false;
 };
@@ -78,13 +80,13 @@ Unmanaged2<T, MemSpace> matrix(T* p, std::size_t rows, std::size_t cols) {
   return Unmanaged2<T, MemSpace>(p, rows, cols);
 }
 
-// q = Wq qv + bq; u_h = Wk_h^T q_h / sqrt(hd).
+// q_j = Wq qv_j + bq; u_s = Wk_h^T q_jh / sqrt(hd) for column s = j * heads + h.
 template <class ExecSpace, class Scalar, class MemSpace>
 void compute_query(const ExecSpace& exec, const AttentionConfig& cfg,
                    const AttentionParams<Scalar, MemSpace>& w,
                    const AttentionWork<Scalar, MemSpace>& work) {
   using Policy = Kokkos::RangePolicy<ExecSpace>;
-  const int D = cfg.dim, hd = D / cfg.heads, nh = cfg.heads;
+  const int D = cfg.dim, hd = D / cfg.heads, nh = cfg.heads, S = score_columns(cfg);
   const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
   auto w_in = w.w_in;
   auto b_in = w.b_in;
@@ -92,21 +94,22 @@ void compute_query(const ExecSpace& exec, const AttentionConfig& cfg,
   auto q = work.q;
   auto u = work.u;
   Kokkos::parallel_for(
-      "dchag::attention::query", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
+      "dchag::attention::query", Policy(exec, 0, cfg.queries * D), KOKKOS_LAMBDA(const int i) {
+        const int j = i / D, r = i % D;
         Scalar acc = b_in(0, r);
-        for (int d = 0; d < D; ++d) acc += w_in(0, r, d) * qv(d);
-        q(r) = acc;
+        for (int d = 0; d < D; ++d) acc += w_in(0, r, d) * qv(j * D + d);
+        q(i) = acc;
       });
   Kokkos::parallel_for(
-      "dchag::attention::u", Policy(exec, 0, nh * D), KOKKOS_LAMBDA(const int i) {
-        const int h = i / D, d = i % D;
+      "dchag::attention::u", Policy(exec, 0, S * D), KOKKOS_LAMBDA(const int i) {
+        const int s = i / D, d = i % D, j = s / nh, h = s % nh;
         Scalar acc = 0;
-        for (int r = h * hd; r < (h + 1) * hd; ++r) acc += w_in(1, r, d) * q(r);
-        u(h, d) = acc * scale;
+        for (int r = h * hd; r < (h + 1) * hd; ++r) acc += w_in(1, r, d) * q(j * D + r);
+        u(s, d) = acc * scale;
       });
 }
 
-// Per output position and head [h0, h1): run_max = max over the segment of the scores in a.
+// Per output position and score column [h0, h1): run_max = max over the segment of the scores.
 template <class ExecSpace, class Scalar, class MemSpace>
 void segment_max(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpace>& s, int h0, int h1) {
   const int N = s.N, L = s.L, k = s.k;
@@ -230,13 +233,14 @@ void back_project_out(const ExecSpace& exec, const AttentionSaved<Scalar, MemSpa
   gemm(exec, "N", "N", Scalar(1), g2, w.w_out, Scalar(0), work.go);
 }
 
-// From dq: dqv = Wq^T dq, dWq += dq (x) qv, dbq += dq.
+// From dq: dqv_j = Wq^T dq_j, dWq += sum_j dq_j (x) qv_j, dbq += sum_j dq_j.
 template <class ExecSpace, class Scalar, class MemSpace>
 void back_query(const ExecSpace& exec, const AttentionParams<Scalar, MemSpace>& w,
                 const AttentionParams<Scalar, MemSpace>& grad,
                 const AttentionWork<Scalar, MemSpace>& work) {
   using Policy = Kokkos::RangePolicy<ExecSpace>;
-  const int D = static_cast<int>(w.query.extent(0));
+  const int D = static_cast<int>(w.w_out.extent(0));
+  const int queries = static_cast<int>(w.query.extent(0)) / D;
   auto dq = work.dq;
   auto w_in = w.w_in;
   auto qv = w.query;
@@ -244,15 +248,23 @@ void back_query(const ExecSpace& exec, const AttentionParams<Scalar, MemSpace>& 
   auto db = grad.b_in;
   auto dqv = grad.query;
   Kokkos::parallel_for(
-      "dchag::attention::query_vector_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int d) {
+      "dchag::attention::query_vector_grad", Policy(exec, 0, queries * D),
+      KOKKOS_LAMBDA(const int i) {
+        const int j = i / D, d = i % D;
         Scalar acc = 0;
-        for (int r = 0; r < D; ++r) acc += w_in(0, r, d) * dq(r);
-        dqv(d) += acc;
+        for (int r = 0; r < D; ++r) acc += w_in(0, r, d) * dq(j * D + r);
+        dqv(i) += acc;
       });
   Kokkos::parallel_for(
       "dchag::attention::query_weight_grad", Policy(exec, 0, D), KOKKOS_LAMBDA(const int r) {
-        for (int d = 0; d < D; ++d) dw(0, r, d) += dq(r) * qv(d);
-        db(0, r) += dq(r);
+        for (int d = 0; d < D; ++d) {
+          Scalar acc = 0;
+          for (int j = 0; j < queries; ++j) acc += dq(j * D + r) * qv(j * D + d);
+          dw(0, r, d) += acc;
+        }
+        Scalar acc = 0;
+        for (int j = 0; j < queries; ++j) acc += dq(j * D + r);
+        db(0, r) += acc;
       });
 }
 

@@ -22,7 +22,7 @@ void prepare_saved(const AttentionConfig& cfg, int head_begin, int head_end, std
                    std::size_t N, std::size_t L, const Segments& seg, bool grouped,
                    AttentionSaved<Scalar, MemSpace>& s, MemoryPolicy memory, int chunk,
                    const InputMask<MemSpace>& valid = {}) {
-  const std::size_t k = seg.count(), D = cfg.dim, nh = cfg.heads;
+  const std::size_t k = seg.count(), D = cfg.dim, nh = score_columns(cfg);  // nh: columns
   const std::size_t M = B * N * L, P = B * k * L;
   if (s.host_offsets != seg.offsets || s.N != int(N)) {
     ensure_view(s.offsets, "dchag::attention::offsets", k + 1);
@@ -41,7 +41,7 @@ void prepare_saved(const AttentionConfig& cfg, int head_begin, int head_end, std
   } else if (chunk > 0) {
     ensure_view(s.a, "dchag::attention::chunk_scores", B * chunk * L, nh);
   }
-  ensure_view(s.ocat, "dchag::attention::ocat", P, D);
+  ensure_view(s.ocat, "dchag::attention::ocat", P * std::size_t(cfg.queries), D);
   ensure_view(s.run_max, "dchag::attention::run_max", P, nh);
   ensure_view(s.run_sum, "dchag::attention::run_sum", P, nh);
   if (cfg.strategy == Strategy::pooled) {
@@ -50,7 +50,7 @@ void prepare_saved(const AttentionConfig& cfg, int head_begin, int head_end, std
     s.kmat = View2<Scalar, MemSpace>();
     s.vmat = View2<Scalar, MemSpace>();
   } else {
-    const std::size_t Dr = std::size_t(head_end - head_begin) * (D / nh);
+    const std::size_t Dr = std::size_t(head_end - head_begin) * (D / cfg.heads);
     ensure_view(s.kmat, "dchag::attention::k", M, Dr);
     ensure_view(s.vmat, "dchag::attention::v", M, Dr);
     s.z = View3<Scalar, MemSpace>();
@@ -77,17 +77,18 @@ TensorList<Scalar, MemSpace> attention_tensors(
     const AttentionConfig& cfg, const std::string& prefix, const View1<Scalar, MemSpace>& qv,
     const View3<Scalar, MemSpace>& w_in, const View2<Scalar, MemSpace>& b_in,
     const View2<Scalar, MemSpace>& w_out, const View1<Scalar, MemSpace>& b_out) {
-  const std::int64_t D = cfg.dim;
+  const std::int64_t D = cfg.dim, Q = cfg.queries;
   TensorList<Scalar, MemSpace> list;
   if (cfg.convention == Convention::climax) {
-    list.push_back(whole<Scalar, MemSpace>(prefix + "var_query", {1, 1, D}, qv));
+    list.push_back(whole<Scalar, MemSpace>(prefix + "var_query", {1, Q, D}, qv));
     list.push_back(whole<Scalar, MemSpace>(prefix + "var_agg.in_proj_weight", {3 * D, D}, w_in));
     list.push_back(whole<Scalar, MemSpace>(prefix + "var_agg.in_proj_bias", {3 * D}, b_in));
     list.push_back(whole<Scalar, MemSpace>(prefix + "var_agg.out_proj.weight", {D, D}, w_out));
     list.push_back(whole<Scalar, MemSpace>(prefix + "var_agg.out_proj.bias", {D}, b_out));
   } else {
     auto kv = Unmanaged1<Scalar, MemSpace>(w_in.data() + D * D, 2 * D * D);
-    list.push_back(whole<Scalar, MemSpace>(prefix + "query", {D}, qv));
+    list.push_back(Q == 1 ? whole<Scalar, MemSpace>(prefix + "query", {D}, qv)
+                          : whole<Scalar, MemSpace>(prefix + "query", {Q, D}, qv));
     list.push_back(whole<Scalar, MemSpace>(prefix + "q.weight", {D, D},
                                            Kokkos::subview(w_in, 0, Kokkos::ALL, Kokkos::ALL)));
     list.push_back(whole<Scalar, MemSpace>(prefix + "kv.weight", {2 * D, D}, kv));
@@ -103,32 +104,33 @@ template <class ExecSpace, class Scalar>
 MemoryEstimate application_bytes(const AttentionConfig& cfg, std::int64_t B, std::int64_t N,
                                  std::int64_t L, std::int64_t k, int heads_held, bool group,
                                  std::int64_t chunk, MemoryPolicy memory) {
-  const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = cfg.heads;
+  const std::int64_t S = sizeof(Scalar), D = cfg.dim, nh = score_columns(cfg);  // nh: columns
+  const std::int64_t Q = cfg.queries;
   const std::int64_t M = std::int64_t(B) * N * L, P = std::int64_t(B) * k * L;
   const std::int64_t Mc = B * (chunk > 0 ? chunk : N) * L;  // rows of one chunk
-  const std::int64_t Dr = heads_held * (D / nh);
+  const std::int64_t Dr = heads_held * (D / cfg.heads);
   const bool kept = memory == MemoryPolicy::keep, train = memory != MemoryPolicy::inference;
   MemoryEstimate e;
   // offsets, segment; ocat, run_max, run_sum; the weights a (kept) or one chunk's scores.
-  e.activations =
-      std::int64_t(sizeof(int)) * (k + 1 + N) + S * (P * D + 2 * P * nh) + S * (kept ? M : Mc) * nh;
+  e.activations = std::int64_t(sizeof(int)) * (k + 1 + N) + S * (Q * P * D + 2 * P * nh) +
+                  S * (kept ? M : Mc) * nh;
   if (cfg.strategy == Strategy::pooled) {
     e.activations += S * (nh * P * D + (group ? P * nh : 0));  // z, inv_share
     // oh, the stream's numerators, c_group (the local maxima of a group stream).
-    e.workspace = S * (P * D + (chunk > 0 ? B * L * chunk * nh : 0) + (group ? P * nh : 0));
+    e.workspace = S * (Q * P * D + (chunk > 0 ? B * L * chunk * nh : 0) + (group ? P * nh : 0));
     if (train) {
       // go, gz, c, the group-summed gradients (du, dWv share); the score gradients of a chunk
       // on devices, one du share (and scratch) per thread block on host spaces.
       e.workspace +=
-          S * (P * D + nh * P * D + P * nh + nh * D + (group ? D * D : 0) +
+          S * (Q * P * D + nh * P * D + P * nh + nh * D + (group ? D * D : 0) +
                (runs_on_host<ExecSpace> ? pooled_grad_blocks<ExecSpace>(B * L) *
                                               std::int64_t(pooled_grad_block_width(int(nh), int(D)))
                                         : Mc * nh));
     }
-    e.communication = group ? S * P * (D + nh) : 0;  // the merge buffer
+    e.communication = group ? S * P * (Q * D + nh) : 0;  // the merge buffer
   } else {
     e.activations += S * 2 * M * Dr;
-    e.workspace = S * (P * D + P * nh + 2 * M * Dr + M * nh);  // go, c, dK, dV, ds
+    e.workspace = S * (Q * P * D + P * nh + 2 * M * Dr + M * nh);  // go, c, dK, dV, ds
   }
   return e;
 }

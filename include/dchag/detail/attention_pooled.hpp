@@ -21,7 +21,7 @@ void pool_tokens(const ExecSpace& exec, const AttentionConfig& cfg,
                  const Unmanaged2<const Scalar, MemSpace>& x2,
                  const AttentionSaved<Scalar, MemSpace>& s) {
   using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads;
+  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = score_columns(cfg);
   const std::int64_t P = std::int64_t(s.B) * k * L;
   auto a = s.a;
   auto z = s.z;
@@ -56,58 +56,64 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
                    const AttentionParams<Scalar, MemSpace>& w,
                    const AttentionSaved<Scalar, MemSpace>& s, AttentionWork<Scalar, MemSpace>& work,
                    const GroupReduce<Scalar, MemSpace>* group, bool normalize_a) {
-  const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
+  const int D = cfg.dim, nh = cfg.heads, hd = D / nh, S = score_columns(cfg);
   const std::size_t P = std::size_t(s.B) * s.k * s.L;
-  ensure_view(work.oh, "dchag::attention::oh", std::size_t(nh), P, std::size_t(hd));
+  ensure_view(work.oh, "dchag::attention::oh", std::size_t(S), P, std::size_t(hd));
   auto oh = work.oh;
-  for (int h = 0; h < nh; ++h) {
-    auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
+  for (int c = 0; c < S; ++c) {  // column c = j * heads + h: oh_c = z_c Wv_h^T
+    const int h = c % nh;
+    auto zc = Kokkos::subview(s.z, c, Kokkos::ALL, Kokkos::ALL);
     auto wv = Kokkos::subview(w.w_in, 2, Kokkos::make_pair(h * hd, (h + 1) * hd), Kokkos::ALL);
-    gemm(exec, "N", "T", Scalar(1), zh, wv, Scalar(0),
-         Kokkos::subview(oh, h, Kokkos::ALL, Kokkos::ALL));
+    gemm(exec, "N", "T", Scalar(1), zc, wv, Scalar(0),
+         Kokkos::subview(oh, c, Kokkos::ALL, Kokkos::ALL));
   }
   auto run_sum = s.run_sum;
   if (group) {
     auto inv_share = s.inv_share;
     Kokkos::deep_copy(exec, inv_share, run_sum);
-    // One message: [P, D] projected sums then [P, heads] softmax denominators.
-    ensure_view(work.merge, "dchag::attention::merge", P * (D + nh));
+    // One message: [P, S * hd] projected sums then [P, S] softmax denominators.
+    const int W = S * hd + S;
+    ensure_view(work.merge, "dchag::attention::merge", P * W);
     auto merged = work.merge;
     for_each_row(
-        exec, "dchag::attention::pack", P, D + nh,
-        KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
-          merged(pos * (D + nh) + c) = c < D ? oh(c / hd, pos, c % hd) : run_sum(pos, c - D);
+        exec, "dchag::attention::pack", P, W, KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+          merged(pos * W + c) = c < S * hd ? oh(c / hd, pos, c % hd) : run_sum(pos, c - S * hd);
         });
     group->sum(Unmanaged1<Scalar, MemSpace>(merged.data(), merged.span()));
     for_each_row(
-        exec, "dchag::attention::unpack", P, D + nh,
-        KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
-          if (c < D) {
-            oh(c / hd, pos, c % hd) = merged(pos * (D + nh) + c);
+        exec, "dchag::attention::unpack", P, W, KOKKOS_LAMBDA(const std::int64_t pos, const int c) {
+          if (c < S * hd) {
+            oh(c / hd, pos, c % hd) = merged(pos * W + c);
           } else {
-            const Scalar total = merged(pos * (D + nh) + c), mine = inv_share(pos, c - D);
-            run_sum(pos, c - D) = total;
+            const int col = c - S * hd;
+            const Scalar total = merged(pos * W + c), mine = inv_share(pos, col);
+            run_sum(pos, col) = total;
             // A rank whose numerators all underflowed holds none of the softmax mass.
-            inv_share(pos, c - D) = mine > Scalar(0) ? total / mine : Scalar(0);
+            inv_share(pos, col) = mine > Scalar(0) ? total / mine : Scalar(0);
           }
         });
   }
   auto z = s.z;
   auto ocat = s.ocat;
   auto b_in = w.b_in;
-  if (normalize_a) normalize_weights(exec, s, 0, nh);
+  const int queries = cfg.queries;
+  if (normalize_a) normalize_weights(exec, s, 0, S);
   for_each_row(
-      exec, "dchag::attention::normalize_pool", std::int64_t(nh) * P, D,
+      exec, "dchag::attention::normalize_pool", std::int64_t(S) * P, D,
       KOKKOS_LAMBDA(const std::int64_t r, const int d) {
         const std::int64_t pos = r % std::int64_t(P);
         const std::int64_t h = r / std::int64_t(P);
         z(h, pos, d) = over_sum(z(h, pos, d), run_sum(pos, h));
       });
+  // ocat row pos * queries + j: query j's heads.
   for_each_row(
-      exec, "dchag::attention::concat", P, D, KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
+      exec, "dchag::attention::concat", std::int64_t(P) * queries, D,
+      KOKKOS_LAMBDA(const std::int64_t row, const int r) {
+        const std::int64_t pos = row / queries;
+        const int c = int(row % queries) * nh + r / hd;
         // A segment with no valid input has no softmax: its heads give 0 (as materialized's).
-        const Scalar sum = run_sum(pos, r / hd);
-        ocat(pos, r) = sum > Scalar(0) ? oh(r / hd, pos, r % hd) / sum + b_in(2, r) : Scalar(0);
+        const Scalar sum = run_sum(pos, c);
+        ocat(row, r) = sum > Scalar(0) ? oh(c, pos, r % hd) / sum + b_in(2, r) : Scalar(0);
       });
 }
 
@@ -129,7 +135,8 @@ std::int64_t pooled_grad_blocks(std::int64_t positions) {
 }
 
 // Pooled backward, the parts before the tokens: dbv, dWv (this rank's share when grouped),
-// gz_h = Wv_h^T go_h and, grouped, c_h = gz_h . z_h over the group; zeroes du.
+// gz_c = Wv_h^T go_c per score column c = j * heads + h and, grouped, c_c = gz_c . z_c over the
+// group; zeroes du.
 template <class ExecSpace, class Scalar, class MemSpace>
 void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
                            const AttentionParams<Scalar, MemSpace>& w,
@@ -137,66 +144,68 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
                            const AttentionSaved<Scalar, MemSpace>& s,
                            AttentionWork<Scalar, MemSpace>& work,
                            const GroupReduce<Scalar, MemSpace>* group) {
-  const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
+  const int D = cfg.dim, nh = cfg.heads, hd = D / nh, S = score_columns(cfg);
+  const int queries = cfg.queries;
   const std::size_t P = std::size_t(s.B) * s.k * s.L;
-  auto go = work.go;
+  auto go = work.go;  // [P * queries, D]
   if (s.valid.data() != nullptr) {
     // Heads of a segment with no valid input gave 0, whatever their weights: no gradient.
     auto run_sum = s.run_sum;
     for_each_row(
-        exec, "dchag::attention::empty_segment_grad", P, D,
-        KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
-          if (!(run_sum(pos, r / hd) > Scalar(0))) go(pos, r) = 0;
+        exec, "dchag::attention::empty_segment_grad", std::int64_t(P) * queries, D,
+        KOKKOS_LAMBDA(const std::int64_t row, const int r) {
+          if (!(run_sum(row / queries, int(row % queries) * nh + r / hd) > Scalar(0)))
+            go(row, r) = 0;
         });
   }
   column_sums(exec, go, Kokkos::subview(grad.b_in, 2, Kokkos::ALL));
-  // What a group sums at the end: du [heads, D] then this rank's dWv share [D, D], one message.
+  // What a group sums at the end: du [S, D] then this rank's dWv share [D, D], one message.
   ensure_view(work.shared, "dchag::attention::group_grads",
-              std::size_t(nh) * D + (group ? std::size_t(D) * D : 0));
+              std::size_t(S) * D + (group ? std::size_t(D) * D : 0));
   auto shared = work.shared;
   Kokkos::deep_copy(exec,
-                    Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(nh) * D)),
+                    Kokkos::subview(shared, Kokkos::make_pair(std::size_t(0), std::size_t(S) * D)),
                     Scalar(0));
-  auto dwv = group ? Unmanaged2<Scalar, MemSpace>(shared.data() + std::size_t(nh) * D, D, D)
+  auto dwv = group ? Unmanaged2<Scalar, MemSpace>(shared.data() + std::size_t(S) * D, D, D)
                    : Unmanaged2<Scalar, MemSpace>(&grad.w_in(2, 0, 0), D, D);
   work.group_backward = group != nullptr;
-  // Per head: dWv_h += go_h^T z_h, gz_h = go_h Wv_h.
-  ensure_view(work.oh, "dchag::attention::oh", std::size_t(nh), P, std::size_t(hd));
+  // Per column c = j * heads + h: dWv_h += go_c^T z_c, gz_c = go_c Wv_h.
+  ensure_view(work.oh, "dchag::attention::oh", std::size_t(S), P, std::size_t(hd));
   auto goh = work.oh;
   for_each_row(
-      exec, "dchag::attention::split_heads", P, D,
-      KOKKOS_LAMBDA(const std::int64_t pos, const int r) {
-        goh(r / hd, pos, r % hd) = go(pos, r);
+      exec, "dchag::attention::split_heads", std::int64_t(P) * queries, D,
+      KOKKOS_LAMBDA(const std::int64_t row, const int r) {
+        goh(int(row % queries) * nh + r / hd, row / queries, r % hd) = go(row, r);
       });
-  ensure_view(work.gz, "dchag::attention::gz", std::size_t(nh), P, std::size_t(D));
-  for (int h = 0; h < nh; ++h) {
-    auto gh = Kokkos::subview(goh, h, Kokkos::ALL, Kokkos::ALL);
-    auto zh = Kokkos::subview(s.z, h, Kokkos::ALL, Kokkos::ALL);
+  ensure_view(work.gz, "dchag::attention::gz", std::size_t(S), P, std::size_t(D));
+  for (int c = 0; c < S; ++c) {
+    const int h = c % nh;
+    auto gc = Kokkos::subview(goh, c, Kokkos::ALL, Kokkos::ALL);
+    auto zc = Kokkos::subview(s.z, c, Kokkos::ALL, Kokkos::ALL);
     auto rows = Kokkos::make_pair(h * hd, (h + 1) * hd);
-    gemm(exec, "T", "N", Scalar(1), gh, zh, group ? Scalar(0) : Scalar(1),
+    gemm(exec, "T", "N", Scalar(1), gc, zc, group && c < nh ? Scalar(0) : Scalar(1),
          Kokkos::subview(dwv, rows, Kokkos::ALL));
-    gemm(exec, "N", "N", Scalar(1), gh, Kokkos::subview(w.w_in, 2, rows, Kokkos::ALL), Scalar(0),
-         Kokkos::subview(work.gz, h, Kokkos::ALL, Kokkos::ALL));
+    gemm(exec, "N", "N", Scalar(1), gc, Kokkos::subview(w.w_in, 2, rows, Kokkos::ALL), Scalar(0),
+         Kokkos::subview(work.gz, c, Kokkos::ALL, Kokkos::ALL));
   }
-  ensure_view(work.c, "dchag::attention::c", P, std::size_t(nh));
+  ensure_view(work.c, "dchag::attention::c", P, std::size_t(S));
   if constexpr (runs_on_host<ExecSpace>) {
     ensure_view(work.du_blocks, "dchag::attention::du_blocks",
                 std::size_t(pooled_grad_blocks<ExecSpace>(std::int64_t(s.B) * s.L)),
-                pooled_grad_block_width(nh, D));
+                pooled_grad_block_width(S, D));
     Kokkos::deep_copy(exec, work.du_blocks, Scalar(0));
   }
   if (!group) return;
   // c_h = gz_h . z_h of this rank's share of z, summed over the group: each rank then forms
   // gz_h . (x - z_h) as gz_h . (x - z_h,r) + (c_h,r - c_h), where z_h,r is its own normalized
   // pooled token; for a rank holding all of the softmax mass the correction is exactly zero.
-  ensure_view(work.c_group, "dchag::attention::c_group", P, std::size_t(nh));
+  ensure_view(work.c_group, "dchag::attention::c_group", P, std::size_t(S));
   auto gz = work.gz;
   auto z = s.z;
   auto c = work.c;
   auto c_group = work.c_group;
   for_each_row(
-      exec, "dchag::attention::gz_dot_z", P, nh,
-      KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
+      exec, "dchag::attention::gz_dot_z", P, S, KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
         const Scalar v = lane_dot(&gz(h, pos, 0), &z(h, pos, 0), D);
         c(pos, h) = v;
         c_group(pos, h) = v;
@@ -204,7 +213,7 @@ void pooled_backward_begin(const ExecSpace& exec, const AttentionConfig& cfg,
   group->sum(Unmanaged1<Scalar, MemSpace>(c_group.data(), c_group.span()));
   auto inv_share = s.inv_share;
   for_each_row(
-      exec, "dchag::attention::share_correction", P, nh,
+      exec, "dchag::attention::share_correction", P, S,
       KOKKOS_LAMBDA(const std::int64_t pos, const int h) {
         c(pos, h) = inv_share(pos, h) * c(pos, h) - c_group(pos, h);
       });
@@ -221,7 +230,7 @@ void pooled_token_grad_team(const ExecSpace& exec, const AttentionConfig& cfg,
                             AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
                             const View4<Scalar, MemSpace>& dx) {
   using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
+  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = score_columns(cfg), nc = n1 - n0;
   const bool grouped = s.grouped, kept = s.memory == MemoryPolicy::keep;
   const std::size_t rows = std::size_t(s.B) * nc * L;
   if (work.ds.extent(0) < rows || work.ds.extent(1) != std::size_t(nh))
@@ -292,7 +301,7 @@ void pooled_token_grad_host(const ExecSpace& exec, const AttentionConfig& cfg,
                             const AttentionSaved<Scalar, MemSpace>& s,
                             const AttentionWork<Scalar, MemSpace>& work, int n0, int n1,
                             const View4<Scalar, MemSpace>& dx) {
-  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads, nc = n1 - n0;
+  const int N = s.N, L = s.L, k = s.k, D = cfg.dim, nh = score_columns(cfg), nc = n1 - n0;
   const std::int64_t positions = std::int64_t(s.B) * L;  // (b, l) pairs
   const int blocks = static_cast<int>(work.du_blocks.extent(0));
   const bool grouped = s.grouped, kept = s.memory == MemoryPolicy::keep;
@@ -363,15 +372,16 @@ void pooled_token_grad(const ExecSpace& exec, const AttentionConfig& cfg,
   }
 }
 
-// Pooled backward after the tokens: group sums, then dWk_h = q_h (x) du_h / sqrt(hd) and
-// dq_h = Wk_h du_h / sqrt(hd).
+// Pooled backward after the tokens: group sums, then dWk_h = sum_j q_jh (x) du_jh / sqrt(hd) and
+// dq_jh = Wk_h du_jh / sqrt(hd) (du_c for column c = j * heads + h).
 template <class ExecSpace, class Scalar, class MemSpace>
 void pooled_backward_end(const ExecSpace& exec, const AttentionConfig& cfg,
                          const AttentionParams<Scalar, MemSpace>& w,
                          const AttentionParams<Scalar, MemSpace>& grad,
                          const AttentionWork<Scalar, MemSpace>& work,
                          const GroupReduce<Scalar, MemSpace>* group) {
-  const int D = cfg.dim, nh = cfg.heads, hd = D / nh;
+  const int D = cfg.dim, nh = cfg.heads, hd = D / nh, S = score_columns(cfg);
+  const int queries = cfg.queries;
   auto shared = work.shared;
   auto dw = grad.w_in;
   if constexpr (runs_on_host<ExecSpace>) {
@@ -379,7 +389,7 @@ void pooled_backward_end(const ExecSpace& exec, const AttentionConfig& cfg,
     auto du_blocks = work.du_blocks;
     const int blocks = static_cast<int>(du_blocks.extent(0));
     Kokkos::parallel_for(
-        "dchag::attention::sum_du_blocks", Kokkos::RangePolicy<ExecSpace>(exec, 0, nh * D),
+        "dchag::attention::sum_du_blocks", Kokkos::RangePolicy<ExecSpace>(exec, 0, S * D),
         KOKKOS_LAMBDA(const int i) {
           Scalar acc = shared(i);
           for (int blk = 0; blk < blocks; ++blk) acc += du_blocks(blk, i);
@@ -388,14 +398,14 @@ void pooled_backward_end(const ExecSpace& exec, const AttentionConfig& cfg,
   }
   if (group) {
     group->sum(Unmanaged1<Scalar, MemSpace>(shared.data(), shared.span()));
-    const std::size_t off = std::size_t(nh) * D;
+    const std::size_t off = std::size_t(S) * D;
     for_each_row(
         exec, "dchag::attention::add_value_grad", D, D,
         KOKKOS_LAMBDA(const std::int64_t r, const int d) {
           dw(2, r, d) += shared(off + r * D + d);
         });
   }
-  auto du = Unmanaged2<Scalar, MemSpace>(shared.data(), nh, D);
+  auto du = Unmanaged2<Scalar, MemSpace>(shared.data(), S, D);
   const Scalar scale = Scalar(1) / detail::sqrt(Scalar(hd));
   auto q = work.q;
   auto dq = work.dq;
@@ -404,12 +414,15 @@ void pooled_backward_end(const ExecSpace& exec, const AttentionConfig& cfg,
       "dchag::attention::key_grad", Kokkos::RangePolicy<ExecSpace>(exec, 0, D),
       KOKKOS_LAMBDA(const int r) {
         const int h = r / hd;
-        Scalar acc = 0;
-        for (int d = 0; d < D; ++d) {
-          acc += w_in(1, r, d) * du(h, d);
-          dw(1, r, d) += q(r) * du(h, d) * scale;
+        for (int j = 0; j < queries; ++j) {
+          const int c = j * nh + h;
+          Scalar acc = 0;
+          for (int d = 0; d < D; ++d) {
+            acc += w_in(1, r, d) * du(c, d);
+            dw(1, r, d) += q(j * D + r) * du(c, d) * scale;
+          }
+          dq(j * D + r) = acc * scale;
         }
-        dq(r) = acc * scale;
       });
 }
 

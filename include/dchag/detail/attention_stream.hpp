@@ -20,7 +20,7 @@ void stream_pool_host(const ExecSpace& exec, const AttentionConfig& cfg,
                       const Unmanaged2<const Scalar, MemSpace>& x2, InputRows xr, InputRows ar,
                       const AttentionSaved<Scalar, MemSpace>& s,
                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
-  const int L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads;
+  const int L = s.L, k = s.k, D = cfg.dim, nh = score_columns(cfg);  // nh: score columns
   auto u = work.u;
   auto a = s.a;
   auto z = s.z;
@@ -87,7 +87,7 @@ void stream_pool_team(const ExecSpace& exec, const AttentionConfig& cfg,
                       const AttentionSaved<Scalar, MemSpace>& s,
                       const AttentionWork<Scalar, MemSpace>& work, int n0, int n1) {
   using Member = typename Kokkos::TeamPolicy<ExecSpace>::member_type;
-  const int L = s.L, k = s.k, D = cfg.dim, nh = cfg.heads;
+  const int L = s.L, k = s.k, D = cfg.dim, nh = score_columns(cfg);  // nh: score columns
   auto u = work.u;
   auto a = s.a;
   auto z = s.z;
@@ -148,7 +148,7 @@ void rescale_to_group_max(const ExecSpace& exec, const AttentionConfig& cfg,
   auto run_max = s.run_max;
   auto run_sum = s.run_sum;
   for_each_row(
-      exec, "dchag::attention::stream_rescale", std::int64_t(cfg.heads) * P, D + 1,
+      exec, "dchag::attention::stream_rescale", std::int64_t(score_columns(cfg)) * P, D + 1,
       KOKKOS_LAMBDA(const std::int64_t r, const int d) {
         const std::int64_t pos = r % P, h = r / P;
         // A rank with no valid input here has local max -Inf and no share of the softmax.

@@ -50,11 +50,13 @@ struct AttentionFold {
   const GroupReduce<Scalar, memory_space>* group;
   int inputs;
 
+  /// Output rows per patch position: out is [B, 1, L * queries, D].
+  int queries() const { return attention.queries(); }
   void stream_begin(const ExecSpace& exec, const V4& out, MemoryPolicy memory,
                     const InputMask<memory_space>& valid) {
     attention.stream_begin(exec, saved, static_cast<int>(out.extent(0)), inputs,
-                           static_cast<int>(out.extent(2)), Segments::whole(inputs), memory,
-                           group != nullptr, valid);
+                           static_cast<int>(out.extent(2)) / queries(), Segments::whole(inputs),
+                           memory, group != nullptr, valid);
   }
   void stream_chunk(const ExecSpace& exec, const C4& x, int n0, int n1) {
     attention.stream_chunk(exec, x, n0, n1, saved);
@@ -193,7 +195,7 @@ void fused_forward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar, Storage>&
                    MemoryPolicy memory,
                    const InputMask<typename ExecSpace::memory_space>& valid = {}) {
   using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
-  const std::size_t B = images.extent(0), L = out.extent(2), D = out.extent(3);
+  const std::size_t B = images.extent(0), L = out.extent(2) / fold.queries(), D = out.extent(3);
   const int J = sel.size();
   const int chunk =
       fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, requested_chunk, memory);
@@ -223,7 +225,7 @@ void fused_backward(const ExecSpace& exec, Tokenizer<ExecSpace, Scalar, Storage>
                     MemoryPolicy memory) {
   using V4 = View4<Scalar, typename ExecSpace::memory_space>;
   using Tokens = FusedTokens<Scalar, Storage, typename ExecSpace::memory_space>;
-  const std::size_t B = d_out.extent(0), L = d_out.extent(2), D = d_out.extent(3);
+  const std::size_t B = d_out.extent(0), L = d_out.extent(2) / fold.queries(), D = d_out.extent(3);
   const int chunk =
       fused_chunk_channels<ExecSpace, Scalar, Storage>(B, L, D, J, requested_chunk, memory);
   const bool keep = memory == MemoryPolicy::keep;
