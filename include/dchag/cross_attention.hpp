@@ -298,7 +298,7 @@ class CrossAttention {
                      out.extent(2) == std::size_t(s.L) * cfg_.queries &&
                      out.extent(3) == std::size_t(cfg_.dim),
                  where, "out is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2), ", ",
-                 out.extent(3), "], expected [B, k, L * queries, D] = [", s.B, ", ", s.k, ", ",
+                 out.extent(3), "], expected ", out_shape(), " = [", s.B, ", ", s.k, ", ",
                  std::int64_t(s.L) * cfg_.queries, ", ", cfg_.dim, "]");
     if (group) {
       // The local maxima wait in c_group (free until backward) while run_max takes the group's.
@@ -331,8 +331,8 @@ class CrossAttention {
                      d_out.extent(2) == std::size_t(saved.L) * cfg_.queries &&
                      d_out.extent(3) == std::size_t(cfg_.dim),
                  where, "d_out is [", d_out.extent(0), ", ", d_out.extent(1), ", ", d_out.extent(2),
-                 ", ", d_out.extent(3), "], expected [B, k, L * queries, D] = [", saved.B, ", ",
-                 saved.k, ", ", std::int64_t(saved.L) * cfg_.queries, ", ", cfg_.dim, "]");
+                 ", ", d_out.extent(3), "], expected ", out_shape(), " = [", saved.B, ", ", saved.k,
+                 ", ", std::int64_t(saved.L) * cfg_.queries, ", ", cfg_.dim, "]");
     detail::back_project_out(exec, saved, w_, grad_, out_bias_, d_out, work_);
     detail::pooled_backward_begin(exec, cfg_, w_, grad_, saved, work_, group);
     work_.back_streamed = 0;
@@ -482,8 +482,8 @@ class CrossAttention {
                   std::int64_t(x.extent(2)), seg);
     DCHAG_EXPECT(o0 == x.extent(0) && o1 == std::size_t(seg.count()) &&
                      o2 == x.extent(2) * cfg_.queries && o3 == x.extent(3),
-                 where, out_name, " is [", o0, ", ", o1, ", ", o2, ", ", o3,
-                 "], expected [B, k, L * queries, D] = [", x.extent(0), ", ", seg.count(), ", ",
+                 where, out_name, " is [", o0, ", ", o1, ", ", o2, ", ", o3, "], expected ",
+                 out_shape(), " = [", x.extent(0), ", ", seg.count(), ", ",
                  x.extent(2) * cfg_.queries, ", ", x.extent(3), "]");
   }
 
@@ -499,6 +499,11 @@ class CrossAttention {
                  ", ", cfg_.dim, "] or the chunk's [", s.B, ", ", n1 - n0, ", ", s.L, ", ",
                  cfg_.dim, "]");
     return all ? detail::InputRows::all(s.N, s.L) : detail::InputRows::chunk(n0, n1, s.L);
+  }
+
+  // The output's shape as messages name it.
+  const char* out_shape() const {
+    return cfg_.queries == 1 ? "[B, k, L, D]" : "[B, k, L * queries, D]";
   }
 
   static void check_mask(const char* where, const Mask& valid, std::size_t B, std::size_t N) {

@@ -158,7 +158,8 @@ void check_tokens(const char* where, const FrontEndConfig& cfg, const char* name
   DCHAG_EXPECT(out.extent(0) == B && out.extent(1) == std::size_t(cfg.patches()) &&
                    out.extent(2) == std::size_t(width),
                where, name, " is [", out.extent(0), ", ", out.extent(1), ", ", out.extent(2),
-               "], expected [B, L, queries * D] = [", B, ", ", cfg.patches(), ", ", width, "]");
+               "], expected ", cfg.queries == 1 ? "[B, L, D]" : "[B, L, queries * D]", " = [", B,
+               ", ", cfg.patches(), ", ", width, "]");
 }
 
 template <class T>

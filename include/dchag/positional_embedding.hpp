@@ -89,8 +89,8 @@ class PositionalEmbedding {
 
   void check(const char* where, std::size_t l, std::size_t d) const {
     DCHAG_EXPECT(l == pos_.extent(0) && d >= pos_.extent(1) && d % pos_.extent(1) == 0, where,
-                 "tensor is [B, ", l, ", ", d, "], expected [B, L, N_q * D] = [B, ", pos_.extent(0),
-                 ", N_q * ", pos_.extent(1), "]");
+                 "tensor is [B, ", l, ", ", d, "], expected [B, L, D] = [B, ", pos_.extent(0), ", ",
+                 pos_.extent(1), "] (or [B, L, N_q * D] with several queries)");
   }
   TensorList<Scalar, memory_space> named(const View2<Scalar, memory_space>& v) const {
     return {detail::whole<Scalar, memory_space>(
