@@ -396,8 +396,8 @@ TEST_CASE("a D-CHAG selection is the mask of the channels the images lack", "[ma
                           Kokkos::subview(images, Kokkos::ALL, ids[j], Kokkos::ALL, Kokkos::ALL));
       const Mask lacking = {{0, 1, 0, 0, 1, 1}, {0, 1, 0, 0, 1, 1}};
       const auto in = with_mask(emu, lacking);
-      const Step masked =
-          run_step(emu, [&] { emu.forward(exec, images, out, in); }, out, g, true);
+      const Step masked = run_step(
+          emu, [&] { emu.forward(exec, images, out, in); }, out, g, true);
       const Step selected = run_step(
           emu, [&] { emu.forward(exec, subset, ChannelSelection::own(ids), out); }, out, g, true);
       CHECK(selected.out == masked.out);
@@ -408,9 +408,8 @@ TEST_CASE("a D-CHAG selection is the mask of the channels the images lack", "[ma
       // With a mask as well: both apply.
       const Mask sample1_lacks_5 = {{1, 1, 1, 1, 1, 1}, {1, 1, 1, 1, 1, 0}};
       const Mask both = {{0, 1, 0, 0, 1, 1}, {0, 1, 0, 0, 1, 0}};
-      const Step masked2 =
-          run_step(emu, [&] { emu.forward(exec, images, out, with_mask(emu, both)); }, out, g,
-                   true);
+      const Step masked2 = run_step(
+          emu, [&] { emu.forward(exec, images, out, with_mask(emu, both)); }, out, g, true);
       const Step selected2 = run_step(
           emu,
           [&] {
@@ -419,7 +418,8 @@ TEST_CASE("a D-CHAG selection is the mask of the channels the images lack", "[ma
           },
           out, g, true);
       CHECK(selected2.out == masked2.out);
-      const Step plain = run_step(emu, [&] { emu.forward(exec, images, out); }, out, g, true);
+      const Step plain = run_step(
+          emu, [&] { emu.forward(exec, images, out); }, out, g, true);
       const Step permuted = run_step(
           emu,
           [&] {
@@ -428,10 +428,15 @@ TEST_CASE("a D-CHAG selection is the mask of the channels the images lack", "[ma
           out, g, true);
       CHECK(permuted.out == plain.out);
       require_invalid(
-          [&] { emu.forward(exec, subset, ChannelSelection::own({5, 1, 5}), out); },
+          [&] {
+            emu.forward(exec, subset, ChannelSelection::own({5, 1, 5}), out);
+          },
           {"dchag::DchagEmulation::forward", "channel 5 is selected twice"});
-      require_invalid([&] { emu.forward(exec, subset, ChannelSelection::own({5, 1, 9}), out); },
-                      {"selection channel 2 is 9", "expected 0 <= channel < C = 6"});
+      require_invalid(
+          [&] {
+            emu.forward(exec, subset, ChannelSelection::own({5, 1, 9}), out);
+          },
+          {"selection channel 2 is 9", "expected 0 <= channel < C = 6"});
     }
   }
 }

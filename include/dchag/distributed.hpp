@@ -466,10 +466,12 @@ class DistributedFrontEnd {
     const auto own = own_present(present);
     if (!own.empty())
       return {given, detail::module_selection(ChannelSelection::own(own), local, cfg_.channels)};
+    const Storage* before = blank_.data();
     detail::ensure_view(blank_, "dchag::distributed::blank_image", given.extent(0), std::size_t(1),
                         given.extent(2), given.extent(3));
-    // Zeros (workspace is allocated uninitialised): the lacking channels' pixels must be finite.
-    Kokkos::deep_copy(blank_, detail::convert<Storage>(0.0f));
+    // Zeros once per allocation (workspace comes uninitialised, and nothing writes to it): the
+    // lacking channels' pixels must be finite.
+    if (blank_.data() != before) Kokkos::deep_copy(blank_, detail::convert<Storage>(0.0f));
     return {blank_,
             detail::module_selection(ChannelSelection::own({local.front()}), local, cfg_.channels)};
   }

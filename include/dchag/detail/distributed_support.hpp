@@ -57,7 +57,8 @@ std::uint64_t checksum_view(const V& v, std::uint64_t h = 0xcbf29ce484222325ull)
 /// The same over a list of ids (a channel selection).
 inline std::uint64_t checksum_ids(const std::vector<int>& ids) {
   std::uint64_t h = 0xcbf29ce484222325ull;
-  for (int id : ids) h = (h ^ static_cast<std::uint64_t>(static_cast<std::uint32_t>(id))) * 0x100000001b3ull;
+  for (int id : ids)
+    h = (h ^ static_cast<std::uint64_t>(static_cast<std::uint32_t>(id))) * 0x100000001b3ull;
   return h;
 }
 

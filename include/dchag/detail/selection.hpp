@@ -51,7 +51,8 @@ inline HostMask restrict_mask(const HostMask& mask, const ChannelSelection& sel,
 inline ChannelSelection module_selection(const ChannelSelection& sel,
                                          const std::vector<int>& channels, int C) {
   std::vector<int> image_of(std::size_t(C), -1);
-  for (int j = 0; j < sel.size(); ++j) image_of[std::size_t(sel.channel_id[j])] = sel.image_index[j];
+  for (int j = 0; j < sel.size(); ++j)
+    image_of[std::size_t(sel.channel_id[j])] = sel.image_index[j];
   ChannelSelection out;
   for (int c : channels) {
     out.channel_id.push_back(c);
