@@ -466,12 +466,14 @@ class DistributedFrontEnd {
     const auto own = own_present(present);
     if (!own.empty())
       return {given, detail::module_selection(ChannelSelection::own(own), local, cfg_.channels)};
-    const Storage* before = blank_.data();
+    // The allocator may hand back the freed address, so the shape says whether it is new.
+    const bool fresh = blank_.data() == nullptr || blank_.extent(0) != given.extent(0) ||
+                       blank_.extent(2) != given.extent(2) || blank_.extent(3) != given.extent(3);
     detail::ensure_view(blank_, "dchag::distributed::blank_image", given.extent(0), std::size_t(1),
                         given.extent(2), given.extent(3));
     // Zeros once per allocation (workspace comes uninitialised, and nothing writes to it): the
     // lacking channels' pixels must be finite.
-    if (blank_.data() != before) Kokkos::deep_copy(blank_, detail::convert<Storage>(0.0f));
+    if (fresh) Kokkos::deep_copy(blank_, detail::convert<Storage>(0.0f));
     return {blank_,
             detail::module_selection(ChannelSelection::own({local.front()}), local, cfg_.channels)};
   }
