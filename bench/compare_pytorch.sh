@@ -41,7 +41,7 @@ bench_bin=$build_dir/bench/dchag_bench
 PYTHON=${PYTHON:-/usr/bin/python3}
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found (set PYTHON to a python3 with torch)"
 torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)' 2>/dev/null) ||
-  die "$PYTHON cannot import torch; install Debian's python3-torch (scripts/install-deps.sh --torch) or set PYTHON"
+  die "$PYTHON cannot import torch; install Debian's python3-torch (scripts/install-deps.sh) or set PYTHON"
 
 if [[ -n $keep ]]; then
   mkdir -p "$keep"

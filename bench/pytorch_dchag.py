@@ -111,7 +111,7 @@ try:
     from torch import nn
 except ImportError as e:
     sys.exit(f"pytorch_dchag.py: cannot import torch with {sys.executable} ({e}); run it with "
-             "/usr/bin/python3 (Debian's python3-torch, scripts/install-deps.sh --torch)")
+             "/usr/bin/python3 (Debian's python3-torch, scripts/install-deps.sh)")
 
 
 def import_goldens():

@@ -53,7 +53,7 @@ def import_torch():
     except ImportError as e:
         sys.exit(f"pytorch_flat.py: cannot import torch with {sys.executable} ({e}); "
                  "run it with /usr/bin/python3 after installing Debian's python3-torch "
-                 "(scripts/install-deps.sh --torch)")
+                 "(scripts/install-deps.sh)")
     return torch, nn
 
 

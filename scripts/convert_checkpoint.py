@@ -335,7 +335,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if torch is None:
         print("convert_checkpoint.py: PyTorch is not importable (Debian: python3-torch, "
-              "scripts/install-deps.sh --torch)", file=sys.stderr)
+              "scripts/install-deps.sh)", file=sys.stderr)
         return 2
     try:
         if args.to_pytorch:

@@ -1,20 +1,23 @@
 #!/usr/bin/env bash
 # Installs the Debian 12 packages dchag needs to build and test, only those that are missing.
-#   scripts/install-deps.sh           build, test, benchmark
-#   scripts/install-deps.sh --torch   also python3-torch (regenerating goldens, comparison benches)
+#   scripts/install-deps.sh   build, test, benchmark, the examples; PyTorch for regenerating
+#                             goldens, the checkpoint round trip and the comparison benches
 # Needs root only when something is missing.
 set -euo pipefail
 
 packages=(cmake g++ make ccache
           libtrilinos-kokkos-dev libtrilinos-kokkos-kernels-dev
           libopenmpi-dev openmpi-bin catch2 libbenchmark-dev libopenblas-dev python3-numpy
+          python3-torch
+          # examples: NetCDF-C and netCDF4-python (weather), gnuplot (loss curves as PNG)
+          libnetcdf-dev python3-netcdf4 gnuplot-nox
           # scripts/fuzz.sh: clang, libclang_rt.fuzzer and the sanitizer runtimes, llvm-symbolizer
           clang-14 libclang-rt-14-dev llvm-14)
 for arg in "$@"; do
   case "$arg" in
-    --torch) packages+=(python3-torch) ;;
-    -h|--help) sed -n '2,6p' "$0"; exit 0 ;;
-    *) echo "install-deps.sh: unknown argument '$arg' (expected --torch)" >&2; exit 2 ;;
+    --torch) ;;  # PyTorch is always installed now; accepted so older commands still work
+    -h|--help) sed -n '2,5p' "$0"; exit 0 ;;
+    *) echo "install-deps.sh: unknown argument '$arg'" >&2; exit 2 ;;
   esac
 done
 

@@ -160,7 +160,7 @@ def main():
     a = ap.parse_args()
     if torch is None:
         print("checkpoint_roundtrip: skipped: PyTorch is not importable by "
-              f"{sys.executable} (Debian: python3-torch, scripts/install-deps.sh --torch)")
+              f"{sys.executable} (Debian: python3-torch, scripts/install-deps.sh)")
         return SKIP
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(CONVERT))
