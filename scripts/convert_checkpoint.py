@@ -22,6 +22,10 @@ The names dchag holds (the `parameters()` of its modules) are then kept as they 
       token_embeds.{c}.proj.weight [D, 1, p, p]   Conv2d(1, D, p, stride=p) of channel c
       token_embeds.{c}.proj.bias   [D]
       var_embed [1, C, D]   var_query [1, 1, D]   pos_embed [1, L, D]
+      lead_time_embed.weight [D, 1], .bias [D]   (ClimaX's lead-time embedding, when used)
+      tokenizer policies (FrontEndConfig::tokenizer): token_embed.proj.weight [D, 1, p, p] and
+      .bias [D] (one tokenizer shared by every channel), channel_embed.proj.weight [D, F] and
+      .bias [D] (the channel embedding from coordinates)
       var_agg.in_proj_weight [3D, D] (rows Wq; Wk; Wv)   var_agg.in_proj_bias [3D]
       var_agg.out_proj.weight [D, D]   var_agg.out_proj.bias [D]      (nn.MultiheadAttention)
     D-CHAG (DchagEmulation, DistributedFrontEnd): the tokenizer and pos_embed as above, and
@@ -87,6 +91,7 @@ _ATTENTION_ARTIFACT = r"query|q\.weight|kv\.weight|proj\.weight|proj\.bias"
 _LINEAR = r"weight|bias|top_weight|top_bias"
 DCHAG_NAME = re.compile(
     r"^(?:token_embeds\.\d+\.proj\.(?:weight|bias)"
+    r"|(?:token_embed|channel_embed)\.proj\.(?:weight|bias)|lead_time_embed\.(?:weight|bias)"
     r"|var_embed|pos_embed|" + _ATTENTION_CLIMAX +
     r"|partial\.\d+\.(?:" + _ATTENTION_CLIMAX + "|" + _ATTENTION_ARTIFACT + "|" + _LINEAR + ")"
     r"|final\.(?:" + _ATTENTION_CLIMAX + "|" + _ATTENTION_ARTIFACT + "))$")

@@ -233,6 +233,16 @@ def main():
     err = run([w("dchag.pt"), w("bad.safetensors"), "--prefix", "nothing."], expect_rc=0)
     check("dropped agg_final.query" in err, "without --rename the D-CHAG aggregators are dropped")
 
+    # The lead-time embedding and the tokenizer policies' tensors are dchag's too: kept.
+    held = {"lead_time_embed.weight": [D, 1], "lead_time_embed.bias": [D],
+            "token_embed.proj.weight": [D, 1, P, P], "token_embed.proj.bias": [D],
+            "channel_embed.proj.weight": [D, 8], "channel_embed.proj.bias": [D],
+            "pos_embed": [1, L, D]}
+    torch.save({"net." + n: torch.ones(shape) for n, shape in held.items()}, w("policies.pt"))
+    log = run([w("policies.pt"), w("policies.safetensors")])
+    got = sorted(n for n, _ in cc.read_safetensors(w("policies.safetensors"))[0])
+    check(got == sorted(held), f"policy and lead-time tensors: kept {got}:\n{log}")
+
     # A rank's own checkpoint: its partial aggregator gets the rank index.
     torch.save({"partial.query": torch.ones(D), "partial.kv.weight": torch.ones(2 * D, D),
                 "final.query": torch.ones(D)}, w("rank1.pt"))
