@@ -27,6 +27,7 @@
 #include <filesystem>
 #include <fstream>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -318,9 +319,15 @@ int main(int argc, char** argv) {
           "hidden, %s\n",
           comm.size(), o.bands, o.bands / comm.size(), (o.bands + comm.size() - 1) / comm.size(),
           o.size, o.size, o.patch, L, D, o.heads, B, o.steps, 100 * o.hide, Exec::name());
-    std::filesystem::create_directories(o.out);
+    // Rank 0 writes the outputs; a failure there throws on every rank, not only on rank 0.
     std::ofstream csv;
-    if (root) csv.open(o.out + "/loss.csv"), csv << "step,train,validation,lr\n";
+    comm.check_collectively("dchag_hyperspectral: opening the outputs", [&] {
+      if (!root) return;
+      std::filesystem::create_directories(o.out);
+      csv.open(o.out + "/loss.csv");
+      if (!csv) throw std::runtime_error("cannot write " + o.out + "/loss.csv (--out)");
+      csv << "step,train,validation,lr\n";
+    });
     const double start = evaluate();
     if (root) {
       std::printf("validation loss before training: %.4f\n", start);
