@@ -102,6 +102,9 @@ struct Batch {
   V3<float> targets, k;
   V2<std::uint8_t> visible, band_valid, mask;  // [B, L], [B, Cr], [B, C]
   double count = 0;                            // squared-error terms of this rank
+  V4<float>::HostMirror raw_host;
+  V3<float>::HostMirror k_host;
+  V2<std::uint8_t>::HostMirror visible_host, band_valid_host, mask_host;
 };
 
 struct Model {
@@ -112,17 +115,38 @@ struct Model {
   V1<float> mean, inv_std;
 };
 
-Batch make_batch(const Model& m, std::uint64_t first_scene, int B) {
+// A batch of B scenes' buffers, device and host, allocated once and refilled every step.
+Batch allocate_batch(const Model& m, int B) {
   const Geometry& g = m.g;
-  const int L = g.L(), C = m.scene.bands, pp = g.p * g.p;
-  Batch b{V4<float>("raw", B, g.Cr, g.H, g.W), V4<float>("images", B, g.Cr, g.H, g.W),
-          V3<float>("targets", B, L, g.row()), V3<float>("k", B, moments * L, L),
-          V2<std::uint8_t>("visible", B, L),   V2<std::uint8_t>("band_valid", B, g.Cr),
-          V2<std::uint8_t>("mask", B, C)};
-  auto raw = Kokkos::create_mirror_view(b.raw);
-  auto vis = Kokkos::create_mirror_view(b.visible);
-  auto valid = Kokkos::create_mirror_view(b.band_valid);
-  auto mask = Kokkos::create_mirror_view(b.mask);
+  const int L = g.L();
+  Batch b{V4<float>("raw", B, g.Cr, g.H, g.W),
+          V4<float>("images", B, g.Cr, g.H, g.W),
+          V3<float>("targets", B, L, g.row()),
+          V3<float>("k", B, moments * L, L),
+          V2<std::uint8_t>("visible", B, L),
+          V2<std::uint8_t>("band_valid", B, g.Cr),
+          V2<std::uint8_t>("mask", B, m.scene.bands),
+          0,
+          {},
+          {},
+          {},
+          {},
+          {}};
+  b.raw_host = Kokkos::create_mirror_view(b.raw);
+  b.k_host = Kokkos::create_mirror_view(b.k);
+  b.visible_host = Kokkos::create_mirror_view(b.visible);
+  b.band_valid_host = Kokkos::create_mirror_view(b.band_valid);
+  b.mask_host = Kokkos::create_mirror_view(b.mask);
+  return b;
+}
+
+// Scenes first_scene ... first_scene + B - 1 into b.
+void fill_batch(const Model& m, std::uint64_t first_scene, Batch& b) {
+  const Geometry& g = m.g;
+  const int B = int(b.raw.extent(0)), L = g.L(), C = m.scene.bands, pp = g.p * g.p;
+  const auto& raw = b.raw_host;
+  const auto &mask = b.mask_host, &vis = b.visible_host, &valid = b.band_valid_host;
+  b.count = 0;
   std::vector<std::uint8_t> visible(std::size_t(B) * L);
   const int shown = std::max(1, int(std::lround((1.0 - m.o.hide) * L)));
   for (int s = 0; s < B; ++s) {
@@ -148,15 +172,13 @@ Batch make_batch(const Model& m, std::uint64_t first_scene, int B) {
   Geometry gb = g;
   gb.B = B;
   const auto weights = neighbour_weights(gb, visible, m.o.radius);
-  Kokkos::deep_copy(b.k, Kokkos::View<const float***, Kokkos::LayoutRight, Kokkos::HostSpace,
-                                      Kokkos::MemoryTraits<Kokkos::Unmanaged>>(weights.data(), B,
-                                                                               moments * L, L));
+  std::copy(weights.begin(), weights.end(), b.k_host.data());
+  Kokkos::deep_copy(b.k, b.k_host);
   Kokkos::deep_copy(b.raw, raw);
   Kokkos::deep_copy(b.visible, vis);
   Kokkos::deep_copy(b.band_valid, valid);
   Kokkos::deep_copy(b.mask, mask);
   hide_and_standardise(Exec(), gb, b.raw, m.mean, m.inv_std, b.visible, b.images, b.targets);
-  return b;
 }
 
 // Per-band mean and 1 / standard deviation over calibration scenes, saturated bands left out.
@@ -305,7 +327,7 @@ int main(int argc, char** argv) {
     };
     std::vector<Batch> validation;
     for (int v = 0; v < o.validation; v += B)
-      validation.push_back(make_batch(m, 2000000 + std::uint64_t(v), B));
+      fill_batch(m, 2000000 + std::uint64_t(v), validation.emplace_back(allocate_batch(m, B)));
     const auto evaluate = [&] {
       double total = 0;
       for (const Batch& b : validation) total += run(b, false);
@@ -334,8 +356,9 @@ int main(int argc, char** argv) {
       csv << 0 << ",," << start << ",\n";
     }
     double last = start, seconds = 0;
+    Batch b = allocate_batch(m, B);
     for (int s = 1; s <= o.steps; ++s) {
-      const Batch b = make_batch(m, std::uint64_t(s - 1) * B, B);
+      fill_batch(m, std::uint64_t(s - 1) * B, b);
       const auto t0 = std::chrono::steady_clock::now();
       fe.zero_gradients(exec);
       Kokkos::deep_copy(exec, dec.d_weight, 0.0f);
