@@ -117,9 +117,15 @@ void finish_pooled(const ExecSpace& exec, const AttentionConfig& cfg,
       });
 }
 
-// Host pooled backward: values per block share, du [heads, D] then the scratch ds and a.
+// Host pooled backward: values per block share, du [heads, D] then the scratch ds and a,
+// padded to a multiple of 1024 values (whole 4 KiB pages), so that every block's share starts
+// at the same page offset as block 0's. Unpadded, block 1's share began 64 bytes past a page
+// boundary and its thread ran the token gradient 1.6x slower than block 0's (bench/README.md,
+// "Threads").
 inline std::size_t pooled_grad_block_width(int heads, int dim) {
-  return std::size_t(heads) * (std::size_t(dim) + 2);
+  constexpr std::size_t page_values = 1024;
+  const std::size_t used = std::size_t(heads) * (std::size_t(dim) + 2);
+  return (used + page_values - 1) / page_values * page_values;
 }
 
 // Host pooled backward: how many blocks of patch positions (one per thread) share the work.
